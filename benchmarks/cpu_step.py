@@ -1,0 +1,830 @@
+"""CPU throughput of the ssljax train step, its parts, the input pipeline and a PyTorch twin.
+
+Run from the repository root:
+
+  python benchmarks/cpu_step.py [--config configs/simclr_fashion_mnist.py] [--steps N]
+      [--out benchmarks/results/cpu_step.json] [--sweep-flags] [--breakdown]
+
+What one run measures, on the config's model and global batch (the default job: 256 images,
+two 28x28x1 views each, so 512 views through encoder + projector + NT-Xent + optimiser):
+
+  1. the compiled ssljax train step (augmentation on device included) in images/s, once with
+     ``ssljax.cli.CPU_XLA_FLAGS`` (what ``ssljax train`` sets) and once with no XLA flags;
+  2. in the same processes, the same step fed precomputed views (augmentation removed) and the
+     jitted augmentation policy alone, giving augmentation's share of the step;
+  3. ``HostLoader`` over the real train split plus ``to_global_array``: images/s the host
+     delivers, and its ratio to what the train step consumes;
+  4. an equivalent PyTorch CPU step (same architecture, fed augmented views), in the default
+     and the channels_last memory formats, skipped with a note when torch is not installed;
+  5. with ``--breakdown``: forward only, forward + backward, with and without BatchNorm, and
+     the optimiser's share, in JAX and PyTorch; with ``--sweep-flags``: the step under a list
+     of XLA:CPU flag sets (each flag of CPU_XLA_FLAGS alone, both, and other XLA:CPU options).
+
+XLA reads ``XLA_FLAGS`` once, when JAX initialises its CPU backend, so every JAX configuration
+runs in its own subprocess (this file re-invoked with ``--worker``), which prints its numbers
+as JSON; the parent collects them, prints a table and writes one JSON file. Timings are medians
+of per-call wall times (each call waits for its result); variants compared within a process
+are interleaved call by call, so a burst of load from other jobs hits them alike. Ratios taken
+inside one process are the robust numbers on a shared machine; absolute images/s move with the
+load average, which the JSON records next to every worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+DEFAULT_CONFIG = os.path.join("configs", "simclr_fashion_mnist.py")
+DEFAULT_OUT = os.path.join("benchmarks", "results", "cpu_step.json")
+AUG_SHARE_TARGET = 0.15
+PIPELINE_RATIO_TARGET = 5.0
+WORKER_TIMEOUT_S = 1800
+
+
+def cli_xla_flags() -> str:
+  """The XLA flags ``ssljax train`` sets on CPU (read from ssljax.cli, not copied)."""
+  from ssljax.cli import CPU_XLA_FLAGS
+  return CPU_XLA_FLAGS
+
+
+def sweep_flag_sets() -> list[tuple[str, str]]:
+  """(name, XLA_FLAGS) pairs tried by ``--sweep-flags``; CPU_XLA_FLAGS is split into its flags.
+
+  Fusion-type values were checked against this jaxlib's ``XLA_FLAGS=--help``: XNN and oneDNN
+  accept dot, eltwise, reduce; YNN (XNNPACK's successor library) also accepts
+  individual_convolution and individual_dot.
+  """
+  cli = cli_xla_flags()
+  cli_parts = cli.split()
+  greedy = "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"
+  fast = "--xla_cpu_enable_fast_math=true"
+  ynn_conv = "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"
+  ynn_all = ("--xla_cpu_experimental_ynn_fusion_type="
+             "individual_convolution,individual_dot,eltwise,reduce")
+  sets = [("none", ""), ("cli", cli)]
+  sets += [(f"cli[{i}] alone", part) for i, part in enumerate(cli_parts)] if len(cli_parts) > 1 else []
+  sets += [
+      ("xnn greedy_slinky",
+       "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY_SLINKY"),
+      ("xnn fusion dot,eltwise,reduce",
+       "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce"),
+      ("no xnnpack", "--xla_cpu_use_xnnpack=false"),
+      ("onednn", "--xla_cpu_use_onednn=true"),
+      ("onednn + fusion dot,eltwise,reduce",
+       "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce"),
+      ("ynn conv", ynn_conv),
+      ("ynn conv,dot", ynn_conv + ",individual_dot"),
+      ("ynn conv,dot,eltwise,reduce", ynn_all),
+      ("ynn conv + fast math", f"{ynn_conv} {fast}"),
+      ("ynn conv + cli", f"{ynn_conv} {cli}"),
+      ("ynn all + cli", f"{ynn_all} {cli}"),
+      ("vector width 512", "--xla_cpu_prefer_vector_width=512"),
+      ("vector width 128", "--xla_cpu_prefer_vector_width=128"),
+      ("single-thread eigen", "--xla_cpu_multi_thread_eigen=false"),
+      ("cli (again, drift check)", cli),
+  ]
+  del greedy
+  return sets
+
+
+# ---------------------------------------------------------------------------- timing helpers
+
+
+def timed_interleaved(calls: dict[str, Callable[[], Any]], steps: int,
+                      warmup: int = 2) -> dict[str, dict[str, float]]:
+  """Times each zero-argument callable `steps` times, interleaving them call by call.
+
+  Every call's result is waited for (``block``) before the clock stops. Returns, per name,
+  the median / mean / min seconds per call.
+  """
+  for fn in calls.values():
+    for _ in range(warmup):
+      block(fn())
+  samples: dict[str, list[float]] = {name: [] for name in calls}
+  for _ in range(steps):
+    for name, fn in calls.items():
+      start = time.perf_counter()
+      block(fn())
+      samples[name].append(time.perf_counter() - start)
+  return {name: summarize(times) for name, times in samples.items()}
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+  return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+          "min_s": min(times), "calls": len(times)}
+
+
+def block(result: Any) -> None:
+  """Waits for JAX arrays (and is a no-op for anything else, e.g. torch results)."""
+  if "jax" in sys.modules:
+    import jax
+    jax.block_until_ready(result)
+
+
+def load_average() -> list[float]:
+  return [round(v, 2) for v in os.getloadavg()]
+
+
+def load_config(path: str):
+  """``get_config()`` of a config file, as ``ssljax train --config`` would load it."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("benchmark_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+# ---------------------------------------------------------------------------- JAX worker
+
+
+def given_views_policy(num_views: int):
+  """A stand-in policy that returns views already stacked as ``[n, num_views, h, w, c]``."""
+
+  def policy(keys, views):
+    del keys
+    return tuple(views[:, v] for v in range(num_views))
+
+  return policy
+
+
+class JaxSetup:
+  """Method, optimiser, policy, mesh and a real batch built as ``ssljax.train.loop`` does."""
+
+  def __init__(self, config):
+    import jax
+    import numpy as np
+    from ssljax import augment, data
+    from ssljax.methods import build_method
+    from ssljax.parallel import DATA_AXIS, data_sharded, make_mesh
+    from ssljax.train.optim import build_optimizer, build_schedule
+
+    self.config = config
+    self.mesh = make_mesh()
+    self.batch_size = config.train.batch_size
+    self.source = data.build_source(config.data, config.data.train_split)
+    steps_per_epoch = len(self.source) // self.batch_size
+    self.schedule = build_schedule(config.optim, global_batch=self.batch_size,
+                                   total_steps=steps_per_epoch * 10,
+                                   steps_per_epoch=steps_per_epoch)
+    self.tx = build_optimizer(config.optim, self.schedule)
+    self.policy = augment.build_policy(config.augment)
+    self.method = build_method(config, axis_name=DATA_AXIS)
+    self.image_shape = tuple(self.source.image_shape)
+    self.data_sharding = data_sharded(self.mesh)
+    examples = self.source.get(np.arange(self.batch_size))
+    self.images = jax.device_put(examples["image"], self.data_sharding)
+    self.index = jax.device_put(np.arange(self.batch_size, dtype=np.int32), self.data_sharding)
+    self.label = jax.device_put(np.asarray(examples["label"], np.int32), self.data_sharding)
+
+  def init_state(self):
+    import jax
+    from ssljax.parallel import replicated
+    from ssljax.train.step import init_train_state
+    init = jax.jit(functools.partial(init_train_state, self.method, self.tx, self.policy,
+                                     self.image_shape, self.config.seed),
+                   out_shardings=replicated(self.mesh))
+    return init()
+
+  def augment_fn(self):
+    """The jitted policy on the batch, with per-row keys derived as in the train step."""
+    import jax
+    import jax.numpy as jnp
+    policy, n = self.policy, self.batch_size
+
+    def run(key, images):
+      keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+      return policy(keys, images)
+
+    return jax.jit(run)
+
+  def views(self):
+    """Augmented views of the batch stacked ``[B, V, h, w, c]`` (inputs of the no-aug step)."""
+    import jax
+    import jax.numpy as jnp
+    views = self.augment_fn()(jax.random.PRNGKey(1), self.images)
+    return jax.device_put(jnp.stack(views, axis=1), self.data_sharding)
+
+
+def jax_step_worker(config, steps: int) -> dict[str, Any]:
+  """Full step, step on given views, augmentation alone: compile time and interleaved timing."""
+  import jax
+  from ssljax.train.step import compile_train_step, make_per_device_step
+
+  setup = JaxSetup(config)
+  full_step = compile_train_step(
+      make_per_device_step(setup.method, setup.tx, setup.policy, setup.schedule), setup.mesh)
+  no_aug_step = compile_train_step(
+      make_per_device_step(setup.method, setup.tx, given_views_policy(setup.policy.num_views),
+                           setup.schedule), setup.mesh)
+  augment = setup.augment_fn()
+  views = setup.views()
+  states = {"full": setup.init_state(), "no_aug": setup.init_state()}
+  aug_key = jax.random.PRNGKey(2)
+
+  compile_s, compiled = {}, {}
+  for name, fn, args in (
+      ("full_step", full_step, (states["full"], setup.images, setup.index, setup.label)),
+      ("no_aug_step", no_aug_step, (states["no_aug"], views, setup.index, setup.label)),
+      ("augment", augment, (aug_key, setup.images))):
+    start = time.perf_counter()
+    compiled[name] = fn.lower(*args).compile()
+    compile_s[name] = round(time.perf_counter() - start, 2)
+
+  def run_full():
+    states["full"], metrics = compiled["full_step"](states["full"], setup.images, setup.index,
+                                                    setup.label)
+    return metrics
+
+  def run_no_aug():
+    states["no_aug"], metrics = compiled["no_aug_step"](states["no_aug"], views, setup.index,
+                                                        setup.label)
+    return metrics
+
+  timings = timed_interleaved({"full_step": run_full, "no_aug_step": run_no_aug,
+                               "augment": lambda: compiled["augment"](aug_key, setup.images)},
+                              steps)
+  loss = float(jax.device_get(run_full()["train/loss"]))
+  return {"batch_size": setup.batch_size, "views": setup.policy.num_views,
+          "view_shape": list(views.shape[2:]), "compile_s": compile_s, "timings": timings,
+          "final_loss": loss, "devices": jax.device_count()}
+
+
+def jax_pipeline_worker(config, steps: int) -> dict[str, Any]:
+  """``HostLoader`` + ``to_global_array`` for image, index and label, as the train loop does."""
+  import jax
+  from ssljax import data
+  from ssljax.parallel import data_sharded, make_mesh
+
+  mesh = make_mesh()
+  spec = data_sharded(mesh).spec
+  source = data.build_source(config.data, config.data.train_split)
+  batches = max(4 * steps, 40)
+  loader = data.HostLoader(source, global_batch=config.train.batch_size, seed=config.seed,
+                           prefetch=config.data.prefetch)
+  try:
+    first = next(loader)
+    jax.block_until_ready(data.to_global_array(first["image"], mesh, spec))
+    start = time.perf_counter()
+    for _ in range(batches):
+      batch = next(loader)
+      arrays = [data.to_global_array(batch[k], mesh, spec) for k in ("image", "index", "label")]
+      jax.block_until_ready(arrays)
+    elapsed = time.perf_counter() - start
+  finally:
+    loader.close()
+  return {"batches": batches, "batch_size": config.train.batch_size, "seconds": elapsed,
+          "images_per_s": batches * config.train.batch_size / elapsed,
+          "prefetch": config.data.prefetch, "num_examples": len(source)}
+
+
+def _without_batchnorm():
+  """A Flax interceptor context in which every ``nn.BatchNorm`` returns its input unchanged."""
+  import flax.linen as nn
+
+  def skip_batchnorm(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+      return args[0]
+    return next_fun(*args, **kwargs)
+
+  return nn.intercept_methods(skip_batchnorm)
+
+
+def jax_breakdown_worker(config, steps: int) -> dict[str, Any]:
+  """Forward, forward+backward (with / without BatchNorm) and the full step on given views.
+
+  The loss is the method's loss (encoder + projector + NT-Xent, training-mode BN) on one
+  device, without collectives. "Without BatchNorm" runs the same modules with every BN call
+  replaced by the identity (a Flax method interceptor, so the architecture code is untouched;
+  the BN parameters stay in the tree and get zero gradients), which isolates what
+  normalisation costs in the forward and the backward pass.
+  """
+  import jax
+  import jax.numpy as jnp
+  from ssljax.methods import build_method
+  from ssljax.train.step import compile_train_step, make_per_device_step
+
+  setup = JaxSetup(config)
+  method = build_method(config, axis_name=None)
+  views = setup.views()
+  view_tuple = tuple(views[:, v] for v in range(views.shape[1]))
+  batch = {"views": view_tuple, "index": setup.index, "label": setup.label}
+  key = jax.random.PRNGKey(3)
+  step = jnp.zeros((), jnp.int32)
+
+  def loss_value(params, method_state):
+    return method.loss(params, method_state, batch, key=key, step=step, axis_name=None)[0]
+
+  params, method_state = method.init(key, view_tuple)
+
+  def plain(fn):
+    return jax.jit(fn)
+
+  def no_bn(fn):
+    def wrapped(*args):
+      with _without_batchnorm():
+        return fn(*args)
+    return jax.jit(wrapped)
+
+  grad = jax.value_and_grad(loss_value)
+  fns = {
+      "forward": (plain(loss_value), (params, method_state)),
+      "forward_backward": (plain(grad), (params, method_state)),
+      "forward_no_bn": (no_bn(loss_value), (params, method_state)),
+      "forward_backward_no_bn": (no_bn(grad), (params, method_state)),
+  }
+  no_aug_step = compile_train_step(
+      make_per_device_step(setup.method, setup.tx, given_views_policy(setup.policy.num_views),
+                           setup.schedule), setup.mesh)
+  state = {"s": setup.init_state()}
+
+  def run_step():
+    state["s"], metrics = no_aug_step(state["s"], views, setup.index, setup.label)
+    return metrics
+
+  calls = {name: functools.partial(fn, *args) for name, (fn, args) in fns.items()}
+  calls["no_aug_step"] = run_step
+  timings = timed_interleaved(calls, steps)
+  return {"timings": timings, "batch_size": setup.batch_size}
+
+
+# ---------------------------------------------------------------------------- PyTorch worker
+
+
+def torch_worker(config, steps: int, breakdown: bool) -> dict[str, Any]:
+  """The same SimCLR step in PyTorch on precomputed views; default and channels_last layouts."""
+  import torch
+  from torch import nn
+  from torch.nn import functional as F
+  from ssljax.models.resnet import PRESETS, BasicBlock
+
+  torch.set_num_threads(2)
+  torch.manual_seed(0)
+  preset = PRESETS[config.model.encoder]
+  if preset.block is not BasicBlock or not config.model.cifar_stem:
+    return {"skipped": "the PyTorch twin covers BasicBlock presets with the 3x3 stem only"}
+  width = config.model.width
+  hp = config.method.simclr
+  channels = config.data.channels
+  size = config.augment.crop_size
+  views_per_image = 2
+  rows = views_per_image * config.train.batch_size
+
+  class TorchBasicBlock(nn.Module):
+    """torchvision's BasicBlock: 3x3 (strided) - BN - ReLU - 3x3 - BN, 1x1 conv shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(cout)
+      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(cout)
+      self.shortcut = None
+      if stride != 1 or cin != cout:
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+      y = F.relu(self.bn1(self.conv1(x)))
+      y = self.bn2(self.conv2(y))
+      return F.relu(y + (x if self.shortcut is None else self.shortcut(x)))
+
+  class TorchSimCLR(nn.Module):
+    """Standardisation, stem, stages, global pool, MLP projector (Linear-BN-ReLU-...-Linear)."""
+
+    def __init__(self):
+      super().__init__()
+      self.register_buffer("mean", torch.tensor(config.data.mean).view(1, -1, 1, 1))
+      self.register_buffer("std", torch.tensor(config.data.std).view(1, -1, 1, 1))
+      stem = int(round(preset.stem_width * width))
+      layers = [nn.Conv2d(channels, stem, 3, preset.stem_stride, 1, bias=False),
+                nn.BatchNorm2d(stem), nn.ReLU()]
+      cin = stem
+      for i, (blocks, base) in enumerate(zip(preset.stage_sizes, preset.stage_widths)):
+        cout = int(round(base * width))
+        for j in range(blocks):
+          layers.append(TorchBasicBlock(cin, cout, 2 if i > 0 and j == 0 else 1))
+          cin = cout
+      self.encoder = nn.Sequential(*layers)
+      head = []
+      for _ in range(hp.proj_layers - 1):
+        head += [nn.Linear(cin, hp.proj_hidden_dim), nn.BatchNorm1d(hp.proj_hidden_dim),
+                 nn.ReLU()]
+        cin = hp.proj_hidden_dim
+      head.append(nn.Linear(cin, hp.proj_dim))
+      if hp.proj_last_bn:
+        head.append(nn.BatchNorm1d(hp.proj_dim, affine=False))
+      self.projector = nn.Sequential(*head)
+
+    def forward(self, x):
+      h = self.encoder((x - self.mean) / self.std).mean(dim=(2, 3))
+      return self.projector(h)
+
+  def nt_xent(z):
+    """NT-Xent over 2n rows (views stacked [a; b]), the anchor itself excluded."""
+    z = F.normalize(z, dim=1)
+    n = z.shape[0] // 2
+    logits = (z @ z.t()) / hp.temperature
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    return F.cross_entropy(logits, targets)
+
+  results: dict[str, Any] = {"torch_version": torch.__version__, "threads":
+                             torch.get_num_threads(), "rows": rows,
+                             "mkldnn": torch.backends.mkldnn.is_available()}
+  calls: dict[str, Callable[[], Any]] = {}
+  for layout in ("default", "channels_last"):
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    model = TorchSimCLR().to(memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=config.optim.momentum,
+                                weight_decay=config.optim.weight_decay)
+    views = torch.rand(rows, channels, size, size).contiguous(memory_format=memory_format)
+
+    def step(model=model, optimizer=optimizer, views=views):
+      optimizer.zero_grad(set_to_none=True)
+      loss = nt_xent(model(views))
+      loss.backward()
+      optimizer.step()
+      return loss.item()
+
+    calls[f"step_{layout}"] = step
+    if breakdown:
+      def forward(model=model, views=views):
+        with torch.no_grad():
+          return nt_xent(model(views)).item()
+
+      def forward_backward(model=model, views=views):
+        model.zero_grad(set_to_none=True)
+        loss = nt_xent(model(views))
+        loss.backward()
+        return loss.item()
+
+      calls[f"forward_{layout}"] = forward
+      calls[f"forward_backward_{layout}"] = forward_backward
+  results["timings"] = timed_interleaved(calls, steps)
+  return results
+
+
+# ---------------------------------------------------------------------------- orchestration
+
+
+def run_worker(kind: str, xla_flags: str | None, args) -> dict[str, Any]:
+  """Runs this file as a ``--worker kind`` subprocess with ``XLA_FLAGS=xla_flags``."""
+  env = dict(os.environ)
+  if xla_flags is not None:
+    env["XLA_FLAGS"] = xla_flags
+  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+    out_path = handle.name
+  command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--config",
+             args.config, "--steps", str(args.steps), "--worker-out", out_path]
+  if args.breakdown:
+    command.append("--breakdown")
+  load_before = load_average()
+  start = time.perf_counter()
+  try:
+    proc = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=WORKER_TIMEOUT_S, check=False)
+    if proc.returncode != 0:
+      tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+      return {"error": f"worker {kind} exited with {proc.returncode}", "stderr_tail": tail,
+              "xla_flags": xla_flags}
+    with open(out_path) as f:
+      result = json.load(f)
+  except subprocess.TimeoutExpired:
+    return {"error": f"worker {kind} timed out after {WORKER_TIMEOUT_S}s",
+            "xla_flags": xla_flags}
+  finally:
+    os.unlink(out_path)
+  result.update({"xla_flags": xla_flags, "load_before": load_before,
+                 "load_after": load_average(),
+                 "wall_s": round(time.perf_counter() - start, 1)})
+  return result
+
+
+def device_description() -> dict[str, Any]:
+  """CPU, versions, date and load, for the JSON header."""
+  from importlib import metadata
+  model_name = ""
+  try:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    model_name = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines()
+                       if line.startswith("Model name")), "")
+  except OSError:
+    pass
+  versions = {}
+  for package in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
+    try:
+      versions[package] = metadata.version(package)
+    except metadata.PackageNotFoundError:
+      versions[package] = None
+  try:
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout
+  except OSError:
+    uptime = ""
+  return {"processor": platform.processor(), "cpu_model": model_name,
+          "cpu_count": os.cpu_count(), "machine": platform.machine(),
+          "python": platform.python_version(), "versions": versions,
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "load_average_at_start": load_average(), "uptime_at_start": uptime.strip()}
+
+
+def images_per_s(result: dict[str, Any], name: str, batch_size: int) -> float | None:
+  timing = result.get("timings", {}).get(name)
+  return batch_size / timing["median_s"] if timing else None
+
+
+def ms(result: dict[str, Any], name: str) -> float | None:
+  timing = result.get("timings", {}).get(name)
+  return 1000 * timing["median_s"] if timing else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+  return a / b if a is not None and b else None
+
+
+def summarize_run(report: dict[str, Any], batch_size: int) -> dict[str, Any]:
+  """The headline numbers and ratios from the workers' raw timings."""
+  cli, none = report["jax_cli_flags"], report["jax_no_flags"]
+  s: dict[str, Any] = {}
+  for tag, result in (("cli_flags", cli), ("no_flags", none)):
+    if "error" in result:
+      continue
+    full = images_per_s(result, "full_step", batch_size)
+    no_aug = images_per_s(result, "no_aug_step", batch_size)
+    s[tag] = {
+        "full_step_images_per_s": full,
+        "no_aug_step_images_per_s": no_aug,
+        "augment_images_per_s": images_per_s(result, "augment", batch_size),
+        "full_step_ms": ms(result, "full_step"), "no_aug_step_ms": ms(result, "no_aug_step"),
+        "augment_ms": ms(result, "augment"),
+        "augment_share_standalone": ratio(ms(result, "augment"), ms(result, "full_step")),
+        "augment_share_in_step": (1 - ratio(ms(result, "no_aug_step"), ms(result, "full_step"))
+                                  if ms(result, "full_step") else None),
+    }
+  if "cli_flags" in s and "no_flags" in s:
+    s["cli_flags_speedup_full_step"] = ratio(s["cli_flags"]["full_step_images_per_s"],
+                                             s["no_flags"]["full_step_images_per_s"])
+    s["cli_flags_speedup_no_aug_step"] = ratio(s["cli_flags"]["no_aug_step_images_per_s"],
+                                               s["no_flags"]["no_aug_step_images_per_s"])
+  pipeline = report.get("pipeline", {})
+  if "images_per_s" in pipeline and "cli_flags" in s:
+    s["pipeline_images_per_s"] = pipeline["images_per_s"]
+    s["pipeline_to_step_ratio"] = ratio(pipeline["images_per_s"],
+                                        s["cli_flags"]["full_step_images_per_s"])
+  torch_result = report.get("torch", {})
+  if "timings" in torch_result and "cli_flags" in s:
+    t = {layout: images_per_s(torch_result, f"step_{layout}", batch_size)
+         for layout in ("default", "channels_last")}
+    best = max(t, key=t.get)
+    s["torch"] = {"step_images_per_s": t, "best_layout": best}
+    for tag in ("cli_flags", "no_flags"):
+      if tag in s:
+        s["torch"][f"ratio_{tag}"] = {
+            "full_step_vs_torch_no_aug": {k: ratio(s[tag]["full_step_images_per_s"], v)
+                                          for k, v in t.items()},
+            "no_aug_step_vs_torch_no_aug": {k: ratio(s[tag]["no_aug_step_images_per_s"], v)
+                                            for k, v in t.items()},
+        }
+  return s
+
+
+def print_report(report: dict[str, Any]) -> None:
+  """A readable table of the run."""
+  s, device = report["summary"], report["device"]
+  batch = report["batch_size"]
+  print(f"\nssljax CPU step benchmark - {report['config']}, global batch {batch} images "
+        f"({2 * batch} views)")
+  print(f"{device['cpu_model']} ({device['cpu_count']} cores), jax {device['versions']['jax']}, "
+        f"torch {device['versions']['torch']}, {device['date']}")
+  print(f"load average at start {device['load_average_at_start']}; per worker below\n")
+  rows = [("what", "XLA flags", "ms", "images/s", "load")]
+
+  def add(what, flags, result, name):
+    if "error" in result or name not in result.get("timings", {}):
+      return
+    rows.append((what, flags, f"{ms(result, name):.0f}",
+                 f"{images_per_s(result, name, batch):.0f}",
+                 str(result.get("load_before", [""])[0])))
+
+  for tag, label in (("jax_cli_flags", "cli"), ("jax_no_flags", "none")):
+    result = report[tag]
+    add("ssljax full step (incl. augmentation)", label, result, "full_step")
+    add("ssljax step, views given (no aug)", label, result, "no_aug_step")
+    add("augmentation alone (jitted policy)", label, result, "augment")
+  torch_result = report.get("torch", {})
+  for layout in ("default", "channels_last"):
+    add(f"torch step, no aug ({layout})", "-", torch_result, f"step_{layout}")
+  pipeline = report.get("pipeline", {})
+  if "images_per_s" in pipeline:
+    rows.append(("HostLoader + to_global_array", "cli",
+                 f"{1000 * batch / pipeline['images_per_s']:.1f}",
+                 f"{pipeline['images_per_s']:.0f}", str(pipeline["load_before"][0])))
+  print_table(rows)
+
+  print()
+  for tag in ("cli_flags", "no_flags"):
+    if tag in s:
+      share = s[tag]
+      print(f"augmentation share ({tag}): standalone {share['augment_share_standalone']:.1%}, "
+            f"in-step {share['augment_share_in_step']:.1%} (target <= {AUG_SHARE_TARGET:.0%})")
+  if "cli_flags_speedup_full_step" in s:
+    print(f"CPU_XLA_FLAGS speedup over no flags: full step "
+          f"{s['cli_flags_speedup_full_step']:.2f}x, no-aug step "
+          f"{s['cli_flags_speedup_no_aug_step']:.2f}x")
+  if "pipeline_to_step_ratio" in s:
+    print(f"input pipeline / train step: {s['pipeline_to_step_ratio']:.1f}x "
+          f"(target >= {PIPELINE_RATIO_TARGET:.0f}x)")
+  if "torch" in s:
+    for tag in ("cli_flags", "no_flags"):
+      r = s["torch"].get(f"ratio_{tag}")
+      if r:
+        a, b = r["full_step_vs_torch_no_aug"], r["no_aug_step_vs_torch_no_aug"]
+        print(f"ssljax ({tag}) / torch: (a) full step vs torch no-aug "
+              f"{a['default']:.2f} (default) {a['channels_last']:.2f} (channels_last); "
+              f"(b) no-aug step vs torch no-aug {b['default']:.2f} / {b['channels_last']:.2f}")
+  elif "skipped" in torch_result:
+    print(f"torch: skipped ({torch_result['skipped']})")
+  if report.get("breakdown"):
+    print_breakdown(report["breakdown"], batch)
+  if report.get("sweep"):
+    print_sweep(report["sweep"], batch)
+
+
+def print_breakdown(breakdown: dict[str, Any], batch: int) -> None:
+  print("\nbreakdown (ms per call, median; 'no BN' = BatchNorm replaced by identity)")
+  rows = [("part", "ssljax (cli flags)", "ssljax (no flags)", "torch default",
+           "torch channels_last")]
+  jax_parts = ("forward", "forward_backward", "forward_no_bn", "forward_backward_no_bn",
+               "no_aug_step")
+  names = {"forward": "forward (train-mode BN)", "forward_backward": "forward + backward",
+           "forward_no_bn": "forward, no BN", "forward_backward_no_bn": "forward + backward, no BN",
+           "no_aug_step": "whole step (+ optimiser)"}
+  torch_result = breakdown.get("torch", {})
+  torch_names = {"forward": "forward", "forward_backward": "forward_backward",
+                 "no_aug_step": "step"}
+  for part in jax_parts:
+    row = [names[part]]
+    for tag in ("cli_flags", "no_flags"):
+      value = ms(breakdown.get(tag, {}), part)
+      row.append(f"{value:.0f}" if value is not None else "-")
+    for layout in ("default", "channels_last"):
+      key = f"{torch_names[part]}_{layout}" if part in torch_names else None
+      value = ms(torch_result, key) if key else None
+      row.append(f"{value:.0f}" if value is not None else "-")
+    rows.append(tuple(row))
+  print_table(rows)
+  for tag in ("cli_flags", "no_flags"):
+    d = breakdown.get("derived", {}).get(tag)
+    if d:
+      print(f"  {tag}: backward = {d['backward_share']:.0%} of forward+backward; BN = "
+            f"{d['bn_share_forward']:.0%} of forward, {d['bn_share_forward_backward']:.0%} of "
+            f"forward+backward; optimiser + rest = {d['optimizer_share']:.0%} of the step")
+
+
+def print_sweep(sweep: list[dict[str, Any]], batch: int) -> None:
+  print("\nXLA flag sweep (each row its own process; speedups vs the 'none' row)")
+  base = next((r for r in sweep if r["name"] == "none" and "timings" in r), None)
+  rows = [("flag set", "full img/s", "no-aug img/s", "aug ms", "full x", "no-aug x", "load")]
+  for r in sweep:
+    if "timings" not in r:
+      rows.append((r["name"], "error", "", "", "", "", ""))
+      continue
+    full = images_per_s(r, "full_step", batch)
+    no_aug = images_per_s(r, "no_aug_step", batch)
+    rows.append((r["name"], f"{full:.0f}", f"{no_aug:.0f}", f"{ms(r, 'augment'):.0f}",
+                 f"{ratio(full, images_per_s(base, 'full_step', batch)):.2f}" if base else "",
+                 f"{ratio(no_aug, images_per_s(base, 'no_aug_step', batch)):.2f}" if base else "",
+                 str(r["load_before"][0])))
+  print_table(rows)
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+  widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+  for k, row in enumerate(rows):
+    cells = [str(c).ljust(w) if i == 0 else str(c).rjust(w)
+             for i, (c, w) in enumerate(zip(row, widths))]
+    print("  ".join(cells))
+    if k == 0:
+      print("  ".join("-" * w for w in widths))
+
+
+def derive_breakdown(result: dict[str, Any]) -> dict[str, float] | None:
+  t = {k: v["median_s"] for k, v in result.get("timings", {}).items()}
+  if not t:
+    return None
+  return {
+      "backward_share": 1 - t["forward"] / t["forward_backward"],
+      "bn_share_forward": 1 - t["forward_no_bn"] / t["forward"],
+      "bn_share_forward_backward": 1 - t["forward_backward_no_bn"] / t["forward_backward"],
+      "optimizer_share": 1 - t["forward_backward"] / t["no_aug_step"],
+  }
+
+
+def torch_available() -> bool:
+  import importlib.util
+  return importlib.util.find_spec("torch") is not None
+
+
+def main_parent(args) -> None:
+  config = load_config(args.config)
+  batch = config.train.batch_size
+  cli = cli_xla_flags()
+  report: dict[str, Any] = {"config": args.config, "batch_size": batch, "steps": args.steps,
+                            "cli_xla_flags": cli, "device": device_description()}
+  print(f"load average {report['device']['load_average_at_start']}; running workers "
+        "(each compiles its own step)...", flush=True)
+
+  def progress(name: str, result: dict[str, Any]) -> None:
+    status = result.get("error", f"{result.get('wall_s', 0):.0f}s")
+    print(f"  {name}: {status}", flush=True)
+    for line in result.get("stderr_tail", []):
+      print(f"    {line}", flush=True)
+
+  report["jax_cli_flags"] = run_worker("jax_step", cli, args)
+  progress("ssljax step, CPU_XLA_FLAGS", report["jax_cli_flags"])
+  report["jax_no_flags"] = run_worker("jax_step", "", args)
+  progress("ssljax step, no flags", report["jax_no_flags"])
+  report["pipeline"] = run_worker("jax_pipeline", cli, args)
+  progress("input pipeline", report["pipeline"])
+  if torch_available():
+    report["torch"] = run_worker("torch", None, args)
+    progress("torch step", report["torch"])
+  else:
+    report["torch"] = {"skipped": "torch is not installed (pip install torch==2.13.0 to "
+                                  "compare; it is not an ssljax requirement)"}
+  if args.breakdown:
+    breakdown: dict[str, Any] = {}
+    for tag, flags in (("cli_flags", cli), ("no_flags", "")):
+      breakdown[tag] = run_worker("jax_breakdown", flags, args)
+      progress(f"breakdown, {tag}", breakdown[tag])
+    breakdown["torch"] = report["torch"]
+    breakdown["derived"] = {tag: derive_breakdown(breakdown[tag])
+                            for tag in ("cli_flags", "no_flags") if "timings" in breakdown[tag]}
+    report["breakdown"] = breakdown
+  if args.sweep_flags:
+    sweep = []
+    for name, flags in sweep_flag_sets():
+      result = run_worker("jax_step", flags, args)
+      result["name"] = name
+      progress(f"sweep: {name}", result)
+      sweep.append(result)
+    report["sweep"] = sweep
+  report["summary"] = summarize_run(report, batch)
+  report["device"]["load_average_at_end"] = load_average()
+  print_report(report)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(report, f, indent=2)
+  print(f"\nwrote {args.out}")
+
+
+def main_worker(args) -> None:
+  config = load_config(args.config)
+  if args.worker == "jax_step":
+    result = jax_step_worker(config, args.steps)
+  elif args.worker == "jax_pipeline":
+    result = jax_pipeline_worker(config, args.steps)
+  elif args.worker == "jax_breakdown":
+    result = jax_breakdown_worker(config, args.steps)
+  elif args.worker == "torch":
+    result = torch_worker(config, args.steps, args.breakdown)
+  else:
+    raise SystemExit(f"unknown worker {args.worker!r}")
+  with open(args.worker_out, "w") as f:
+    json.dump(result, f)
+
+
+def parse_args(argv: list[str] | None = None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default=DEFAULT_CONFIG, help="ml_collections config file")
+  parser.add_argument("--steps", type=int, default=20,
+                      help="timed calls per variant (after 2 warm-up calls)")
+  parser.add_argument("--out", default=DEFAULT_OUT, help="JSON file to write")
+  parser.add_argument("--sweep-flags", action="store_true",
+                      help="also time the step under a list of XLA:CPU flag sets")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time forward / backward / BatchNorm / optimiser parts")
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
+  parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+  return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+  parsed = parse_args()
+  if parsed.worker:
+    main_worker(parsed)
+  else:
+    main_parent(parsed)

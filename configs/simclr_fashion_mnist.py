@@ -1,0 +1,51 @@
+"""SimCLR on Fashion-MNIST, CPU-sized: the embedded default job.
+
+Command (fresh Debian/Ubuntu machine, see README):
+  ssljax train --config configs/simclr_fashion_mnist.py --workdir runs/simclr_fmnist
+
+Hardware / time / accuracy: filled in from the measured run (see README "Results").
+"""
+
+from ssljax.config import default_config
+
+
+def get_config():
+  c = default_config()
+  c.data.source = "fashion_mnist_idx"
+  c.data.name = "fashion_mnist"
+  c.data.image_size = 28
+  c.data.channels = 1
+  c.data.num_classes = 10
+  c.data.mean = (0.2860,)
+  c.data.std = (0.3530,)
+
+  # Crop + flip carry most of the signal on 28x28 grayscale clothing; colour jitter reduces
+  # to brightness/contrast on one channel (grayscale/blur/solarize off).
+  c.augment.policy = "simclr"
+  c.augment.crop_size = 28
+  c.augment.crop_scale = (0.2, 1.0)
+  c.augment.jitter = (0.4, 0.4, 0.0, 0.0)
+  c.augment.jitter_prob = 0.8
+  c.augment.grayscale_prob = 0.0
+  c.augment.blur_prob = 0.0
+  c.augment.solarize_prob = 0.0
+
+  c.model.encoder = "resnet_small"
+
+  c.method.name = "simclr"
+  c.method.simclr.temperature = 0.2
+  c.method.simclr.proj_hidden_dim = 512
+  c.method.simclr.proj_dim = 128
+
+  c.optim.name = "lars"
+  c.optim.lr = 1.0
+  c.optim.weight_decay = 1e-5
+  c.optim.warmup_epochs = 0.5
+  c.optim.final_lr_fraction = 0.0
+
+  c.train.batch_size = 256
+  c.train.epochs = 4.0
+  c.train.log_every_steps = 50
+  c.train.checkpoint_every_steps = 500
+  c.train.eval_every_steps = 234
+  return c

@@ -1,0 +1,257 @@
+"""View policies: how each training view of an image is drawn, built from ``config.augment``.
+
+A ``ViewSpec`` holds the parameters of one view; ``augment_view`` draws that view from one
+uint8 image with the torchvision/SimCLR op order
+
+  to_float -> random_resized_crop -> horizontal_flip -> color_jitter -> to_grayscale
+  -> gaussian_blur -> solarize,
+
+each op with its own subkey. A ``Policy`` is a tuple of view specs; calling it on a batch of
+per-example keys and uint8 images returns one float32 array per view, computed with
+``jax.vmap`` inside whatever ``jit`` encloses it. View ``v`` of an example uses
+``fold_in(key, v)``, so views are independent of each other and each is a deterministic
+function of (key, view index).
+
+Strength. ``build_policy`` applies ``augment.strength = s >= 0`` to every view:
+
+  * crop scale ``(lo, hi) -> (min(hi, lo / s), hi)`` (``lo = hi`` at s = 0: with the usual
+    ``hi = 1`` the crop lower bound is ``min(1, lo / s)`` and s = 0 means no crop);
+  * colour jitter ``(b, c, sat, h) -> (b s, c s, sat s, min(0.5, h s))``;
+  * grayscale probability ``-> min(1, p s)``.
+
+Flip, blur and solarize are not scaled, nor is the jitter probability. s = 1 leaves the config
+values unchanged. With the config values crop_scale = (0.2, 1), jitter = (0.4, 0.4, 0.4, 0.1),
+jitter_prob = 0.8, grayscale_prob = 0.1 this is exactly the convention of the DISSL/CISSL code
+(crop lower bound 0.2/s clipped to 1, jitter (0.4s, 0.4s, 0.4s, 0.1s) with p = 0.8, grayscale
+0.1s; SPEC 2.5 and 3.3, DECISIONS "Geometry analysis"), which the geometry analysis sweeps.
+
+Grayscale datasets (C = 1) use the same policies: colour jitter reduces to brightness and
+contrast, grayscale conversion is the identity, and the views keep one channel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ssljax.augment import ops
+
+POLICIES = ("simclr", "moco_v2", "byol", "multicrop")
+
+# BYOL (Grill et al. 2020, Table 6): view 1 is always blurred and never solarized, view 2 is
+# blurred with probability 0.1 and solarized with probability 0.2.
+_BYOL_BLUR_PROBS = (1.0, 0.1)
+_BYOL_SOLARIZE_PROBS = (0.0, 0.2)
+
+
+def _check_prob(name: str, value: float) -> None:
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+
+
+def _check_range(name: str, value: tuple[float, float], low: float, high: float) -> None:
+  if len(value) != 2 or not low <= value[0] <= value[1] <= high:
+    raise ValueError(f"{name} must be (lower, upper) with {low} <= lower <= upper <= {high}, "
+                     f"got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
+  """Parameters of one view; every field is required (they come from the config).
+
+  Attributes:
+    crop_size: output height = width of the view.
+    crop_scale: area-fraction range of the random resized crop, within (0, 1].
+    crop_ratio: aspect-ratio (width / height) range of the crop.
+    flip_prob: probability of a horizontal flip.
+    jitter: colour-jitter (brightness, contrast, saturation, hue); hue <= 0.5.
+    jitter_prob: probability of applying the colour jitter.
+    grayscale_prob: probability of converting to grayscale.
+    blur_prob: probability of a Gaussian blur.
+    blur_sigma: range of the blur's standard deviation, in pixels.
+    solarize_prob: probability of solarizing (threshold 0.5).
+  """
+
+  crop_size: int
+  crop_scale: tuple[float, float]
+  crop_ratio: tuple[float, float]
+  flip_prob: float
+  jitter: tuple[float, float, float, float]
+  jitter_prob: float
+  grayscale_prob: float
+  blur_prob: float
+  blur_sigma: tuple[float, float]
+  solarize_prob: float
+
+  def __post_init__(self):
+    # Tuples of floats whatever sequences came in, so specs are hashable (a Policy can be a
+    # jit static argument or cache key) and compare equal by value.
+    for name in ("crop_scale", "crop_ratio", "jitter", "blur_sigma"):
+      object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+    if self.crop_size <= 0:
+      raise ValueError(f"crop_size must be positive, got {self.crop_size}")
+    if self.crop_scale[0] <= 0:
+      raise ValueError(f"crop_scale lower bound must be positive, got {self.crop_scale}")
+    _check_range("crop_scale", self.crop_scale, 0.0, 1.0)
+    if self.crop_ratio[0] <= 0:
+      raise ValueError(f"crop_ratio must be positive, got {self.crop_ratio}")
+    _check_range("crop_ratio", self.crop_ratio, 0.0, math.inf)
+    if len(self.jitter) != 4 or min(self.jitter) < 0 or self.jitter[3] > 0.5:
+      raise ValueError("jitter must be 4 non-negative numbers (brightness, contrast, "
+                       f"saturation, hue) with hue <= 0.5, got {self.jitter}")
+    _check_range("blur_sigma", self.blur_sigma, 0.0, math.inf)
+    for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+      _check_prob(name, getattr(self, name))
+
+
+def scale_strength(spec: ViewSpec, strength: float) -> ViewSpec:
+  """Applies the strength knob ``s`` to one view (see the module docstring).
+
+  ``crop_scale (lo, hi) -> (min(hi, lo / s), hi)``; jitter ``(b, c, sat, h) -> (b s, c s,
+  sat s, min(0.5, h s))``; ``grayscale_prob -> min(1, p s)``; everything else unchanged.
+  s = 1 returns equal values; s = 0 gives crop scale (hi, hi), no jitter and no grayscale.
+  """
+  if not strength >= 0:
+    raise ValueError(f"augment.strength must be a number >= 0, got {strength}")
+  low, high = spec.crop_scale
+  low = high if strength == 0 else min(high, low / strength)
+  b, c, s, h = spec.jitter
+  return dataclasses.replace(
+      spec,
+      crop_scale=(low, high),
+      jitter=(b * strength, c * strength, s * strength, min(0.5, h * strength)),
+      grayscale_prob=min(1.0, spec.grayscale_prob * strength),
+  )
+
+
+def _check_uint8_images(images: jax.Array, batched: bool) -> None:
+  """Raises a ValueError unless ``images`` are uint8 ``[(batch,) H, W, C]``, C in {1, 3}."""
+  rank = 4 if batched else 3
+  layout = "[batch, height, width, channels]" if batched else "[height, width, channels]"
+  if images.dtype != jnp.uint8 or images.ndim != rank or images.shape[-1] not in (1, 3):
+    raise ValueError(
+        f"expected uint8 images of shape {layout} with 1 or 3 channels, got "
+        f"{images.dtype} {list(images.shape)}")
+
+
+def augment_view(key: jax.Array, image: jax.Array, spec: ViewSpec) -> jax.Array:
+  """Draws one view: uint8 ``[H, W, C]`` -> float32 ``[crop_size, crop_size, C]`` in [0, 1].
+
+  to_float -> random_resized_crop -> horizontal_flip -> color_jitter -> to_grayscale ->
+  gaussian_blur -> solarize, each with its own subkey of ``key``.
+  """
+  image = jnp.asarray(image)
+  _check_uint8_images(image, batched=False)
+  crop_key, flip_key, jitter_key, gray_key, blur_key, solarize_key = jax.random.split(key, 6)
+  b, c, s, h = spec.jitter
+  x = ops.to_float(image)
+  x = ops.random_resized_crop(
+      crop_key, x, size=spec.crop_size, scale=spec.crop_scale, ratio=spec.crop_ratio)
+  x = ops.horizontal_flip(flip_key, x, prob=spec.flip_prob)
+  x = ops.color_jitter(
+      jitter_key, x, brightness=b, contrast=c, saturation=s, hue=h, prob=spec.jitter_prob)
+  x = ops.to_grayscale(gray_key, x, prob=spec.grayscale_prob)
+  x = ops.gaussian_blur(blur_key, x, prob=spec.blur_prob, sigma=spec.blur_sigma)
+  return ops.solarize(solarize_key, x, prob=spec.solarize_prob)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """A tuple of view specs; calling it draws every view of every example in a batch."""
+
+  views: tuple[ViewSpec, ...]
+
+  def __post_init__(self):
+    object.__setattr__(self, "views", tuple(self.views))
+    if not self.views:
+      raise ValueError("a Policy needs at least one view")
+
+  @property
+  def num_views(self) -> int:
+    return len(self.views)
+
+  @property
+  def view_sizes(self) -> tuple[int, ...]:
+    return tuple(spec.crop_size for spec in self.views)
+
+  def __call__(self, keys: jax.Array, images: jax.Array) -> tuple[jax.Array, ...]:
+    """Augments a batch.
+
+    Args:
+      keys: one PRNG key per example, as ``jax.random.split`` returns them: typed keys
+        ``[B]`` (``jax.random.key``) or raw uint32 keys ``[B, 2]`` (``jax.random.PRNGKey``).
+      images: uint8 ``[B, H, W, C]``, C in {1, 3}.
+
+    Returns:
+      One float32 array ``[B, size_v, size_v, C]`` in [0, 1] per view ``v``; view ``v`` of
+      example ``i`` is ``augment_view(fold_in(keys[i], v), images[i], views[v])``.
+    """
+    images = jnp.asarray(images)
+    _check_uint8_images(images, batched=True)
+    keys = jnp.asarray(keys)
+    if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+      keys = jax.random.wrap_key_data(keys)
+    if keys.shape != images.shape[:1]:
+      raise ValueError(f"expected one PRNG key per image ({images.shape[0]}), got keys of "
+                       f"shape {list(keys.shape)}")
+
+    def draw(index: int, spec: ViewSpec) -> jax.Array:
+      one = lambda key, image: augment_view(jax.random.fold_in(key, index), image, spec)
+      return jax.vmap(one)(keys, images)
+
+    return tuple(draw(index, spec) for index, spec in enumerate(self.views))
+
+
+def build_policy(augment_config: ml_collections.ConfigDict) -> Policy:
+  """Builds the ``augment.policy`` named in the config, with ``augment.strength`` applied.
+
+  * ``'simclr'``: two views with the config values (SimCLR, Chen et al. 2020).
+  * ``'moco_v2'``: the same two symmetric views (MoCo v2's numbers are in its config file).
+  * ``'byol'``: two asymmetric views (Grill et al. 2020): blur probability 1.0 / 0.1 and
+    solarize probability 0.0 / 0.2 for views 1 / 2, replacing the config's ``blur_prob``
+    and ``solarize_prob``; when the config's ``blur_prob`` is 0 (e.g. small images where
+    the papers drop blur), blur stays off on both views.
+  * ``'multicrop'``: the two simclr views plus ``num_small_crops`` views of size
+    ``small_crop_size`` cropped with ``small_crop_scale`` (SwAV, Caron et al. 2020); the
+    small views share every other setting.
+
+  Raises:
+    ValueError: unknown policy name, negative strength or invalid view parameters.
+  """
+  cfg = augment_config
+  if cfg.policy not in POLICIES:
+    raise ValueError(f"unknown augment.policy {cfg.policy!r}; known policies: "
+                     f"{', '.join(POLICIES)}")
+  base = ViewSpec(
+      crop_size=int(cfg.crop_size),
+      crop_scale=cfg.crop_scale,
+      crop_ratio=cfg.crop_ratio,
+      flip_prob=float(cfg.flip_prob),
+      jitter=cfg.jitter,
+      jitter_prob=float(cfg.jitter_prob),
+      grayscale_prob=float(cfg.grayscale_prob),
+      blur_prob=float(cfg.blur_prob),
+      blur_sigma=cfg.blur_sigma,
+      solarize_prob=float(cfg.solarize_prob),
+  )
+  views = [base, base]
+  if cfg.policy == "byol":
+    blur_probs = _BYOL_BLUR_PROBS if base.blur_prob > 0 else (0.0, 0.0)
+    views = [
+        dataclasses.replace(base, blur_prob=blur, solarize_prob=solar)
+        for blur, solar in zip(blur_probs, _BYOL_SOLARIZE_PROBS)
+    ]
+  elif cfg.policy == "multicrop":
+    if cfg.num_small_crops < 0:
+      raise ValueError(f"augment.num_small_crops must be >= 0, got {cfg.num_small_crops}")
+    small = dataclasses.replace(
+        base,
+        crop_size=int(cfg.small_crop_size),
+        crop_scale=cfg.small_crop_scale)
+    views += [small] * int(cfg.num_small_crops)
+  strength = float(cfg.strength)
+  return Policy(tuple(scale_strength(spec, strength) for spec in views))

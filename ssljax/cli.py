@@ -1,0 +1,138 @@
+"""Command line: ``ssljax train`` and ``ssljax eval``.
+
+  ssljax train --config configs/simclr_fashion_mnist.py --workdir runs/simclr \
+      [--config.optim.lr=0.3 ...]
+  ssljax eval --workdir runs/simclr [--config.eval.knn_k=20 ...]
+
+Configs are ml_collections files whose ``get_config()`` returns a locked ConfigDict; any key
+can be overridden with ``--config.<key>=<value>``, and a key that does not exist is an error.
+``train`` on an existing workdir resumes from its latest checkpoint. ``eval`` restores the
+latest checkpoint with the config saved in the workdir (``--config.eval.*`` overrides apply).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+USAGE = __doc__
+
+# XLA:CPU options that speed up the convolution-heavy train step on CPUs (measured in
+# benchmarks/cpu_step.py): XNNPACK graph fusion and fast math. Fast math here still honours
+# NaN and inf, which the non-finite guard relies on. Applied only when the user has not set
+# XLA_FLAGS, and ignored by GPU/TPU backends.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY "
+                 "--xla_cpu_enable_fast_math=true")
+
+
+def _set_default_xla_flags() -> None:
+  if "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = CPU_XLA_FLAGS
+
+
+def _parse(argv: list[str], command: str):
+  argv = _join_config_value(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.",
+                      flag_values=fv)
+  flags.DEFINE_string("log_level", "INFO", "Python logging level.", flag_values=fv)
+  if command == "train":
+    config_flags.DEFINE_config_file("config", None, "Config file (.py with get_config()).",
+                                    flag_values=fv, lock_config=True, sys_argv=argv)
+  else:
+    from ssljax.train.loop import load_workdir_config
+    workdir = _peek_flag(argv, "workdir")
+    if workdir is None:
+      raise SystemExit("ssljax eval: --workdir is required")
+    config_flags.DEFINE_config_dict("config", load_workdir_config(workdir),
+                                    "Config saved in the workdir.", flag_values=fv,
+                                    lock_config=True, sys_argv=argv)
+  _check_override_keys(argv)
+  if command == "train":
+    path = _peek_flag(argv, "config")
+    if path is not None and not os.path.exists(path.split(":", 1)[0]):
+      raise SystemExit(f"ssljax train: config file {path!r} not found (configs live in "
+                       f"configs/, e.g. configs/simclr_fashion_mnist.py)")
+  try:
+    fv(argv)
+  except (flags.Error, OSError) as e:
+    raise SystemExit(f"ssljax {command}: {e}") from None
+  if fv.workdir is None:
+    raise SystemExit(f"ssljax {command}: --workdir is required")
+  if command == "train" and fv.config is None:
+    raise SystemExit("ssljax train: --config is required (e.g. configs/simclr_fashion_mnist.py)")
+  return fv
+
+
+def _join_config_value(argv: list[str]) -> list[str]:
+  """``--config PATH`` -> ``--config=PATH``: ml_collections registers the ``--config.*``
+  override flags only for the joined form."""
+  out, i = [], 0
+  while i < len(argv):
+    if argv[i] == "--config" and i + 1 < len(argv):
+      out.append(f"--config={argv[i + 1]}")
+      i += 2
+    else:
+      out.append(argv[i])
+      i += 1
+  return out
+
+
+def _peek_flag(argv: list[str], name: str) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _check_override_keys(argv: list[str]) -> None:
+  """Rejects ``--config.<key>`` overrides whose key is not in the schema, naming valid keys."""
+  from ssljax.config import default_config
+  schema = default_config()
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    node, parts = schema, key.split(".")
+    for depth, part in enumerate(parts):
+      if not hasattr(node, "keys") or part not in node:
+        where = "config." + ".".join(parts[:depth]) if depth else "config"
+        valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
+        raise SystemExit(f"unknown config key {key!r}: {where} has no key {part!r}. "
+                         f"Valid keys of {where}: {valid}")
+      node = node[part]
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(USAGE)
+    return 0 if len(argv) >= 2 else 2
+  command, rest = argv[1], [argv[0]] + argv[2:]
+  if command not in ("train", "eval"):
+    print(f"ssljax: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+  _set_default_xla_flags()
+  fv = _parse(rest, command)
+  logging.basicConfig(level=getattr(logging, fv.log_level.upper(), logging.INFO),
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  from ssljax.train import loop  # deferred: keeps `ssljax --help` fast
+  if command == "train":
+    results = loop.train(fv.config, fv.workdir)
+  else:
+    results = loop.evaluate_workdir(fv.workdir, fv.config)
+  summary = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+  print(json.dumps(summary, indent=2, sort_keys=True))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,183 @@
+"""The complete ssljax configuration schema, with its defaults.
+
+Every key any part of ssljax reads is declared here, so a config file can show every setting
+and nothing is defaulted out of sight. ``configs/<method>_<dataset>.py`` files start from
+``default_config()`` and override what their recipe changes; the command line overrides
+further (``--config.optim.lr=0.3``). The returned config is locked: assigning a key that does
+not exist raises an error naming the key, which is how typos are caught.
+
+Sections:
+  data     where images come from and what they look like
+  augment  the view policy (see ``ssljax.augment``)
+  model    the encoder backbone (see ``ssljax.models``)
+  method   which self-supervised method, and its hyperparameters under ``method.<name>``
+  optim    optimizer and learning-rate schedule
+  train    batch, length, precision, logging, checkpointing
+  eval     kNN and linear-probe protocols
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Returns the full schema with defaults (SimCLR on Fashion-MNIST, small ResNet)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---------------------------------------------------------------- data
+  c.data = ml_collections.ConfigDict()
+  # One of: 'fashion_mnist_idx' (the four IDX files), 'tfds', 'cifar' (python archive
+  # directory), 'image_folder', 'arrays' (an .npz file with `images`, optional `labels`).
+  c.data.source = "fashion_mnist_idx"
+  c.data.name = "fashion_mnist"  # TFDS dataset name, or 'cifar10'/'cifar100' for 'cifar'.
+  c.data.data_dir = FASHION_MNIST_DIR  # Directory (or file for 'arrays') to read from.
+  c.data.train_split = "train"
+  c.data.test_split = "test"
+  c.data.download = False  # TFDS only: allow downloading (off: never touch the network).
+  c.data.image_size = 28  # Height = width of the stored images the host delivers.
+  c.data.channels = 1
+  c.data.num_classes = 10
+  # Per-channel statistics used by the encoder's input standardisation (of [0, 1] pixels).
+  c.data.mean = (0.2860,)
+  c.data.std = (0.3530,)
+  c.data.prefetch = 2  # Host batches prepared ahead of the train step.
+
+  # ---------------------------------------------------------------- augment
+  c.augment = ml_collections.ConfigDict()
+  c.augment.policy = "simclr"  # 'simclr' | 'moco_v2' | 'byol' | 'multicrop'
+  c.augment.strength = 1.0  # DECISIONS.md convention; scales crop, jitter and grayscale.
+  c.augment.crop_size = 28  # Output resolution of the (global) crops.
+  c.augment.crop_scale = (0.08, 1.0)  # Area fraction range of random resized crop.
+  c.augment.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.augment.flip_prob = 0.5
+  c.augment.jitter = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue.
+  c.augment.jitter_prob = 0.8
+  c.augment.grayscale_prob = 0.2
+  c.augment.blur_prob = 0.0
+  c.augment.blur_sigma = (0.1, 2.0)
+  c.augment.solarize_prob = 0.0
+  # Multi-crop ('multicrop' policy): number and geometry of the small crops.
+  c.augment.num_small_crops = 0
+  c.augment.small_crop_size = 14
+  c.augment.small_crop_scale = (0.05, 0.4)
+
+  # ---------------------------------------------------------------- model
+  c.model = ml_collections.ConfigDict()
+  # 'resnet_tiny', 'resnet_small' (CPU-sized), 'resnet18', 'resnet34', 'resnet50'.
+  c.model.encoder = "resnet_small"
+  c.model.width = 1.0  # Width multiplier on the channel counts.
+  c.model.cifar_stem = True  # 3x3 stride-1 stem without max-pool (else the 7x7/2 + pool).
+  c.model.zero_init_residual = False  # Zero-init the last BN scale of each residual block.
+  c.model.sync_batchnorm = True  # BN statistics over the global batch (all devices).
+  c.model.bn_momentum = 0.9  # Flax convention: decay of running stats (PyTorch 0.1).
+
+  # ---------------------------------------------------------------- method
+  c.method = ml_collections.ConfigDict()
+  c.method.name = "simclr"
+  c.method.simclr = ml_collections.ConfigDict()
+  c.method.simclr.temperature = 0.2
+  c.method.simclr.proj_hidden_dim = 512
+  c.method.simclr.proj_dim = 128
+  c.method.simclr.proj_layers = 2  # Linear layers in the projector (>= 1).
+  c.method.simclr.proj_last_bn = False  # BN (non-affine) after the last projector layer.
+
+  # ---------------------------------------------------------------- optim
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "lars"  # 'sgd' | 'lars' | 'adam' | 'adamw'
+  # Peak learning rate = lr * global_batch / base_batch_size (linear scaling rule).
+  c.optim.lr = 0.3
+  c.optim.base_batch_size = 256
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.weight_decay = 1e-6
+  # Coupled decay (PyTorch SGD/Adam: wd * theta added to the gradient before the update);
+  # 'adamw' always decouples.
+  c.optim.lars_eta = 0.001
+  c.optim.lars_exclude_bias_and_norm = True  # No LARS adaptation or decay on biases/BN.
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.schedule = "warmup_cosine"  # 'warmup_cosine' | 'constant'
+  c.optim.warmup_epochs = 1.0
+  c.optim.warmup_init_fraction = 0.0  # Warmup starts at lr * this.
+  c.optim.final_lr_fraction = 0.0  # Cosine ends at lr * this.
+  c.optim.grad_clip_norm = 0.0  # 0 disables.
+
+  # ---------------------------------------------------------------- train
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 256  # Global batch of distinct images (each gives several views).
+  c.train.epochs = 10.0
+  c.train.num_steps = 0  # > 0 overrides `epochs`.
+  c.train.compute_dtype = "float32"  # 'bfloat16' computes in bf16 with float32 parameters.
+  c.train.log_every_steps = 50
+  c.train.checkpoint_every_steps = 500
+  c.train.keep_checkpoints = 2
+  c.train.eval_every_steps = 0  # Periodic kNN monitor (0: only at the end).
+  c.train.progress_bar = True
+
+  # ---------------------------------------------------------------- eval
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 1024  # Feature-extraction batch.
+  c.eval.knn_k = 200
+  c.eval.knn_t = 0.1
+  c.eval.knn_chunk_size = 1024  # Test rows compared with the whole bank at once.
+  # The periodic monitor uses subsets to stay cheap (0 = all).
+  c.eval.monitor_train_examples = 10000
+  c.eval.monitor_test_examples = 2000
+  c.eval.linear_probe = True
+  c.eval.probe_epochs = 100
+  c.eval.probe_batch_size = 512
+  c.eval.probe_holdout_fraction = 0.1
+  c.eval.probe_lrs = (0.01, 0.1, 1.0)
+  c.eval.probe_weight_decays = (0.0, 1e-5, 1e-4)
+  c.eval.plots = True
+  return c
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks `config` so that setting an unknown key is an error."""
+  config.lock()
+  return config
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  """Serialises a config (as stored in ``<workdir>/config.json``)."""
+  return config.to_json(indent=2, sort_keys=True)
+
+
+def _tuples(value):
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  """Rebuilds a locked config from `config_to_json` output, checked against the schema.
+
+  Keys the schema does not know are an error (the workdir was made by another ssljax
+  version, or the file was edited by hand).
+  """
+  import json
+
+  config = lock(default_config())
+  values = _tuples(json.loads(text))
+
+  def update(node: ml_collections.ConfigDict, items: dict, prefix: str) -> None:
+    for key, value in items.items():
+      if key not in node:
+        raise KeyError(f"config key {prefix}{key} is not part of the ssljax config schema "
+                       f"(see ssljax/config.py)")
+      if isinstance(value, dict):
+        update(node[key], value, f"{prefix}{key}.")
+      else:
+        with node.ignore_type():
+          node[key] = value
+
+  update(config, values, "")
+  return config

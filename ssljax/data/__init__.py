@@ -1,0 +1,40 @@
+"""Host-side data: sources that hold uint8 images and int32 labels, and the input pipeline
+that slices, prefetches and places global batches on the device mesh."""
+
+from __future__ import annotations
+
+from ssljax.data.pipeline import (
+    EpochSampler,
+    HostLoader,
+    global_batch_indices,
+    to_global_array,
+)
+from ssljax.data.sources import (
+    SOURCE_NAMES,
+    ArrayOnlyUnpickler,
+    ArraySource,
+    build_source,
+    load_arrays,
+    load_cifar,
+    load_fashion_mnist_idx,
+    load_image_folder,
+    load_tfds,
+    read_idx,
+)
+
+__all__ = [
+    "SOURCE_NAMES",
+    "ArrayOnlyUnpickler",
+    "ArraySource",
+    "EpochSampler",
+    "HostLoader",
+    "build_source",
+    "global_batch_indices",
+    "load_arrays",
+    "load_cifar",
+    "load_fashion_mnist_idx",
+    "load_image_folder",
+    "load_tfds",
+    "read_idx",
+    "to_global_array",
+]

@@ -1,0 +1,125 @@
+"""Evaluation of a trained encoder: weighted kNN and an offline linear probe (DECISIONS.md).
+
+Features are the encoder's pooled output (pre-projector) in inference mode, on un-augmented
+images of the train and test splits. Protocols: kNN with ``eval.knn_k`` / ``eval.knn_t`` on
+L2-normalised features (default k = 200, t = 0.1); linear probe on standardised frozen
+features, hyperparameters chosen on a held-out part of the train split.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ssljax import data
+from ssljax.eval.features import extract_features
+from ssljax.eval.knn import knn_accuracy
+from ssljax.eval.linear_probe import linear_probe
+from ssljax.eval.plots import plot_training_curves
+from ssljax.methods.base import Method
+
+log = logging.getLogger(__name__)
+
+
+def _encode_fn(method: Method):
+  return lambda variables, x: method.encoder.apply(variables, x, train=False)
+
+
+def _subset(source, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  n = len(source)
+  if count <= 0 or count >= n:
+    return source.images, source.labels
+  idx = np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
+  return source.images[idx], source.labels[idx]
+
+
+def _features(config, method: Method, state, images: np.ndarray, mesh) -> np.ndarray:
+  variables = method.eval_variables(state.params, state.method_state)
+  batch = config.eval.batch_size
+  batch -= batch % mesh.size
+  return extract_features(_encode_fn(method), variables, images, batch_size=max(batch, mesh.size),
+                          mesh=mesh)
+
+
+class KnnMonitor:
+  """Periodic kNN accuracy on fixed subsets of the train (bank) and test splits."""
+
+  def __init__(self, config: ml_collections.ConfigDict, method: Method, mesh):
+    self._config, self._method, self._mesh = config, method, mesh
+    ec = config.eval
+    train = data.build_source(config.data, config.data.train_split)
+    test = data.build_source(config.data, config.data.test_split)
+    self._bank = _subset(train, ec.monitor_train_examples, config.seed)
+    self._queries = _subset(test, ec.monitor_test_examples, config.seed + 1)
+
+  def __call__(self, state) -> dict[str, float]:
+    ec = self._config.eval
+    bank = _features(self._config, self._method, state, self._bank[0], self._mesh)
+    queries = _features(self._config, self._method, state, self._queries[0], self._mesh)
+    acc = knn_accuracy(bank, self._bank[1], queries, self._queries[1],
+                       num_classes=self._config.data.num_classes, k=ec.knn_k,
+                       temperature=ec.knn_t, chunk_size=ec.knn_chunk_size)
+    return {"monitor/knn_top1": acc["top1"]}
+
+
+def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mesh, *,
+                   train_source=None) -> dict[str, Any]:
+  """kNN (and, if ``eval.linear_probe``, a linear probe) of the state's encoder."""
+  ec = config.eval
+  train = train_source or data.build_source(config.data, config.data.train_split)
+  test = data.build_source(config.data, config.data.test_split)
+  if not train.has_labels or not test.has_labels:
+    raise ValueError("evaluation needs labelled train and test splits; the configured "
+                     "source has no labels (set eval.linear_probe=False and skip `eval`)")
+  train_features = _features(config, method, state, train.images, mesh)
+  test_features = _features(config, method, state, test.images, mesh)
+  results: dict[str, Any] = {"feature_dim": int(train_features.shape[1])}
+  knn = knn_accuracy(train_features, train.labels, test_features, test.labels,
+                     num_classes=config.data.num_classes, k=ec.knn_k, temperature=ec.knn_t,
+                     chunk_size=ec.knn_chunk_size)
+  results["knn/top1"], results["knn/top5"] = knn["top1"], knn["top5"]
+  results["knn/protocol"] = f"weighted kNN k={ec.knn_k} t={ec.knn_t} on L2-normalised encoder features"
+  log.info("kNN top-1 %.4f", knn["top1"])
+  if ec.linear_probe:
+    probe = linear_probe(train_features, train.labels, test_features, test.labels,
+                         num_classes=config.data.num_classes, epochs=ec.probe_epochs,
+                         batch_size=ec.probe_batch_size, lrs=tuple(ec.probe_lrs),
+                         weight_decays=tuple(ec.probe_weight_decays),
+                         holdout_fraction=ec.probe_holdout_fraction, seed=config.seed)
+    results["linear_probe/top1"] = probe["test_top1"]
+    results["linear_probe/holdout_top1"] = probe["holdout_top1"]
+    results["linear_probe/best_lr"] = probe["best_lr"]
+    results["linear_probe/best_weight_decay"] = probe["best_weight_decay"]
+    log.info("linear probe top-1 %.4f", probe["test_top1"])
+  return results
+
+
+def write_results(config: ml_collections.ConfigDict, workdir: str,
+                  results: dict[str, Any]) -> None:
+  """Writes ``results.json`` and the training-curve plot (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  record = {
+      **results,
+      "method": config.method.name,
+      "dataset": f"{config.data.source}:{config.data.name}",
+      "encoder": config.model.encoder,
+      "batch_size": config.train.batch_size,
+      "seed": config.seed,
+      "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "host": platform.node(),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  if config.eval.plots and os.path.exists(metrics):
+    plot_training_curves(metrics, os.path.join(workdir, "training_curves.png"))

@@ -1,0 +1,108 @@
+"""Frozen-encoder feature extraction for the kNN and linear-probe evaluations.
+
+The evaluation protocols of SPEC section 7 run on features of un-augmented images computed by
+the frozen encoder in eval mode (BatchNorm with running statistics). This module turns a pure
+``apply_fn(variables, x) -> [b, D]`` into features of a whole uint8 image array:
+
+  features[i] = apply_fn(variables, images[i] / 255)
+
+Images travel to the device as uint8 (four times less traffic than float32) and are converted
+to float32 in [0, 1] inside the compiled function. One function is compiled for a fixed batch
+size; the last batch is zero-padded and the padded rows are dropped. With a mesh, every batch
+is split over its ``data`` axis and the variables are replicated. A mesh may span several
+processes (multi-host): every process then passes the same images, copies only the rows of its
+own devices, and receives all features back (an all-gather over processes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def _batch_shardings(mesh: Mesh | None) -> tuple[Any, Any]:
+  """(variables sharding, batch sharding); both None without a mesh (default device)."""
+  if mesh is None:
+    return None, None
+  if tuple(mesh.axis_names) != ("data",):
+    raise ValueError(f"extract_features needs a mesh with the single axis 'data', got axes "
+                     f"{tuple(mesh.axis_names)}")
+  return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
+def _to_host(features: jax.Array) -> np.ndarray:
+  """The whole (global) array on this host, gathering other processes' rows if needed."""
+  if features.is_fully_addressable:
+    return np.asarray(features)
+  return np.asarray(multihost_utils.process_allgather(features, tiled=True))
+
+
+def extract_features(apply_fn: ApplyFn, variables: Any, images: np.ndarray, *,
+                     batch_size: int, mesh: Mesh | None = None) -> np.ndarray:
+  """Features of every image under a frozen encoder: ``apply_fn(variables, images / 255)``.
+
+  Args:
+    apply_fn: pure function ``(variables, x) -> [b, D]`` with ``x`` float32 in [0, 1] of shape
+      [b, H, W, C]; the caller closes over eval-mode settings (e.g. ``train=False``).
+    variables: the encoder's variable pytree (parameters and batch statistics).
+    images: uint8 array [N, H, W, C], N >= 1.
+    batch_size: images per compiled call. The last batch is zero-padded to this size.
+    mesh: optional ``Mesh`` with the one axis ``'data'``. Each batch is sharded as
+      ``P('data')`` (so ``batch_size`` must be divisible by ``mesh.size``) and the variables
+      are replicated. Without it everything runs on the default device. If the mesh spans
+      several processes, all of them must call this with the same arguments.
+
+  Returns:
+    float32 array [N, D] on the host (on every host), row i the feature of ``images[i]``.
+
+  Transfers overlap with compute: batch i + 1 is copied and dispatched before the result of
+  batch i is pulled back to the host.
+  """
+  chex.assert_rank(images, 4)
+  chex.assert_type(images, np.uint8)
+  num_images = images.shape[0]
+  if num_images == 0:
+    raise ValueError("extract_features got an empty image array")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  variables_sharding, batch_sharding = _batch_shardings(mesh)
+  if mesh is not None and batch_size % mesh.size:
+    raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices of "
+                     "the mesh's 'data' axis")
+
+  def features_of_batch(variables: Any, batch: jax.Array) -> jax.Array:
+    out = apply_fn(variables, batch.astype(jnp.float32) / 255.0)
+    chex.assert_rank(out, 2)
+    chex.assert_axis_dimension(out, 0, batch.shape[0])
+    return out.astype(jnp.float32)
+
+  if mesh is None:
+    compiled = jax.jit(features_of_batch)
+  else:
+    compiled = jax.jit(features_of_batch, in_shardings=(variables_sharding, batch_sharding),
+                       out_shardings=batch_sharding)
+  variables = jax.device_put(variables, variables_sharding)
+
+  results: list[np.ndarray] = []
+  pending: jax.Array | None = None
+  for start in range(0, num_images, batch_size):
+    batch = images[start:start + batch_size]
+    if batch.shape[0] < batch_size:
+      padding = np.zeros((batch_size - batch.shape[0], *batch.shape[1:]), np.uint8)
+      batch = np.concatenate([batch, padding])
+    out = compiled(variables, jax.device_put(batch, batch_sharding))
+    if pending is not None:
+      results.append(_to_host(pending))
+    pending = out
+  results.append(_to_host(pending))
+  return np.concatenate(results)[:num_images]

@@ -1,0 +1,53 @@
+"""Flax Linen backbones and heads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from ssljax.models.heads import MLPHead
+from ssljax.models.resnet import PRESETS, BasicBlock, Bottleneck, ResNet
+
+__all__ = ["MLPHead", "ResNet", "BasicBlock", "Bottleneck", "PRESETS", "build_encoder",
+           "compute_dtype"]
+
+
+def compute_dtype(name: str) -> Any:
+  """Maps ``train.compute_dtype`` to a dtype ('float32' or 'bfloat16')."""
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if name not in dtypes:
+    raise ValueError(f"train.compute_dtype must be one of {sorted(dtypes)}, got {name!r}")
+  return dtypes[name]
+
+
+def build_encoder(config: ml_collections.ConfigDict, *, axis_name: str | None = None) -> ResNet:
+  """Builds the encoder named by ``config.model.encoder`` for ``config.data``'s images.
+
+  ``axis_name`` enables synchronised BatchNorm over that named axis when
+  ``config.model.sync_batchnorm`` is set.
+  """
+  name = config.model.encoder
+  if name not in PRESETS:
+    raise ValueError(f"model.encoder must be one of {sorted(PRESETS)}, got {name!r}")
+  if len(config.data.mean) != config.data.channels or len(config.data.std) != config.data.channels:
+    raise ValueError(
+        f"data.mean {tuple(config.data.mean)} and data.std {tuple(config.data.std)} need one "
+        f"value per channel (data.channels = {config.data.channels})")
+  preset = PRESETS[name]
+  return ResNet(
+      stage_sizes=preset.stage_sizes,
+      stage_widths=preset.stage_widths,
+      block=preset.block,
+      stem_width=preset.stem_width,
+      width=config.model.width,
+      cifar_stem=config.model.cifar_stem,
+      stem_stride=preset.stem_stride,
+      zero_init_residual=config.model.zero_init_residual,
+      bn_momentum=config.model.bn_momentum,
+      axis_name=axis_name if config.model.sync_batchnorm else None,
+      dtype=compute_dtype(config.train.compute_dtype),
+      input_mean=tuple(config.data.mean),
+      input_std=tuple(config.data.std),
+  )

@@ -1,0 +1,173 @@
+"""ResNet encoders (Flax Linen) with CIFAR and ImageNet stems.
+
+The encoder maps float images in [0, 1], shape ``[B, H, W, C]``, to pooled features
+``[B, D]``. It standardises its input itself with the dataset mean/std it was built with, so
+train-time views, evaluation images and exported checkpoints can never disagree on the
+normalisation.
+
+Variants (SPEC 0.4):
+  * CIFAR stem: 3x3 conv, stride 1, no max-pool (CLD, MetaMask, solo-learn CIFAR recipes);
+  * ImageNet stem: 7x7 conv stride 2, BN, ReLU, 3x3 max-pool stride 2 (torchvision);
+  * ``resnet_small`` / ``resnet_tiny``: a 3x3 stride-2 stem and three stages of one
+    BasicBlock each, widths 32/64/128 (small) or 16/32/64 (tiny) times the width multiplier.
+    Sized for minutes-long CPU runs on 28x28 images: the stride-2 stem makes every stage run
+    at 14x14 or below, which costs ~4x less than a stride-1 stem on XLA's CPU convolutions
+    (see benchmarks/).
+
+BatchNorm follows PyTorch's defaults (eps 1e-5, running-stat decay 0.9 = torch momentum 0.1).
+With ``axis_name`` set, training-mode BN averages its statistics over that named axis
+(synchronised BN across devices); it must then run inside ``shard_map``/``pmap``.
+``zero_init_residual`` zero-initialises the scale of the last BN of each block, so every
+residual block starts as the identity (Goyal et al.; used by Barlow Twins).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision kaiming
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions with a residual connection (expansion 1)."""
+
+  features: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+  zero_init_residual: bool
+
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    residual = x
+    y = self.conv(self.features, (3, 3), (self.strides, self.strides), name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.features, (3, 3), name="conv2")(y)
+    scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    y = self.norm(name="bn2", scale_init=scale_init)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.features, (1, 1), (self.strides, self.strides),
+                           name="shortcut_conv")(residual)
+      residual = self.norm(name="shortcut_bn")(residual)
+    return nn.relu(residual + y)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (strided) -> 1x1 convolutions with a residual connection (expansion 4)."""
+
+  features: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+  zero_init_residual: bool
+
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    residual = x
+    y = nn.relu(self.norm(name="bn1")(self.conv(self.features, (1, 1), name="conv1")(x)))
+    y = self.conv(self.features, (3, 3), (self.strides, self.strides), name="conv2")(y)
+    y = nn.relu(self.norm(name="bn2")(y))
+    y = self.conv(self.features * 4, (1, 1), name="conv3")(y)
+    scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    y = self.norm(name="bn3", scale_init=scale_init)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.features * 4, (1, 1), (self.strides, self.strides),
+                           name="shortcut_conv")(residual)
+      residual = self.norm(name="shortcut_bn")(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+  """A ResNet trunk with global average pooling; returns ``[B, stage_widths[-1]*expansion]``.
+
+  Attributes:
+    stage_sizes: blocks per stage.
+    stage_widths: base channel count of each stage (before the width multiplier).
+    block: `BasicBlock` or `Bottleneck`.
+    stem_width: channels of the stem convolution (before the width multiplier).
+    width: width multiplier.
+    cifar_stem: 3x3 stem without max-pool if True, else 7x7/2 stem with 3x3/2 max-pool.
+    stem_stride: stride of the 3x3 stem (1 for the CIFAR ResNets, 2 for the small presets).
+    zero_init_residual: zero-init the last BN scale in each block.
+    bn_momentum: Flax BN decay of running statistics.
+    axis_name: named axis for synchronised BN statistics (None: per-device batch).
+    dtype: computation dtype (parameters stay float32).
+    input_mean, input_std: per-channel statistics of [0, 1] inputs, used to standardise.
+  """
+
+  stage_sizes: Sequence[int]
+  stage_widths: Sequence[int]
+  block: Callable[..., nn.Module]
+  stem_width: int = 64
+  width: float = 1.0
+  cifar_stem: bool = True
+  stem_stride: int = 1
+  zero_init_residual: bool = False
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+  input_mean: Sequence[float] = (0.0,)
+  input_std: Sequence[float] = (1.0,)
+
+  @property
+  def num_features(self) -> int:
+    expansion = self.block.expansion
+    return int(round(self.stage_widths[-1] * self.width)) * expansion
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+    if x.ndim != 4:
+      raise ValueError(f"ResNet expects images [batch, height, width, channels], got {x.shape}")
+    mean = jnp.asarray(self.input_mean, jnp.float32)
+    std = jnp.asarray(self.input_std, jnp.float32)
+    x = ((x.astype(jnp.float32) - mean) / std).astype(self.dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init,
+                             padding="SAME")
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
+        dtype=self.dtype, axis_name=self.axis_name if train else None)
+    stem = int(round(self.stem_width * self.width))
+    if self.cifar_stem:
+      x = conv(stem, (3, 3), (self.stem_stride, self.stem_stride), name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_bn")(x))
+    else:
+      x = conv(stem, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_bn")(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for i, (num_blocks, base) in enumerate(zip(self.stage_sizes, self.stage_widths)):
+      features = int(round(base * self.width))
+      for j in range(num_blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = self.block(features=features, strides=strides, conv=conv, norm=norm,
+                       zero_init_residual=self.zero_init_residual,
+                       name=f"stage{i + 1}_block{j + 1}")(x)
+    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preset:
+  stage_sizes: tuple[int, ...]
+  stage_widths: tuple[int, ...]
+  block: type
+  stem_width: int
+  stem_stride: int = 1
+
+
+PRESETS: dict[str, _Preset] = {
+    "resnet_tiny": _Preset((1, 1, 1), (16, 32, 64), BasicBlock, 16, stem_stride=2),
+    "resnet_small": _Preset((1, 1, 1), (32, 64, 128), BasicBlock, 32, stem_stride=2),
+    "resnet18": _Preset((2, 2, 2, 2), (64, 128, 256, 512), BasicBlock, 64),
+    "resnet34": _Preset((3, 4, 6, 3), (64, 128, 256, 512), BasicBlock, 64),
+    "resnet50": _Preset((3, 4, 6, 3), (64, 128, 256, 512), Bottleneck, 64),
+}

@@ -1,0 +1,275 @@
+"""The trainer: mesh, input, init, step, checkpoint, evaluators, loop — in that order.
+
+`train(config, workdir)` pretrains ``config.method.name`` and then evaluates the encoder
+(`ssljax.eval.evaluate`). Running it again on the same workdir resumes from the latest
+checkpoint (the input position and RNG are part of it, so the continuation equals an
+uninterrupted run); a run that already finished goes straight to evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ssljax import augment, data
+from ssljax.config import config_from_json, config_to_json
+from ssljax.eval import evaluate
+from ssljax.methods import build_method
+from ssljax.parallel import (DATA_AXIS, check_batch_divisible, data_sharded, make_mesh,
+                             replicated)
+from ssljax.train.checkpoint import Checkpointer
+from ssljax.train.metrics import MetricWriter
+from ssljax.train.optim import build_optimizer, build_schedule
+from ssljax.train.step import (TrainState, compile_train_step, init_train_state,
+                               make_per_device_step)
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when the loss or gradient stops being finite; the last good checkpoint is kept."""
+
+
+def run_length(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
+  """(steps_per_epoch, total_steps) for `num_examples` training images."""
+  batch = config.train.batch_size
+  steps_per_epoch = num_examples // batch
+  if steps_per_epoch == 0:
+    raise ValueError(f"train.batch_size = {batch} is larger than the training set "
+                     f"({num_examples} images); lower --config.train.batch_size")
+  total = config.train.num_steps or int(round(config.train.epochs * steps_per_epoch))
+  if total <= 0:
+    raise ValueError("the run has no steps: set train.epochs > 0 or train.num_steps > 0")
+  return steps_per_epoch, total
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  path = os.path.join(workdir, "config.json")
+  text = config_to_json(config)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      previous = f.read()
+    if previous != text:
+      log.warning("config differs from the one this workdir was started with; the saved "
+                  "%s is kept as config.previous.json", path)
+      with open(os.path.join(workdir, "config.previous.json"), "w", encoding="utf-8") as f:
+        f.write(previous)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} is not an ssljax workdir (run "
+                            f"`ssljax train --config ... --workdir {workdir}` first)")
+  with open(path, encoding="utf-8") as f:
+    return config_from_json(f.read())
+
+
+class _StopRequest:
+  """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no signal handling
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def build_state_and_step(config, mesh, image_shape, steps_per_epoch, total_steps):
+  """The method, its policy, the abstract and initialiser of the state, and the step."""
+  method = build_method(config, axis_name=DATA_AXIS)
+  policy = augment.build_policy(config.augment)
+  if policy.num_views < method.num_views:
+    raise ValueError(f"method {method.name!r} needs {method.num_views} views but augment."
+                     f"policy {config.augment.policy!r} makes {policy.num_views}")
+  schedule = build_schedule(config.optim, global_batch=config.train.batch_size,
+                            total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  tx = build_optimizer(config.optim, schedule)
+  init = jax.jit(functools.partial(init_train_state, method, tx, policy, image_shape,
+                                   config.seed), out_shardings=replicated(mesh))
+  step = compile_train_step(make_per_device_step(method, tx, policy, schedule), mesh)
+  return method, init, step
+
+
+def _raise_nonfinite(step: int, ckpt: Checkpointer) -> None:
+  last = ckpt.latest_step()
+  where = f"step {last} in {ckpt.directory}" if last is not None else "none was written yet"
+  raise NonFiniteLossError(
+      f"the loss or gradient became non-finite at step {step}. Training stopped; the state "
+      f"was frozen at the last finite step and not checkpointed (last good checkpoint: "
+      f"{where}). Try a lower --config.optim.lr, --config.optim.grad_clip_norm=1.0, or "
+      f"--config.train.compute_dtype=float32.")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pretrains, checkpoints, evaluates; returns the evaluation results."""
+  os.makedirs(workdir, exist_ok=True)
+  _save_config(config, workdir)
+  started = time.time()
+
+  # ------------------------------------------------------------------ mesh
+  mesh = make_mesh()
+  check_batch_divisible(config.train.batch_size, mesh)
+  log.info("devices: %d x %s, processes: %d", jax.device_count(), jax.devices()[0].platform,
+           jax.process_count())
+
+  # ------------------------------------------------------------------ input
+  train_source = data.build_source(config.data, config.data.train_split)
+  steps_per_epoch, total_steps = run_length(config, len(train_source))
+  image_shape = tuple(train_source.image_shape)
+
+  # ------------------------------------------------------------------ init / restore
+  method, init, step_fn = build_state_and_step(config, mesh, image_shape, steps_per_epoch,
+                                               total_steps)
+  ckpt = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = init()
+  else:
+    state, meta = ckpt.restore(latest, jax.eval_shape(init))
+    log.info("resumed from step %d (input position %d)", latest, meta["position"])
+  start_step = int(state.step)
+
+  writer = MetricWriter(workdir)
+  monitor = evaluate.KnnMonitor(config, method, mesh) if config.train.eval_every_steps else None
+  if start_step < total_steps:
+    try:
+      state = _loop(config, state, step_fn, train_source, mesh, ckpt, writer, monitor,
+                    start_step, total_steps, steps_per_epoch)
+    finally:
+      ckpt.wait()
+  pretrain_seconds = time.time() - started
+
+  # ------------------------------------------------------------------ evaluators
+  results = evaluate.evaluate_state(config, method, state, mesh, train_source=train_source)
+  results.update({"steps": int(state.step), "epochs": int(state.step) / steps_per_epoch,
+                  "pretrain_seconds_this_session": pretrain_seconds,
+                  "total_seconds_this_session": time.time() - started})
+  for key in ("knn/top1", "knn/top5", "linear_probe/top1"):
+    if key in results:
+      writer.write(int(state.step), {key: results[key]})
+  writer.close()
+  ckpt.close()
+  evaluate.write_results(config, workdir, results)
+  return results
+
+
+def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
+          writer: MetricWriter, monitor, start_step: int, total_steps: int,
+          steps_per_epoch: int) -> TrainState:
+  """Runs steps [start_step, total_steps); checkpoints, logs, monitors."""
+  tc = config.train
+  loader = data.HostLoader(source, global_batch=tc.batch_size, seed=config.seed,
+                           start_step=start_step, process_index=jax.process_index(),
+                           process_count=jax.process_count(), prefetch=config.data.prefetch)
+  sharding = data_sharded(mesh)
+  pending: list[dict[str, jax.Array]] = []
+  window_start, window_steps = time.time(), 0
+  bar = None
+  if tc.progress_bar and jax.process_index() == 0:
+    from tqdm import tqdm  # deferred: only the interactive bar needs it
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+               desc=f"{config.method.name}")
+
+  def to_device(x):
+    return data.to_global_array(x, mesh, sharding.spec)
+
+  def save(step: int) -> None:
+    if int(state.nonfinite_step) >= 0:
+      _raise_nonfinite(int(state.nonfinite_step), ckpt)
+    ckpt.save(step, state, {"position": step, "epoch": step / steps_per_epoch,
+                            "steps_per_epoch": steps_per_epoch})
+
+  try:
+    with _StopRequest() as stop:
+      for step in range(start_step, total_steps):
+        batch = next(loader)
+        assert batch["step"] == step, (batch["step"], step)
+        state, metrics = step_fn(state, to_device(batch["image"]), to_device(batch["index"]),
+                                 to_device(batch["label"]))
+        pending.append(metrics)
+        window_steps += 1
+        done = step + 1
+        if done % tc.log_every_steps == 0 or done == total_steps:
+          bad = int(state.nonfinite_step)
+          if bad >= 0:
+            _raise_nonfinite(bad, ckpt)
+          means = jax.tree.map(lambda *xs: float(np.mean(jax.device_get(xs))), *pending)
+          elapsed = time.time() - window_start
+          means["train/images_per_sec"] = window_steps * tc.batch_size / max(elapsed, 1e-9)
+          means["train/epoch"] = done / steps_per_epoch
+          writer.write(done, means)
+          if bar is not None:
+            bar.set_postfix(loss=f"{means['train/loss']:.4f}",
+                            img_s=f"{means['train/images_per_sec']:.0f}", refresh=False)
+          pending, window_start, window_steps = [], time.time(), 0
+        if bar is not None:
+          bar.update(1)
+        if done % tc.checkpoint_every_steps == 0 or done == total_steps:
+          save(done)
+        if monitor is not None and (done % tc.eval_every_steps == 0):
+          writer.write(done, monitor(state))
+          window_start = time.time()  # keep evaluation time out of images/s
+        if stop.requested:
+          log.warning("SIGTERM received: checkpointing step %d and stopping", done)
+          save(done)
+          raise SystemExit(143)
+  except KeyboardInterrupt:
+    done = int(state.step)
+    if int(state.nonfinite_step) < 0 and done > start_step:
+      log.warning("interrupted: checkpointing step %d", done)
+      ckpt.save(done, state, {"position": done, "epoch": done / steps_per_epoch,
+                              "steps_per_epoch": steps_per_epoch})
+    raise
+  finally:
+    loader.close()
+    if bar is not None:
+      bar.close()
+  return state
+
+
+def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None
+                     ) -> dict[str, Any]:
+  """Restores the latest checkpoint of `workdir` and evaluates it (``ssljax eval``)."""
+  config = config or load_workdir_config(workdir)
+  mesh = make_mesh()
+  train_source = data.build_source(config.data, config.data.train_split)
+  steps_per_epoch, total_steps = run_length(config, len(train_source))
+  method, init, _ = build_state_and_step(config, mesh, tuple(train_source.image_shape),
+                                         steps_per_epoch, total_steps)
+  ckpt = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first with "
+                            f"`ssljax train --config ... --workdir {workdir}`")
+  state, _ = ckpt.restore(latest, jax.eval_shape(init))
+  ckpt.close()
+  results = evaluate.evaluate_state(config, method, state, mesh, train_source=train_source)
+  results.update({"steps": latest, "epochs": latest / steps_per_epoch})
+  evaluate.write_results(config, workdir, results)
+  return results

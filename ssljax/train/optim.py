@@ -1,0 +1,86 @@
+"""Optimisers and learning-rate schedules built from ``config.optim`` (SPEC 8.6, 8.7).
+
+* ``sgd``: PyTorch SGD semantics, coupled L2: the update direction is g + wd * theta, then
+  (Nesterov) momentum, then the learning rate: ``add_decayed_weights -> trace -> lr``.
+* ``lars``: LARS as in the Barlow Twins / BYOL PyTorch code: g + wd * theta, scaled by the
+  trust ratio eta * ||theta|| / ||g + wd * theta||, then momentum, then the learning rate.
+  With ``lars_exclude_bias_and_norm`` parameters of rank <= 1 (biases, BatchNorm scales and
+  offsets) get neither weight decay nor the trust ratio.
+* ``adam``: Adam with coupled L2 (torch.optim.Adam's weight_decay); ``adamw`` decoupled.
+
+Schedules: ``warmup_cosine`` ramps linearly from ``lr * warmup_init_fraction`` to the peak
+over ``warmup_epochs`` and then follows a half cosine to ``lr * final_lr_fraction`` at the last
+step; ``constant``. The peak is ``lr * global_batch / base_batch_size`` (linear scaling).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+_OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
+
+
+def peak_learning_rate(optim: ml_collections.ConfigDict, global_batch: int) -> float:
+  return optim.lr * global_batch / optim.base_batch_size
+
+
+def build_schedule(optim: ml_collections.ConfigDict, *, global_batch: int, total_steps: int,
+                   steps_per_epoch: int) -> optax.Schedule:
+  """The learning rate as a function of the step."""
+  peak = peak_learning_rate(optim, global_batch)
+  if optim.schedule == "constant":
+    return optax.constant_schedule(peak)
+  if optim.schedule != "warmup_cosine":
+    raise ValueError(f"optim.schedule must be 'warmup_cosine' or 'constant', got "
+                     f"{optim.schedule!r}")
+  warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+  warmup = min(warmup, max(total_steps - 1, 0))
+  start, end = peak * optim.warmup_init_fraction, peak * optim.final_lr_fraction
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    ramp = start + (peak - start) * step / max(warmup, 1)
+    progress = jnp.clip((step - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
+    cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < warmup, ramp, cosine)
+
+  return schedule
+
+
+def _decay_mask(params, exclude_low_rank: bool):
+  return jax.tree.map(lambda p: (p.ndim > 1) if exclude_low_rank else True, params)
+
+
+def build_optimizer(optim: ml_collections.ConfigDict,
+                    schedule: optax.Schedule) -> optax.GradientTransformation:
+  """An optax transformation for ``optim.name`` driven by `schedule`."""
+  if optim.name not in _OPTIMIZERS:
+    raise ValueError(f"optim.name must be one of {_OPTIMIZERS}, got {optim.name!r}")
+  exclude = optim.lars_exclude_bias_and_norm
+  parts = []
+  if optim.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+  if optim.name == "adamw":
+    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                             weight_decay=optim.weight_decay,
+                             mask=lambda p: _decay_mask(p, exclude)))
+    return optax.chain(*parts)
+  if optim.weight_decay > 0:
+    mask = (lambda p: _decay_mask(p, exclude)) if optim.name == "lars" else None
+    parts.append(optax.add_decayed_weights(optim.weight_decay, mask=mask))
+  if optim.name == "sgd":
+    parts += [optax.trace(decay=optim.momentum, nesterov=optim.nesterov),
+              optax.scale_by_learning_rate(schedule)]
+  elif optim.name == "lars":
+    trust = optax.scale_by_trust_ratio(trust_coefficient=optim.lars_eta)
+    if exclude:
+      trust = optax.masked(trust, lambda p: _decay_mask(p, True))
+    parts += [trust, optax.trace(decay=optim.momentum, nesterov=optim.nesterov),
+              optax.scale_by_learning_rate(schedule)]
+  else:  # adam with coupled L2
+    parts += [optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
+              optax.scale_by_learning_rate(schedule)]
+  return optax.chain(*parts)

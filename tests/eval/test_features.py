@@ -1,0 +1,138 @@
+"""Tests for ssljax.eval.features: batching, padding, sharding over the 'data' mesh axis."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from ssljax.eval.features import extract_features
+
+_DIM = 5
+
+
+def _pool_and_project(variables: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+  """Mean over pixels, then a fixed linear map: [b, H, W, C] -> [b, D]."""
+  return jnp.mean(x, axis=(1, 2)) @ variables["w"] + variables["b"]
+
+
+def _reference(variables: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
+  pooled = (images.astype(np.float64) / 255.0).mean(axis=(1, 2))
+  return pooled @ np.asarray(variables["w"], np.float64) + np.asarray(variables["b"], np.float64)
+
+
+@pytest.fixture(name="problem")
+def _problem() -> tuple[dict[str, np.ndarray], np.ndarray]:
+  rng = np.random.default_rng(0)
+  variables = {"w": rng.normal(size=(3, _DIM)).astype(np.float32),
+               "b": rng.normal(size=(_DIM,)).astype(np.float32)}
+  images = rng.integers(0, 256, size=(37, 6, 6, 3), dtype=np.uint8)
+  return variables, images
+
+
+def test_matches_reference_with_partial_last_batch(problem):
+  variables, images = problem
+  features = extract_features(_pool_and_project, variables, images, batch_size=16)
+  assert features.shape == (37, _DIM)
+  assert features.dtype == np.float32
+  np.testing.assert_allclose(features, _reference(variables, images), rtol=1e-5, atol=1e-5)
+
+
+def test_eight_device_mesh_equals_single_device(problem, num_devices):
+  variables, images = problem
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  sharded = extract_features(_pool_and_project, variables, images, batch_size=16, mesh=mesh)
+  single = extract_features(_pool_and_project, variables, images, batch_size=16)
+  assert sharded.shape == (37, _DIM)
+  np.testing.assert_array_equal(sharded, single)
+
+
+def test_apply_fn_sees_unit_interval_floats():
+  seen = {}
+
+  def record_range(variables, x):
+    del variables
+    seen["dtype"] = x.dtype
+    return jnp.stack([x.min(axis=(1, 2, 3)), x.max(axis=(1, 2, 3))], axis=1)
+
+  images = np.zeros((3, 2, 2, 1), np.uint8)
+  images[0] = 255
+  features = extract_features(record_range, {}, images, batch_size=2)
+  assert seen["dtype"] == jnp.float32
+  np.testing.assert_allclose(features, [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+
+
+def test_batch_size_not_divisible_by_mesh_is_rejected(problem):
+  variables, images = problem
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  with pytest.raises(ValueError, match="divisible"):
+    extract_features(_pool_and_project, variables, images, batch_size=12, mesh=mesh)
+
+
+def test_non_uint8_images_are_rejected(problem):
+  variables, images = problem
+  with pytest.raises(AssertionError):
+    extract_features(_pool_and_project, variables, images.astype(np.float32), batch_size=8)
+
+
+def test_traces_once_for_all_batches(problem):
+  variables, images = problem
+  traces = []
+
+  def counting_apply(variables, x):
+    traces.append(x.shape)
+    return _pool_and_project(variables, x)
+
+  extract_features(counting_apply, variables, images, batch_size=16)
+  assert traces == [(16, 6, 6, 3)]
+
+
+_TWO_PROCESS_WORKER = textwrap.dedent("""
+    import sys
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    from ssljax.eval.features import extract_features
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 4)).astype(np.float32)
+    images = rng.integers(0, 256, size=(21, 4, 4, 3), dtype=np.uint8)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    assert mesh.is_multi_process
+    apply_fn = lambda v, x: jnp.mean(x, axis=(1, 2)) @ v
+    features = extract_features(apply_fn, w, images, batch_size=8, mesh=mesh)
+    expected = (images / 255.0).mean(axis=(1, 2)) @ w
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+""")
+
+
+def test_two_processes_each_receive_all_features():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    address = f"localhost:{s.getsockname()[1]}"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[2])}
+  workers = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_WORKER, address, str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+  try:
+    for worker in workers:
+      output, _ = worker.communicate(timeout=120)
+      assert worker.returncode == 0, output.decode()[-3000:]
+  finally:
+    for worker in workers:
+      if worker.poll() is None:
+        worker.kill()
+        worker.wait()

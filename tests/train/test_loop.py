@@ -1,0 +1,152 @@
+"""The trainer end to end: CLI, checkpoint/resume equivalence, and bad-input messages."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from ssljax import cli, data
+from ssljax.train import loop
+from ssljax.train.checkpoint import Checkpointer
+from tests.util import tiny_config
+
+CONFIG_FILE = '''
+import sys
+sys.path.insert(0, {root!r})
+from tests.util import tiny_config
+
+def get_config():
+  return tiny_config({data_dir!r})
+'''
+
+
+def _write_config_file(tmp_path) -> str:
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  path = tmp_path / "tiny_config.py"
+  path.write_text(CONFIG_FILE.format(root=root, data_dir=str(data_dir)))
+  return str(path)
+
+
+def _final_params(workdir, config):
+  ckpt = Checkpointer(str(workdir))
+  step = ckpt.latest_step()
+  mesh = loop.make_mesh()
+  source = data.build_source(config.data, config.data.train_split)
+  spe, total = loop.run_length(config, len(source))
+  _, init, _ = loop.build_state_and_step(config, mesh, tuple(source.image_shape), spe, total)
+  state, meta = ckpt.restore(step, jax.eval_shape(init))
+  ckpt.close()
+  return step, jax.device_get(state), meta
+
+
+def test_cli_trains_checkpoints_resumes_and_evaluates(tmp_path, capsys):
+  config_path = _write_config_file(tmp_path)
+  workdir = tmp_path / "run"
+  assert cli.main(["ssljax", "train", "--config", config_path, "--workdir", str(workdir),
+                   "--config.train.eval_every_steps=3"]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["steps"] == 6 and 0.0 <= printed["knn/top1"] <= 1.0
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["knn/top1"] == printed["knn/top1"] and "linear_probe/top1" in results
+  assert results["method"] == "simclr" and results["seed"] == 0
+  assert (workdir / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6]
+  assert [r["step"] for r in records if "monitor/knn_top1" in r] == [3, 6]
+  assert sorted(Checkpointer(str(workdir)).all_steps()) == [3, 6]
+  assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
+
+  # Training again on a finished workdir resumes at the end: no new steps, same results.
+  assert cli.main(["ssljax", "train", "--config", config_path, "--workdir", str(workdir)]) == 0
+  again = json.loads(capsys.readouterr().out)
+  assert again["steps"] == 6 and again["knn/top1"] == pytest.approx(printed["knn/top1"])
+
+  # `eval` restores the checkpoint with the saved config; overrides apply.
+  assert cli.main(["ssljax", "eval", "--workdir", str(workdir), "--config.eval.knn_k=3",
+                   "--config.eval.linear_probe=False"]) == 0
+  evaluated = json.loads(capsys.readouterr().out)
+  assert evaluated["steps"] == 6 and "linear_probe/top1" not in evaluated
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+  config = tiny_config(str(tmp_path))
+  loop.train(config, str(tmp_path / "straight"))
+  _, straight, _ = _final_params(tmp_path / "straight", config)
+
+  # Interrupt the second run after 4 batches (Ctrl-C): it must checkpoint step 4 and stop.
+  real_next = data.HostLoader.__next__
+  calls = {"n": 0}
+
+  def interrupting_next(self):
+    calls["n"] += 1
+    if calls["n"] == 5:
+      raise KeyboardInterrupt
+    return real_next(self)
+
+  monkeypatch.setattr(data.HostLoader, "__next__", interrupting_next)
+  with pytest.raises(KeyboardInterrupt):
+    loop.train(config, str(tmp_path / "resumed"))
+  step, _, meta = _final_params(tmp_path / "resumed", config)
+  assert step == 4 and meta["position"] == 4
+  monkeypatch.setattr(data.HostLoader, "__next__", real_next)
+
+  loop.train(config, str(tmp_path / "resumed"))
+  step, resumed, _ = _final_params(tmp_path / "resumed", config)
+  assert step == 6
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), resumed, straight)
+
+
+def test_nonfinite_loss_stops_names_the_step_and_keeps_good_checkpoints(tmp_path):
+  config = tiny_config(str(tmp_path))
+  config.optim.name = "sgd"
+  config.optim.lr = 1e35
+  config.optim.warmup_epochs = 0.0
+  config.train.checkpoint_every_steps = 1
+  config.train.log_every_steps = 2
+  with pytest.raises(loop.NonFiniteLossError, match=r"non-finite at step \d+") as info:
+    loop.train(config, str(tmp_path / "run"))
+  assert "last good checkpoint" in str(info.value)
+  ckpt = Checkpointer(str(tmp_path / "run"))
+  for step in ckpt.all_steps():
+    _, state, _ = _final_params(tmp_path / "run", config)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params)), step
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
+  config = tiny_config(str(tmp_path))
+  config.train.batch_size = 12
+  with pytest.raises(ValueError, match=r"batch_size = 12 is not divisible by the number of "
+                     r"devices \(8\).*batch_size=8"):
+    loop.train(config, str(tmp_path / "run"))
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+  config = tiny_config(str(tmp_path))
+  config.data.source = "fashion_mnist_idx"
+  config.data.data_dir = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+    loop.train(config, str(tmp_path / "run"))
+
+
+def test_wrong_image_shape_names_the_config_keys(tmp_path):
+  config = tiny_config(str(tmp_path))
+  config.data.image_size = 32
+  with pytest.raises(ValueError, match="image_size"):
+    loop.train(config, str(tmp_path / "run"))
+
+
+def test_cli_rejects_unknown_config_key(tmp_path):
+  config_path = _write_config_file(tmp_path)
+  with pytest.raises(SystemExit, match=r"unknown config key 'optim\.lrr'.*Valid keys of "
+                     r"config\.optim: .*\blr\b"):
+    cli.main(["ssljax", "train", "--config", config_path, "--workdir", str(tmp_path / "w"),
+              "--config.optim.lrr=0.3"])
+
+
+def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not an ssljax workdir"):
+    loop.evaluate_workdir(str(tmp_path))

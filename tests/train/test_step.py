@@ -1,0 +1,110 @@
+"""The compiled train step: shard_map vs pmap, 8 devices vs 1, the non-finite guard."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssljax import augment, data
+from ssljax.methods import build_method
+from ssljax.parallel import DATA_AXIS, data_sharded, make_mesh, replicated
+from ssljax.train.optim import build_optimizer, build_schedule
+from ssljax.train.step import (compile_train_step, init_train_state, make_per_device_step,
+                               pmap_train_step)
+from tests.util import tiny_config
+
+
+def _setup(config, mesh_devices, axis_name=DATA_AXIS):
+  mesh = make_mesh(mesh_devices)
+  method = build_method(config, axis_name=axis_name)
+  policy = augment.build_policy(config.augment)
+  schedule = build_schedule(config.optim, global_batch=config.train.batch_size,
+                            total_steps=10, steps_per_epoch=4)
+  tx = build_optimizer(config.optim, schedule)
+  source = data.build_source(config.data, config.data.train_split)
+  init = jax.jit(functools.partial(init_train_state, method, tx, policy,
+                                   tuple(source.image_shape), config.seed),
+                 out_shardings=replicated(mesh))
+  per_device = make_per_device_step(method, tx, policy, schedule, axis_name=axis_name)
+  batch = source.get(np.arange(config.train.batch_size))
+  batch["index"] = np.arange(config.train.batch_size, dtype=np.int32)
+  return mesh, init, per_device, batch
+
+
+def _run(step, state, batch, mesh, steps=2):
+  put = lambda x: jax.device_put(x, data_sharded(mesh))
+  for _ in range(steps):
+    state, metrics = step(state, put(batch["image"]), put(batch["index"]), put(batch["label"]))
+  return state, metrics
+
+
+def _assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
+                                                       rtol=rtol, atol=atol), a, b)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """One config and one compiled 8-device step shared by the tests (compiling is the cost)."""
+  config = tiny_config(str(tmp_path_factory.mktemp("tiny")))
+  mesh, init, per_device, batch = _setup(config, jax.devices())
+  return config, mesh, init, per_device, compile_train_step(per_device, mesh), batch
+
+
+def test_shard_map_and_pmap_steps_give_the_same_state(tiny, num_devices):
+  _, mesh, init, per_device, step, batch = tiny
+  sharded_state, sharded_metrics = _run(step, init(), batch, mesh, steps=1)
+  pmapped = pmap_train_step(per_device)
+  reshape = lambda x: np.asarray(x).reshape(num_devices, -1, *np.shape(x)[1:])
+  p_state, p_metrics = pmapped(init(), reshape(batch["image"]), reshape(batch["index"]),
+                               reshape(batch["label"]))
+  first = jax.tree.map(lambda x: x[0], p_state)
+  last = jax.tree.map(lambda x: x[-1], p_state)
+  _assert_trees_close(first, last, rtol=0, atol=0)  # replicas agree exactly
+  _assert_trees_close(sharded_state, first)
+  np.testing.assert_allclose(sharded_metrics["train/loss"], p_metrics["train/loss"][0],
+                             rtol=1e-5)
+  assert int(sharded_state.step) == 1
+
+
+def test_eight_devices_equal_one_device(tiny):
+  # Sync BN + gathered negatives + per-row augmentation keys that depend on the global row,
+  # so the global computation is the same whatever the device count.
+  config, mesh8, init8, _, step8, batch = tiny
+  mesh1, init1, step1, _ = _setup(config, jax.devices()[:1])
+  state8, metrics8 = _run(step8, init8(), batch, mesh8)
+  state1, metrics1 = _run(compile_train_step(step1, mesh1), init1(), batch, mesh1)
+  np.testing.assert_allclose(metrics8["train/loss"], metrics1["train/loss"], rtol=1e-4)
+  _assert_trees_close(state8.params, state1.params, rtol=1e-3, atol=1e-5)
+  _assert_trees_close(state8.method_state, state1.method_state, rtol=1e-3, atol=1e-5)
+
+
+def test_step_changes_parameters_and_counts(tiny):
+  _, mesh, init, _, step, batch = tiny
+  state0 = init()
+  params0 = jax.device_get(state0.params)
+  state, metrics = _run(step, state0, batch, mesh, steps=3)
+  assert int(state.step) == 3 and int(state.nonfinite_step) == -1
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params,
+                       params0)
+  assert max(jax.tree.leaves(moved)) > 0
+  for key in ("train/loss", "train/lr", "train/grad_norm", "train/accuracy"):
+    assert np.isfinite(metrics[key]), key
+
+
+def test_nonfinite_loss_freezes_the_state_and_records_the_step(tiny):
+  _, mesh, init, _, step, batch = tiny
+  state, _ = _run(step, init(), batch, mesh, steps=2)
+  good = jax.device_get(state)
+  # Poison one weight: from step 2 on the loss is NaN, so the state must stay as it was.
+  poisoned_params = jax.tree.map(lambda x: x, state.params)
+  poisoned_params["projector"]["dense1"]["kernel"] = (
+      poisoned_params["projector"]["dense1"]["kernel"].at[0, 0].set(jnp.nan))
+  state, _ = _run(step, state.replace(params=poisoned_params), batch, mesh, steps=3)
+  assert int(state.nonfinite_step) == 2
+  assert int(state.step) == 2
+  frozen = jax.device_get(state)
+  _assert_trees_close(frozen.opt_state, good.opt_state, rtol=0, atol=0)
+  _assert_trees_close(frozen.method_state, good.method_state, rtol=0, atol=0)

@@ -1,0 +1,70 @@
+"""Shared test fixtures: a tiny labelled dataset on disk and a config sized for seconds."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import numpy as np
+
+from ssljax.config import default_config, lock
+
+
+def write_tiny_dataset(directory: str, *, num_train: int = 64, num_test: int = 32,
+                       size: int = 16, channels: int = 1, num_classes: int = 4,
+                       seed: int = 0) -> tuple[str, str]:
+  """Writes train/test .npz files of class-dependent blobs; returns their paths."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size]
+
+  def make(n):
+    labels = rng.integers(0, num_classes, size=n).astype(np.int32)
+    images = np.empty((n, size, size, channels), np.uint8)
+    for i, y in enumerate(labels):
+      cy, cx = (size // 4) * (1 + y % 2) + 2, (size // 4) * (1 + y // 2) + 2
+      blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 8.0)
+      noisy = 200 * blob[..., None] + rng.normal(0, 10, size=(size, size, channels))
+      images[i] = np.clip(noisy, 0, 255).astype(np.uint8)
+    return images, labels
+
+  paths = []
+  for split, n in (("train", num_train), ("test", num_test)):
+    images, labels = make(n)
+    path = os.path.join(directory, f"{split}.npz")
+    np.savez(path, images=images, labels=labels)
+    paths.append(path)
+  return paths[0], paths[1]
+
+
+def tiny_config(directory: str, **dataset_kwargs) -> ml_collections.ConfigDict:
+  """A complete, locked config for a tiny SimCLR run on `write_tiny_dataset` data."""
+  write_tiny_dataset(directory, **dataset_kwargs)
+  size = dataset_kwargs.get("size", 16)
+  channels = dataset_kwargs.get("channels", 1)
+  c = default_config()
+  c.data.source = "arrays"
+  c.data.name = "tiny"
+  c.data.data_dir = directory
+  c.data.train_split = "train"
+  c.data.test_split = "test"
+  c.data.image_size = size
+  c.data.channels = channels
+  c.data.num_classes = dataset_kwargs.get("num_classes", 4)
+  c.data.mean = (0.2,) * channels
+  c.data.std = (0.3,) * channels
+  c.augment.crop_size = size
+  c.model.width = 0.25
+  c.method.simclr.proj_hidden_dim = 16
+  c.method.simclr.proj_dim = 8
+  c.optim.lr = 0.1
+  c.train.batch_size = 16
+  c.train.num_steps = 6
+  c.train.log_every_steps = 2
+  c.train.checkpoint_every_steps = 3
+  c.train.progress_bar = False
+  c.eval.batch_size = 16
+  c.eval.knn_k = 5
+  c.eval.probe_epochs = 3
+  c.eval.probe_batch_size = 16
+  c.eval.plots = True
+  return lock(c)
