@@ -62,42 +62,37 @@ def cli_xla_flags() -> str:
 
 
 def sweep_flag_sets() -> list[tuple[str, str]]:
-  """(name, XLA_FLAGS) pairs tried by ``--sweep-flags``; CPU_XLA_FLAGS is split into its flags.
+  """(name, XLA_FLAGS) pairs tried by ``--sweep-flags``; CPU_XLA_FLAGS is also split up.
 
-  Fusion-type values were checked against this jaxlib's ``XLA_FLAGS=--help``: XNN and oneDNN
-  accept dot, eltwise, reduce; YNN (XNNPACK's successor library) also accepts
-  individual_convolution and individual_dot.
+  Values were checked against this jaxlib (``XLA_FLAGS=--help`` and the optimised HLO): by
+  default XLA:CPU already hands every convolution and dot to YNNPACK (XNNPACK's successor; the
+  default YNN fusion list is individual_convolution,individual_dot), so removing those types
+  falls back to Eigen; XNN and oneDNN fusion types are dot, eltwise, reduce.
   """
   cli = cli_xla_flags()
-  cli_parts = cli.split()
-  greedy = "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"
-  fast = "--xla_cpu_enable_fast_math=true"
-  ynn_conv = "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"
-  ynn_all = ("--xla_cpu_experimental_ynn_fusion_type="
-             "individual_convolution,individual_dot,eltwise,reduce")
-  sets = [("none", ""), ("cli", cli)]
-  sets += [(f"cli[{i}] alone", part) for i, part in enumerate(cli_parts)] if len(cli_parts) > 1 else []
+  parts = cli.split()
+  ynn = "--xla_cpu_experimental_ynn_fusion_type="
+  sets = [("none (XLA defaults)", ""), ("cli (CPU_XLA_FLAGS)", cli)]
+  if len(parts) > 1:
+    sets += [(f"cli part alone: {part.lstrip('-').split('=')[0]}", part) for part in parts]
   sets += [
-      ("xnn greedy_slinky",
+      ("xnn graph fusion GREEDY_SLINKY",
        "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY_SLINKY"),
       ("xnn fusion dot,eltwise,reduce",
        "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce"),
-      ("no xnnpack", "--xla_cpu_use_xnnpack=false"),
+      ("ynn +eltwise,+reduce", ynn + "+eltwise,+reduce"),
+      ("ynn +eltwise,+reduce + cli", f"{ynn}+eltwise,+reduce {cli}"),
+      ("Eigen convs (ynn -individual_convolution)", ynn + "-individual_convolution"),
+      ("Eigen convs and dots (ynn off)", ynn + "-individual_convolution,-individual_dot"),
       ("onednn", "--xla_cpu_use_onednn=true"),
-      ("onednn + fusion dot,eltwise,reduce",
+      ("onednn fusion dot,eltwise,reduce",
        "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce"),
-      ("ynn conv", ynn_conv),
-      ("ynn conv,dot", ynn_conv + ",individual_dot"),
-      ("ynn conv,dot,eltwise,reduce", ynn_all),
-      ("ynn conv + fast math", f"{ynn_conv} {fast}"),
-      ("ynn conv + cli", f"{ynn_conv} {cli}"),
-      ("ynn all + cli", f"{ynn_all} {cli}"),
-      ("vector width 512", "--xla_cpu_prefer_vector_width=512"),
-      ("vector width 128", "--xla_cpu_prefer_vector_width=128"),
-      ("single-thread eigen", "--xla_cpu_multi_thread_eigen=false"),
-      ("cli (again, drift check)", cli),
+      ("no xnnpack", "--xla_cpu_use_xnnpack=false"),
+      ("prefer vector width 512", "--xla_cpu_prefer_vector_width=512"),
+      ("prefer vector width 128", "--xla_cpu_prefer_vector_width=128"),
+      ("single-threaded Eigen", "--xla_cpu_multi_thread_eigen=false"),
+      ("cli again (drift check)", cli),
   ]
-  del greedy
   return sets
 
 
@@ -303,14 +298,99 @@ def _without_batchnorm():
   return nn.intercept_methods(skip_batchnorm)
 
 
+def categorize_hlo(hlo_text: str, rows: int) -> dict[str, str]:
+  """Maps each instruction of a compiled HLO module to a cost category.
+
+  A fusion takes the category of what it calls: a convolution whose output's leading
+  dimension is not the number of rows (views) is a weight gradient (XLA rewrites it as a
+  convolution over the batch, with the activations transposed to ``[C, H, W, B]``); one whose
+  ``op_name`` contains ``transpose(`` is an input gradient; any other is a forward
+  convolution. Then dot, reduce (BN statistics, pooling, loss), transpose / copy, collectives,
+  and elementwise / other.
+  """
+  import re
+  computations: dict[str, list[tuple[str, str, str, str]]] = {}
+  instructions: dict[str, tuple[str, str | None]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
+    if header:
+      current = header.group(1)
+      computations[current] = []
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    inst = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+(?: \S+)*?) ([\w\-]+)\((.*)$", line)
+    if inst and current is not None:
+      name, shape, opcode, rest = inst.groups()
+      called = re.search(r"calls=%?([\w.\-]+)", rest)
+      computations[current].append((name, opcode, shape, rest))
+      instructions[name] = (opcode, called.group(1) if called else None)
+
+  def category(name: str) -> str:
+    opcode, called = instructions[name]
+    body = computations.get(called, []) if opcode == "fusion" else [(name, opcode, "", "")]
+    opcodes = {op for _, op, _, _ in body}
+    for _, op, shape, rest in body:
+      if op == "convolution":
+        leading = re.match(r"\w+\[(\d+)", shape)
+        if leading and int(leading.group(1)) != rows:
+          return "conv weight-grad"
+        return "conv input-grad" if "transpose(" in rest else "conv forward"
+    if "dot" in opcodes:
+      return "dot (matmul)"
+    if opcodes & {"reduce", "reduce-window"}:
+      return "reduce (BN stats, pool, loss)"
+    if (opcodes <= {"transpose", "copy", "bitcast", "parameter", "reverse"}
+        or name.startswith(("transpose", "copy"))):
+      return "transpose / copy"
+    if opcodes & {"all-reduce", "all-gather", "collective-permute"}:
+      return "collective"
+    return "elementwise / other"
+
+  return {name: category(name) for name in instructions}
+
+
+def profile_categories(compiled, run: Callable[[], Any], calls: int, rows: int
+                       ) -> dict[str, float]:
+  """Thunk time per step (ms, summed over threads) by `categorize_hlo` category.
+
+  Traces `calls` runs with ``jax.profiler`` and matches the trace events to the compiled
+  module's instruction names.
+  """
+  import glob
+  import shutil
+  import jax
+  categories = categorize_hlo(compiled.as_text(), rows)
+  trace_dir = tempfile.mkdtemp(prefix="ssljax_trace_")
+  try:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(calls):
+        block(run())
+    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    profile = jax.profiler.ProfileData.from_file(path)
+  finally:
+    shutil.rmtree(trace_dir, ignore_errors=True)
+  totals: dict[str, float] = {}
+  for plane in profile.planes:
+    for line in plane.lines:
+      for event in line.events:
+        if event.name in categories:
+          key = categories[event.name]
+          totals[key] = totals.get(key, 0.0) + event.duration_ns / 1e6 / calls
+  return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def jax_breakdown_worker(config, steps: int) -> dict[str, Any]:
-  """Forward, forward+backward (with / without BatchNorm) and the full step on given views.
+  """Forward, forward+backward (with / without BatchNorm), the step on given views, a profile.
 
   The loss is the method's loss (encoder + projector + NT-Xent, training-mode BN) on one
   device, without collectives. "Without BatchNorm" runs the same modules with every BN call
   replaced by the identity (a Flax method interceptor, so the architecture code is untouched;
   the BN parameters stay in the tree and get zero gradients), which isolates what
-  normalisation costs in the forward and the backward pass.
+  normalisation costs in the forward and the backward pass. The step is then profiled and its
+  thunk time split by `categorize_hlo` category.
   """
   import jax
   import jax.numpy as jnp
@@ -350,15 +430,19 @@ def jax_breakdown_worker(config, steps: int) -> dict[str, Any]:
       make_per_device_step(setup.method, setup.tx, given_views_policy(setup.policy.num_views),
                            setup.schedule), setup.mesh)
   state = {"s": setup.init_state()}
+  compiled_step = no_aug_step.lower(state["s"], views, setup.index, setup.label).compile()
 
   def run_step():
-    state["s"], metrics = no_aug_step(state["s"], views, setup.index, setup.label)
+    state["s"], metrics = compiled_step(state["s"], views, setup.index, setup.label)
     return metrics
 
   calls = {name: functools.partial(fn, *args) for name, (fn, args) in fns.items()}
   calls["no_aug_step"] = run_step
   timings = timed_interleaved(calls, steps)
-  return {"timings": timings, "batch_size": setup.batch_size}
+  rows = setup.batch_size * setup.policy.num_views
+  profile = profile_categories(compiled_step, run_step, max(3, min(steps, 5)), rows)
+  return {"timings": timings, "batch_size": setup.batch_size,
+          "profile_ms_per_step": profile}
 
 
 # ---------------------------------------------------------------------------- PyTorch worker
@@ -475,7 +559,21 @@ def torch_worker(config, steps: int, breakdown: bool) -> dict[str, Any]:
       calls[f"forward_{layout}"] = forward
       calls[f"forward_backward_{layout}"] = forward_backward
   results["timings"] = timed_interleaved(calls, steps)
+  if breakdown:
+    results["profile_ms_per_step"] = {
+        layout: torch_profile(calls[f"step_{layout}"], max(3, min(steps, 5)))
+        for layout in ("default", "channels_last")}
   return results
+
+
+def torch_profile(step: Callable[[], Any], calls: int, top: int = 10) -> dict[str, float]:
+  """Self CPU time per step (ms) of the `top` most expensive PyTorch operators."""
+  import torch
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    for _ in range(calls):
+      step()
+  averages = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+  return {e.key: e.self_cpu_time_total / 1000 / calls for e in averages}
 
 
 # ---------------------------------------------------------------------------- orchestration
@@ -686,6 +784,23 @@ def print_breakdown(breakdown: dict[str, Any], batch: int) -> None:
       row.append(f"{value:.0f}" if value is not None else "-")
     rows.append(tuple(row))
   print_table(rows)
+  profiles = {tag: breakdown.get(tag, {}).get("profile_ms_per_step")
+              for tag in ("cli_flags", "no_flags")}
+  if any(profiles.values()):
+    print("\nssljax step on given views, thunk time by category (ms per step, summed over "
+          "threads)")
+    names = []
+    for profile in profiles.values():
+      names += [n for n in (profile or {}) if n not in names]
+    rows = [("category", "cli flags", "no flags")]
+    for name in names:
+      rows.append((name, *(f"{profiles[t][name]:.0f}" if profiles[t] and name in profiles[t]
+                            else "-" for t in ("cli_flags", "no_flags"))))
+    print_table(rows)
+  torch_profiles = torch_result.get("profile_ms_per_step", {})
+  for layout, ops in torch_profiles.items():
+    print(f"\ntorch step ({layout}), top operators by self CPU time (ms per step)")
+    print_table([("operator", "ms")] + [(name, f"{value:.0f}") for name, value in ops.items()])
   for tag in ("cli_flags", "no_flags"):
     d = breakdown.get("derived", {}).get(tag)
     if d:

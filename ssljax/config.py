@@ -72,6 +72,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.width = 1.0  # Width multiplier on the channel counts.
   c.model.cifar_stem = True  # 3x3 stride-1 stem without max-pool (else the 7x7/2 + pool).
   c.model.zero_init_residual = False  # Zero-init the last BN scale of each residual block.
+  # > 0: a 1x1 conv + BN + ReLU to this many channels before pooling (wide representation
+  # for the small CPU presets at little cost).
+  c.model.expand_features = 0
   c.model.sync_batchnorm = True  # BN statistics over the global batch (all devices).
   c.model.bn_momentum = 0.9  # Flax convention: decay of running stats (PyTorch 0.1).
 

@@ -17,7 +17,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402  (after the flag on purpose)
 import pytest  # noqa: E402
 
-jax.config.update("jax_threefry_partitionable", True)
+# On the CPU build of jax 0.10, partitionable threefry makes XLA compile jax.random.normal on
+# rank >= 3 arrays (every conv kernel init) several times slower; tests run on CPU only, and
+# ssljax draws its training randomness per example, so the non-partitionable form is used here.
+jax.config.update("jax_threefry_partitionable", False)
 
 # Several tests compile the same programs (e.g. a resumed run re-jits its step). A persistent
 # compilation cache private to this test session turns those recompiles into cache hits.

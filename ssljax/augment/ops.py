@@ -303,11 +303,22 @@ def color_jitter(
   _check_image(image)
   apply_key, params_key = jax.random.split(key)
   order, factors = sample_jitter_params(params_key, brightness, contrast, saturation, hue)
+  # An adjustment whose magnitude is a Python 0 (or saturation/hue of a 1-channel image) is
+  # the identity: pass the image through instead of computing it (same result, less work).
+  one_channel = image.shape[-1] == 1
+  identity = [_is_static_zero(m) or (one_channel and i >= 2)
+              for i, m in enumerate((brightness, contrast, saturation, hue))]
   jittered = image
   for position in range(len(JITTER_ADJUSTMENTS)):
-    candidates = [fn(jittered, factors[i]) for i, fn in enumerate(JITTER_ADJUSTMENTS)]
+    candidates = [jittered if identity[i] else fn(jittered, factors[i])
+                  for i, fn in enumerate(JITTER_ADJUSTMENTS)]
     jittered = lax.select_n(order[position], *candidates)
   return jnp.where(jax.random.bernoulli(apply_key, prob), jittered, image)
+
+
+def _is_static_zero(value) -> bool:
+  """True for a Python (not traced) number equal to 0."""
+  return isinstance(value, (int, float)) and value == 0
 
 
 def to_grayscale(key: jax.Array, image: jax.Array, *, prob: float) -> jax.Array:

@@ -100,6 +100,8 @@ class ResNet(nn.Module):
     cifar_stem: 3x3 stem without max-pool if True, else 7x7/2 stem with 3x3/2 max-pool.
     stem_stride: stride of the 3x3 stem (1 for the CIFAR ResNets, 2 for the small presets).
     zero_init_residual: zero-init the last BN scale in each block.
+    expand_features: if > 0, a 1x1 convolution + BN + ReLU to this many channels before the
+      pooling (a cheap way to a wide representation for the small presets; 0 = none).
     bn_momentum: Flax BN decay of running statistics.
     axis_name: named axis for synchronised BN statistics (None: per-device batch).
     dtype: computation dtype (parameters stay float32).
@@ -114,6 +116,7 @@ class ResNet(nn.Module):
   cifar_stem: bool = True
   stem_stride: int = 1
   zero_init_residual: bool = False
+  expand_features: int = 0
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Any = jnp.float32
@@ -122,8 +125,9 @@ class ResNet(nn.Module):
 
   @property
   def num_features(self) -> int:
-    expansion = self.block.expansion
-    return int(round(self.stage_widths[-1] * self.width)) * expansion
+    if self.expand_features:
+      return self.expand_features
+    return int(round(self.stage_widths[-1] * self.width)) * self.block.expansion
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
@@ -132,8 +136,16 @@ class ResNet(nn.Module):
     mean = jnp.asarray(self.input_mean, jnp.float32)
     std = jnp.asarray(self.input_std, jnp.float32)
     x = ((x.astype(jnp.float32) - mean) / std).astype(self.dtype)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init,
-                             padding="SAME")
+    base_conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                                  kernel_init=_conv_init)
+
+    def conv(features, kernel_size, strides=(1, 1), padding=None, name=None):
+      # torchvision pads k // 2 on every side; Flax's "SAME" would pad stride-2 convolutions
+      # asymmetrically (0 before, 1 after), which gives the same shapes but other values.
+      if padding is None:
+        padding = [(k // 2, k // 2) for k in kernel_size]
+      return base_conv(features, kernel_size, strides, padding=padding, name=name)
+
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
         dtype=self.dtype, axis_name=self.axis_name if train else None)
@@ -152,6 +164,9 @@ class ResNet(nn.Module):
         x = self.block(features=features, strides=strides, conv=conv, norm=norm,
                        zero_init_residual=self.zero_init_residual,
                        name=f"stage{i + 1}_block{j + 1}")(x)
+    if self.expand_features:
+      x = conv(self.expand_features, (1, 1), name="expand_conv")(x)
+      x = nn.relu(norm(name="expand_bn")(x))
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
 
 

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Local launcher (CPU or one GPU): sets up what a fresh Debian/Ubuntu machine needs, then runs
+# ssljax.
+#
+#   bash launch/local.sh                      # pretrain + evaluate the embedded default
+#   bash launch/local.sh train CONFIG WORKDIR [--config.key=value ...]
+#   bash launch/local.sh eval WORKDIR [--config.eval.key=value ...]
+#   bash launch/local.sh test [pytest args]   # install the test extras and run the suite
+#
+# Python: uses $PYTHON (default python3, >= 3.11). If that interpreter refuses pip installs
+# (PEP 668 "externally managed" system Python), a virtualenv is made in .venv and used.
+# Data: the default config reads Fashion-MNIST from /usr/share/datasets/fashion-mnist; if the
+# files are missing, `apt-get install dataset-fashion-mnist` is run when root or sudo allows,
+# otherwise the script says how to point ssljax at the four files.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+FMNIST_DIR=/usr/share/datasets/fashion-mnist
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+
+die() { echo "launch/local.sh: $*" >&2; exit 1; }
+
+check_python() {
+  command -v "$PY" >/dev/null || die "no '$PY' on PATH; install Python >= 3.11 or set PYTHON=..."
+  "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+    die "ssljax needs Python >= 3.11, '$PY' is $("$PY" -V 2>&1); set PYTHON=/path/to/python3.11+"
+}
+
+install() {  # install ssljax (editable) with the given extras into $PY's environment
+  local spec=".${1:+[$1]}"
+  if "$PY" -m pip install --quiet --disable-pip-version-check -e "$spec"; then
+    return
+  fi
+  [ "$PY" = .venv/bin/python ] && die "pip install into .venv failed (see above)"
+  echo "launch/local.sh: '$PY' does not accept pip installs; creating .venv" >&2
+  "$PY" -m venv .venv || die "could not create .venv: install python3-venv (apt-get install python3-venv)"
+  PY=.venv/bin/python
+  "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip
+  "$PY" -m pip install --quiet --disable-pip-version-check -e "$spec"
+}
+
+ensure_fashion_mnist() {
+  local missing=0
+  for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+    [ -e "$FMNIST_DIR/$f.gz" ] || [ -e "$FMNIST_DIR/$f" ] || missing=1
+  done
+  [ "$missing" = 0 ] && return
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  if command -v apt-get >/dev/null && $sudo true 2>/dev/null; then
+    echo "launch/local.sh: installing dataset-fashion-mnist with apt-get" >&2
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist && return
+  fi
+  die "Fashion-MNIST is not in $FMNIST_DIR and apt-get could not install it.
+  Either run:  sudo apt-get install dataset-fashion-mnist
+  or download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz
+  and t10k-labels-idx1-ubyte.gz (github.com/zalandoresearch/fashion-mnist, data/fashion) into a
+  directory DIR and add:  --config.data.data_dir=DIR"
+}
+
+command=${1:-train}
+[ $# -gt 0 ] && shift
+check_python
+case "$command" in
+  train)
+    config=${1:-configs/simclr_fashion_mnist.py}
+    workdir=${2:-runs/simclr_fashion_mnist}
+    [ $# -ge 2 ] && shift 2 || set --
+    install ""
+    if grep -q fashion_mnist_idx "$config" && ! printf '%s\n' "$@" | grep -q 'data.data_dir'; then
+      ensure_fashion_mnist
+    fi
+    exec "$PY" -m ssljax.cli train --config "$config" --workdir "$workdir" "$@"
+    ;;
+  eval)
+    [ $# -ge 1 ] || die "usage: launch/local.sh eval WORKDIR [--config.eval.key=value ...]"
+    workdir=$1; shift
+    install ""
+    exec "$PY" -m ssljax.cli eval --workdir "$workdir" "$@"
+    ;;
+  test)
+    install test
+    exec "$PY" -m pytest -q tests "$@"
+    ;;
+  *)
+    die "unknown command '$command' (train, eval or test)"
+    ;;
+esac

@@ -1,0 +1,141 @@
+"""MLPHead: layer structure, the Linear-BN-ReLU computation by hand, last BN, linearity."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssljax.models import MLPHead
+
+_KEY = jax.random.key(0)
+_EPS = 1e-5
+
+
+def _shapes(head: MLPHead, in_dim: int = 5, batch: int = 4):
+  return jax.eval_shape(head.init, _KEY, jax.ShapeDtypeStruct((batch, in_dim), jnp.float32))
+
+
+def _shape_tree(tree):
+  return jax.tree.map(lambda leaf: leaf.shape, tree)
+
+
+def _random_variables(head: MLPHead, in_dim: int, seed: int = 0):
+  """Every parameter random (kernels, biases, BN scales and offsets); BN running stats set
+  to random means and positive variances, so no term of the computation is trivially 0 or 1."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == "var":
+      values = rng.uniform(0.5, 2.0, size=leaf.shape)
+    elif name == "scale":
+      values = rng.uniform(0.5, 1.5, size=leaf.shape)
+    else:
+      values = rng.normal(size=leaf.shape) / (np.sqrt(leaf.shape[0]) if leaf.ndim == 2 else 1)
+    return jnp.asarray(values, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, _shapes(head, in_dim))
+
+
+def _batch_norm(h, mean, var, scale=1.0, bias=0.0):
+  return (h - mean) / np.sqrt(var + _EPS) * scale + bias
+
+
+def test_layer_structure():
+  head = MLPHead(hidden_dim=16, out_dim=8, num_layers=3)
+  variables = _shapes(head)
+  assert _shape_tree(variables["params"]) == {
+      "dense1": {"kernel": (5, 16), "bias": (16,)}, "bn1": {"scale": (16,), "bias": (16,)},
+      "dense2": {"kernel": (16, 16), "bias": (16,)}, "bn2": {"scale": (16,), "bias": (16,)},
+      "dense3": {"kernel": (16, 8), "bias": (8,)}}
+  assert _shape_tree(variables["batch_stats"]) == {
+      "bn1": {"mean": (16,), "var": (16,)}, "bn2": {"mean": (16,), "var": (16,)}}
+
+  no_bias = _shapes(MLPHead(hidden_dim=16, out_dim=8, num_layers=2, use_bias=False))
+  assert _shape_tree(no_bias["params"]["dense1"]) == {"kernel": (5, 16)}
+  assert _shape_tree(no_bias["params"]["dense2"]) == {"kernel": (16, 8)}
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_last_bn_is_affine_only_when_asked(affine):
+  variables = _shapes(MLPHead(hidden_dim=16, out_dim=8, num_layers=2, last_bn=True,
+                              last_bn_affine=affine))
+  assert ("bn2" in variables["params"]) == affine
+  if affine:
+    assert _shape_tree(variables["params"]["bn2"]) == {"scale": (8,), "bias": (8,)}
+  assert _shape_tree(variables["batch_stats"]["bn2"]) == {"mean": (8,), "var": (8,)}
+
+
+@pytest.mark.parametrize("last_bn", [False, True])
+def test_matches_linear_bn_relu_by_hand(last_bn):
+  head = MLPHead(hidden_dim=6, out_dim=3, num_layers=2, last_bn=last_bn, last_bn_affine=True)
+  variables = _random_variables(head, in_dim=5)
+  p, s = variables["params"], variables["batch_stats"]
+  x = np.random.default_rng(1).normal(size=(7, 5)).astype(np.float32)
+
+  out, updates = jax.jit(functools.partial(head.apply, train=True, mutable=["batch_stats"]))(
+      variables, x)
+  h = x @ p["dense1"]["kernel"] + p["dense1"]["bias"]
+  h = np.maximum(_batch_norm(h, h.mean(0), h.var(0), p["bn1"]["scale"], p["bn1"]["bias"]), 0)
+  z = h @ p["dense2"]["kernel"] + p["dense2"]["bias"]
+  expected = z
+  if last_bn:
+    expected = _batch_norm(z, z.mean(0), z.var(0), p["bn2"]["scale"], p["bn2"]["bias"])
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+  # Running means move 10% of the way to the batch means (decay 0.9).
+  first = x @ p["dense1"]["kernel"] + p["dense1"]["bias"]
+  np.testing.assert_allclose(updates["batch_stats"]["bn1"]["mean"],
+                             0.9 * s["bn1"]["mean"] + 0.1 * first.mean(0), rtol=1e-4,
+                             atol=1e-6)
+
+  # Inference mode normalises with the running statistics instead.
+  out = jax.jit(functools.partial(head.apply, train=False))(variables, x)
+  h = x @ p["dense1"]["kernel"] + p["dense1"]["bias"]
+  h = np.maximum(_batch_norm(h, s["bn1"]["mean"], s["bn1"]["var"], p["bn1"]["scale"],
+                             p["bn1"]["bias"]), 0)
+  expected = h @ p["dense2"]["kernel"] + p["dense2"]["bias"]
+  if last_bn:
+    expected = _batch_norm(expected, s["bn2"]["mean"], s["bn2"]["var"], p["bn2"]["scale"],
+                           p["bn2"]["bias"])
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_non_affine_last_bn_standardises_each_output():
+  head = MLPHead(hidden_dim=6, out_dim=4, num_layers=2, last_bn=True)
+  variables = _random_variables(head, in_dim=5)
+  x = np.random.default_rng(2).normal(loc=3.0, size=(32, 5)).astype(np.float32)
+  out, _ = jax.jit(functools.partial(head.apply, train=True, mutable=["batch_stats"]))(
+      variables, x)
+  np.testing.assert_allclose(out.mean(0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(out.std(0), 1.0, rtol=1e-3)
+
+
+def test_single_layer_is_a_linear_map():
+  head = MLPHead(hidden_dim=99, out_dim=3, num_layers=1, use_bias=False)
+  variables = _random_variables(head, in_dim=4)
+  assert _shape_tree(variables) == {"params": {"dense1": {"kernel": (4, 3)}}}
+  rng = np.random.default_rng(3)
+  x, y = (jnp.asarray(rng.normal(size=(5, 4)), jnp.float32) for _ in range(2))
+  f = jax.jit(functools.partial(head.apply, variables, train=True))
+  np.testing.assert_allclose(f(2.0 * x - 3.0 * y), 2.0 * f(x) - 3.0 * f(y), rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(f(x), x @ variables["params"]["dense1"]["kernel"], rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_rejects_fewer_than_one_layer():
+  with pytest.raises(ValueError, match="num_layers >= 1"):
+    _shapes(MLPHead(hidden_dim=4, out_dim=2, num_layers=0))
+
+
+def test_bfloat16_head_returns_float32():
+  head = MLPHead(hidden_dim=8, out_dim=4, num_layers=2, dtype=jnp.bfloat16)
+  variables = _random_variables(head, in_dim=5)
+  assert {leaf.dtype for leaf in jax.tree.leaves(_shapes(head))} == {jnp.dtype(jnp.float32)}
+  x = np.random.default_rng(4).normal(size=(6, 5)).astype(np.float32)
+  out = head.apply(variables, x, train=False)
+  assert out.dtype == jnp.float32
+  reference = MLPHead(hidden_dim=8, out_dim=4, num_layers=2).apply(variables, x, train=False)
+  np.testing.assert_allclose(out, reference, rtol=0.05, atol=0.05)
