@@ -64,36 +64,84 @@ def cli_xla_flags() -> str:
 def sweep_flag_sets() -> list[tuple[str, str]]:
   """(name, XLA_FLAGS) pairs tried by ``--sweep-flags``; CPU_XLA_FLAGS is also split up.
 
-  Values were checked against this jaxlib (``XLA_FLAGS=--help`` and the optimised HLO): by
-  default XLA:CPU already hands every convolution and dot to YNNPACK (XNNPACK's successor; the
-  default YNN fusion list is individual_convolution,individual_dot), so removing those types
-  falls back to Eigen; XNN and oneDNN fusion types are dot, eltwise, reduce.
+  Checked against this jaxlib (``XLA_FLAGS=--help`` and the optimised HLO): by default XLA:CPU
+  hands convolutions, dots and reductions to YNNPACK (XNNPACK's successor; the default YNN
+  fusion list is individual_convolution, individual_dot, reduce), and a list given without
+  +/- prefixes replaces it; removing individual_convolution falls back to Eigen convolutions.
+  XNN and oneDNN fusion types are dot, eltwise, reduce. Lists are written out in full (no
+  +/- edits of the default) so that they mean the same under another jaxlib.
+  oneDNN *fusions* (``xla_cpu_experimental_onednn_fusion_type``) are left out: with this
+  jaxlib they crash the process at random ("partition compile failed").
   """
   cli = cli_xla_flags()
   parts = cli.split()
   ynn = "--xla_cpu_experimental_ynn_fusion_type="
+  fast = "--xla_cpu_enable_fast_math=true"
   sets = [("none (XLA defaults)", ""), ("cli (CPU_XLA_FLAGS)", cli)]
   if len(parts) > 1:
-    sets += [(f"cli part alone: {part.lstrip('-').split('=')[0]}", part) for part in parts]
+    sets += [(f"cli part: {part.lstrip('-').split('=')[0]}", part) for part in parts]
   sets += [
       ("xnn graph fusion GREEDY_SLINKY",
        "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY_SLINKY"),
       ("xnn fusion dot,eltwise,reduce",
        "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce"),
-      ("ynn +eltwise,+reduce", ynn + "+eltwise,+reduce"),
-      ("ynn +eltwise,+reduce + cli", f"{ynn}+eltwise,+reduce {cli}"),
-      ("Eigen convs (ynn -individual_convolution)", ynn + "-individual_convolution"),
-      ("Eigen convs and dots (ynn off)", ynn + "-individual_convolution,-individual_dot"),
+      ("ynn conv,dot,reduce + eltwise",
+       ynn + "individual_convolution,individual_dot,reduce,eltwise"),
+      ("ynn conv,dot (reduce off)", ynn + "individual_convolution,individual_dot"),
+      ("ynn dot,reduce (Eigen convs)", ynn + "individual_dot,reduce"),
+      ("ynn dot,reduce (Eigen convs) + fast math", f"{ynn}individual_dot,reduce {fast}"),
+      ("ynn dot,reduce (Eigen convs) + cli", f"{ynn}individual_dot,reduce {cli}"),
+      ("ynn off (Eigen convs and dots)", ynn),
       ("onednn", "--xla_cpu_use_onednn=true"),
-      ("onednn fusion dot,eltwise,reduce",
-       "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce"),
       ("no xnnpack", "--xla_cpu_use_xnnpack=false"),
       ("prefer vector width 512", "--xla_cpu_prefer_vector_width=512"),
       ("prefer vector width 128", "--xla_cpu_prefer_vector_width=128"),
       ("single-threaded Eigen", "--xla_cpu_multi_thread_eigen=false"),
-      ("cli again (drift check)", cli),
   ]
   return sets
+
+
+def xla_flags_to_options(flags: str) -> dict[str, Any]:
+  """An ``XLA_FLAGS`` string as ``compiler_options`` for ``jax.stages.Lowered.compile``.
+
+  Options given per compilation set the same DebugOptions fields as XLA_FLAGS (the sweep
+  checks that the 'cli' set compiles to the same HLO as the CLI-flags subprocess). Fusion-type
+  lists become comma-separated enum names; explicit lists only (no +/- edits).
+  """
+  options: dict[str, Any] = {}
+  for token in flags.split():
+    name, _, value = token.lstrip("-").partition("=")
+    if name.endswith("_fusion_type"):
+      items = [item for item in value.split(",") if item]
+      if any(item[0] in "+-" for item in items):
+        raise ValueError(f"{token}: give the full fusion-type list, not +/- edits")
+      options[name] = ",".join(f"LIBRARY_FUSION_TYPE_{item.upper()}" for item in items)
+    elif value in ("true", "false"):
+      options[name] = value == "true"
+    elif value.lstrip("-").isdigit():
+      options[name] = int(value)
+    else:
+      options[name] = value
+  return options
+
+
+def hlo_digest(compiled) -> dict[str, Any]:
+  """A hash of the optimised HLO and its library-fusion counts.
+
+  Source locations (the stack-frame tables, ``metadata`` and ``stack_frame_id``) are dropped
+  first, so the same program compiled by different scripts hashes the same.
+  """
+  import hashlib
+  import re
+  text = compiled.as_text()
+  text = re.sub(r"metadata=\{[^}]*\}|,? ?stack_frame_id=\d+", "", text)
+  text = "\n".join(line for line in text.splitlines()
+                   if not re.match(r"^(\d+ |FileNames|FunctionNames|FileLocations|StackFrames)",
+                                   line))
+  return {"sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+          "ynn_fusions": text.count('"__ynn_fusion"'),
+          "xnn_fusions": text.count('"__xnn_fusion"'),
+          "onednn_fusions": text.count('"__onednn_fusion"')}
 
 
 # ---------------------------------------------------------------------------- timing helpers
@@ -104,23 +152,27 @@ def timed_interleaved(calls: dict[str, Callable[[], Any]], steps: int,
   """Times each zero-argument callable `steps` times, interleaving them call by call.
 
   Every call's result is waited for (``block``) before the clock stops. Returns, per name,
-  the median / mean / min seconds per call.
+  the median / mean / min wall seconds per call and the median process CPU seconds (which
+  other jobs on the machine disturb less than wall time; both threads busy = 2x wall).
   """
   for fn in calls.values():
     for _ in range(warmup):
       block(fn())
-  samples: dict[str, list[float]] = {name: [] for name in calls}
+  wall: dict[str, list[float]] = {name: [] for name in calls}
+  cpu: dict[str, list[float]] = {name: [] for name in calls}
   for _ in range(steps):
     for name, fn in calls.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       block(fn())
-      samples[name].append(time.perf_counter() - start)
-  return {name: summarize(times) for name, times in samples.items()}
+      wall[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - start_cpu)
+  return {name: summarize(wall[name], cpu[name]) for name in calls}
 
 
-def summarize(times: list[float]) -> dict[str, float]:
-  return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
-          "min_s": min(times), "calls": len(times)}
+def summarize(wall: list[float], cpu: list[float]) -> dict[str, float]:
+  """Wall-time statistics plus the median CPU time of the process (all its threads)."""
+  return {"median_s": statistics.median(wall), "mean_s": statistics.fmean(wall),
+          "min_s": min(wall), "cpu_median_s": statistics.median(cpu), "calls": len(wall)}
 
 
 def block(result: Any) -> None:
@@ -228,6 +280,7 @@ def jax_step_worker(config, steps: int) -> dict[str, Any]:
   augment = setup.augment_fn()
   views = setup.views()
   states = {"full": setup.init_state(), "no_aug": setup.init_state()}
+  param_count = sum(int(leaf.size) for leaf in jax.tree.leaves(states["full"].params))
   aug_key = jax.random.PRNGKey(2)
 
   compile_s, compiled = {}, {}
@@ -255,7 +308,45 @@ def jax_step_worker(config, steps: int) -> dict[str, Any]:
   loss = float(jax.device_get(run_full()["train/loss"]))
   return {"batch_size": setup.batch_size, "views": setup.policy.num_views,
           "view_shape": list(views.shape[2:]), "compile_s": compile_s, "timings": timings,
+          "full_step_hlo": hlo_digest(compiled["full_step"]), "param_count": param_count,
           "final_loss": loss, "devices": jax.device_count()}
+
+
+def jax_sweep_worker(config, steps: int) -> dict[str, Any]:
+  """The full step compiled under every `sweep_flag_sets` entry in one process, interleaved.
+
+  Run with ``XLA_FLAGS`` empty; each flag set reaches the compiler as ``compiler_options``, so
+  all variants share the process and are timed call by call in turn, which keeps load from
+  other jobs from favouring one of them.
+  """
+  from ssljax.train.step import compile_train_step, make_per_device_step
+
+  setup = JaxSetup(config)
+  step = compile_train_step(
+      make_per_device_step(setup.method, setup.tx, setup.policy, setup.schedule), setup.mesh)
+  states, compiled, results, calls = {}, {}, {}, {}
+  for name, flags in sweep_flag_sets():
+    states[name] = setup.init_state()
+    start = time.perf_counter()
+    try:
+      lowered = step.lower(states[name], setup.images, setup.index, setup.label)
+      compiled[name] = lowered.compile(compiler_options=xla_flags_to_options(flags) or None)
+    except Exception as error:  # pylint: disable=broad-except  (reported, sweep goes on)
+      results[name] = {"xla_flags": flags, "error": f"{type(error).__name__}: {error}"[:300]}
+      continue
+    results[name] = {"xla_flags": flags, "compile_s": round(time.perf_counter() - start, 2),
+                     "hlo": hlo_digest(compiled[name])}
+
+    def run(name=name):
+      states[name], metrics = compiled[name](states[name], setup.images, setup.index,
+                                             setup.label)
+      return metrics
+
+    calls[name] = run
+  for name, timing in timed_interleaved(calls, steps).items():
+    results[name]["timings"] = {"full_step": timing}
+  return {"sets": [{"name": name, **result} for name, result in results.items()],
+          "load_during": load_average()}
 
 
 def jax_pipeline_worker(config, steps: int) -> dict[str, Any]:
@@ -487,7 +578,7 @@ def torch_worker(config, steps: int, breakdown: bool) -> dict[str, Any]:
       return F.relu(y + (x if self.shortcut is None else self.shortcut(x)))
 
   class TorchSimCLR(nn.Module):
-    """Standardisation, stem, stages, global pool, MLP projector (Linear-BN-ReLU-...-Linear)."""
+    """Standardisation, stem, stages, optional 1x1 expansion, global pool, MLP projector."""
 
     def __init__(self):
       super().__init__()
@@ -502,6 +593,10 @@ def torch_worker(config, steps: int, breakdown: bool) -> dict[str, Any]:
         for j in range(blocks):
           layers.append(TorchBasicBlock(cin, cout, 2 if i > 0 and j == 0 else 1))
           cin = cout
+      expand = config.model.get("expand_features", 0)
+      if expand:
+        layers += [nn.Conv2d(cin, expand, 1, bias=False), nn.BatchNorm2d(expand), nn.ReLU()]
+        cin = expand
       self.encoder = nn.Sequential(*layers)
       head = []
       for _ in range(hp.proj_layers - 1):
@@ -533,6 +628,7 @@ def torch_worker(config, steps: int, breakdown: bool) -> dict[str, Any]:
   for layout in ("default", "channels_last"):
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     model = TorchSimCLR().to(memory_format=memory_format).train()
+    results["param_count"] = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=config.optim.momentum,
                                 weight_decay=config.optim.weight_decay)
     views = torch.rand(rows, channels, size, size).contiguous(memory_format=memory_format)
@@ -653,49 +749,71 @@ def ratio(a: float | None, b: float | None) -> float | None:
   return a / b if a is not None and b else None
 
 
+JAX_LABELS = {"cli": "CPU_XLA_FLAGS", "none": "no flags", "best": "sweep's best"}
+
+
 def summarize_run(report: dict[str, Any], batch_size: int) -> dict[str, Any]:
   """The headline numbers and ratios from the workers' raw timings."""
-  cli, none = report["jax_cli_flags"], report["jax_no_flags"]
-  s: dict[str, Any] = {}
-  for tag, result in (("cli_flags", cli), ("no_flags", none)):
-    if "error" in result:
+  s: dict[str, Any] = {"jax": {}}
+  for tag, result in report["jax"].items():
+    if "timings" not in result:
       continue
-    full = images_per_s(result, "full_step", batch_size)
-    no_aug = images_per_s(result, "no_aug_step", batch_size)
-    s[tag] = {
-        "full_step_images_per_s": full,
-        "no_aug_step_images_per_s": no_aug,
-        "augment_images_per_s": images_per_s(result, "augment", batch_size),
-        "full_step_ms": ms(result, "full_step"), "no_aug_step_ms": ms(result, "no_aug_step"),
-        "augment_ms": ms(result, "augment"),
-        "augment_share_standalone": ratio(ms(result, "augment"), ms(result, "full_step")),
-        "augment_share_in_step": (1 - ratio(ms(result, "no_aug_step"), ms(result, "full_step"))
-                                  if ms(result, "full_step") else None),
+    full, no_aug, aug = (ms(result, k) for k in ("full_step", "no_aug_step", "augment"))
+    s["jax"][tag] = {
+        "xla_flags": result["xla_flags"],
+        "full_step_images_per_s": batch_size / full * 1000,
+        "no_aug_step_images_per_s": batch_size / no_aug * 1000,
+        "full_step_ms": full, "no_aug_step_ms": no_aug, "augment_ms": aug,
+        "augment_share_standalone": aug / full,
+        "augment_share_in_step": 1 - no_aug / full,
     }
-  if "cli_flags" in s and "no_flags" in s:
-    s["cli_flags_speedup_full_step"] = ratio(s["cli_flags"]["full_step_images_per_s"],
-                                             s["no_flags"]["full_step_images_per_s"])
-    s["cli_flags_speedup_no_aug_step"] = ratio(s["cli_flags"]["no_aug_step_images_per_s"],
-                                               s["no_flags"]["no_aug_step_images_per_s"])
+  jax_runs = s["jax"]
+  if "none" in jax_runs:
+    for tag in jax_runs:
+      jax_runs[tag]["speedup_vs_no_flags"] = (
+          jax_runs[tag]["full_step_images_per_s"] / jax_runs["none"]["full_step_images_per_s"])
   pipeline = report.get("pipeline", {})
-  if "images_per_s" in pipeline and "cli_flags" in s:
+  if "images_per_s" in pipeline and "cli" in jax_runs:
     s["pipeline_images_per_s"] = pipeline["images_per_s"]
-    s["pipeline_to_step_ratio"] = ratio(pipeline["images_per_s"],
-                                        s["cli_flags"]["full_step_images_per_s"])
+    s["pipeline_to_step_ratio"] = (pipeline["images_per_s"]
+                                   / jax_runs["cli"]["full_step_images_per_s"])
   torch_result = report.get("torch", {})
-  if "timings" in torch_result and "cli_flags" in s:
+  if "timings" in torch_result:
     t = {layout: images_per_s(torch_result, f"step_{layout}", batch_size)
          for layout in ("default", "channels_last")}
-    best = max(t, key=t.get)
-    s["torch"] = {"step_images_per_s": t, "best_layout": best}
-    for tag in ("cli_flags", "no_flags"):
-      if tag in s:
-        s["torch"][f"ratio_{tag}"] = {
-            "full_step_vs_torch_no_aug": {k: ratio(s[tag]["full_step_images_per_s"], v)
+    s["torch"] = {"step_images_per_s": t, "best_layout": max(t, key=t.get), "ratios": {}}
+    for tag, run in jax_runs.items():
+      s["torch"]["ratios"][tag] = {
+          "a_full_step_vs_torch_no_aug": {k: run["full_step_images_per_s"] / v
                                           for k, v in t.items()},
-            "no_aug_step_vs_torch_no_aug": {k: ratio(s[tag]["no_aug_step_images_per_s"], v)
+          "b_no_aug_step_vs_torch_no_aug": {k: run["no_aug_step_images_per_s"] / v
                                             for k, v in t.items()},
-        }
+      }
+  sweep = report.get("sweep", {})
+  timed = {r["name"]: r for r in sweep.get("sets", []) if "timings" in r}
+  if timed:
+    median = {name: r["timings"]["full_step"]["median_s"] for name, r in timed.items()}
+    by_flags = {r["xla_flags"]: name for name, r in timed.items()}
+    none_name, cli_name = by_flags.get(""), by_flags.get(report["cli_xla_flags"])
+    best = min(median, key=median.get)
+    s["sweep"] = {"best": {"name": best, "xla_flags": timed[best]["xla_flags"],
+                           "images_per_s": batch_size / median[best]}}
+    if none_name:
+      s["sweep"]["none_s"] = median[none_name]
+      s["sweep"]["best"]["speedup_vs_none"] = median[none_name] / median[best]
+    if cli_name:
+      s["sweep"]["cli_s"] = median[cli_name]
+      s["sweep"]["best"]["speedup_vs_cli"] = median[cli_name] / median[best]
+      env_hlo = report["jax"].get("cli", {}).get("full_step_hlo", {}).get("sha256")
+      if env_hlo:
+        s["sweep"]["cli_hlo_matches_xla_flags_subprocess"] = (
+            env_hlo == timed[cli_name]["hlo"]["sha256"])
+    if none_name and cli_name:
+      s["sweep"]["cli_flags_change_hlo"] = (timed[none_name]["hlo"]["sha256"]
+                                            != timed[cli_name]["hlo"]["sha256"])
+  breakdown = report.get("breakdown", {})
+  s["breakdown"] = {tag: derive_breakdown(result) for tag, result in breakdown.items()
+                    if tag in JAX_LABELS and "timings" in result}
   return s
 
 
@@ -707,123 +825,142 @@ def print_report(report: dict[str, Any]) -> None:
         f"({2 * batch} views)")
   print(f"{device['cpu_model']} ({device['cpu_count']} cores), jax {device['versions']['jax']}, "
         f"torch {device['versions']['torch']}, {device['date']}")
-  print(f"load average at start {device['load_average_at_start']}; per worker below\n")
-  rows = [("what", "XLA flags", "ms", "images/s", "load")]
+  print(f"load average at start {device['load_average_at_start']} (1, 5, 15 min); 'load' "
+        "column: 1-minute load when that worker started")
+  print("images/s from the median wall time; CPU ms = process CPU time per call (2 cores)")
+  for tag, result in report["jax"].items():
+    print(f"  {tag}: XLA_FLAGS='{result.get('xla_flags')}'")
+  print()
+  rows = [("what", "flags", "median ms", "min ms", "CPU ms", "images/s", "load")]
 
   def add(what, flags, result, name):
-    if "error" in result or name not in result.get("timings", {}):
+    if name not in result.get("timings", {}):
       return
-    rows.append((what, flags, f"{ms(result, name):.0f}",
+    timing = result["timings"][name]
+    rows.append((what, flags, f"{1000 * timing['median_s']:.0f}",
+                 f"{1000 * timing['min_s']:.0f}", f"{1000 * timing['cpu_median_s']:.0f}",
                  f"{images_per_s(result, name, batch):.0f}",
                  str(result.get("load_before", [""])[0])))
 
-  for tag, label in (("jax_cli_flags", "cli"), ("jax_no_flags", "none")):
-    result = report[tag]
-    add("ssljax full step (incl. augmentation)", label, result, "full_step")
-    add("ssljax step, views given (no aug)", label, result, "no_aug_step")
-    add("augmentation alone (jitted policy)", label, result, "augment")
+  for tag, result in report["jax"].items():
+    if "error" in result:
+      rows.append((f"ssljax step ({tag})", tag, "error", "", "", "", ""))
+      continue
+    add("ssljax full step (incl. augmentation)", tag, result, "full_step")
+    add("ssljax step, views given (no aug)", tag, result, "no_aug_step")
+    add("augmentation alone (jitted policy)", tag, result, "augment")
   torch_result = report.get("torch", {})
   for layout in ("default", "channels_last"):
     add(f"torch step, no aug ({layout})", "-", torch_result, f"step_{layout}")
   pipeline = report.get("pipeline", {})
   if "images_per_s" in pipeline:
-    rows.append(("HostLoader + to_global_array", "cli",
-                 f"{1000 * batch / pipeline['images_per_s']:.1f}",
+    rows.append(("HostLoader + to_global_array (per batch)", "cli",
+                 f"{1000 * batch / pipeline['images_per_s']:.1f}", "", "",
                  f"{pipeline['images_per_s']:.0f}", str(pipeline["load_before"][0])))
   print_table(rows)
 
   print()
-  for tag in ("cli_flags", "no_flags"):
-    if tag in s:
-      share = s[tag]
-      print(f"augmentation share ({tag}): standalone {share['augment_share_standalone']:.1%}, "
-            f"in-step {share['augment_share_in_step']:.1%} (target <= {AUG_SHARE_TARGET:.0%})")
-  if "cli_flags_speedup_full_step" in s:
-    print(f"CPU_XLA_FLAGS speedup over no flags: full step "
-          f"{s['cli_flags_speedup_full_step']:.2f}x, no-aug step "
-          f"{s['cli_flags_speedup_no_aug_step']:.2f}x")
+  for tag, run in s["jax"].items():
+    speed = (f"; full step {run['speedup_vs_no_flags']:.2f}x no flags"
+             if "speedup_vs_no_flags" in run and tag != "none" else "")
+    print(f"{tag}: augmentation share standalone {run['augment_share_standalone']:.1%}, "
+          f"in-step {run['augment_share_in_step']:.1%} (target <= {AUG_SHARE_TARGET:.0%})"
+          f"{speed}")
   if "pipeline_to_step_ratio" in s:
-    print(f"input pipeline / train step: {s['pipeline_to_step_ratio']:.1f}x "
+    print(f"input pipeline / train step (cli): {s['pipeline_to_step_ratio']:.0f}x "
           f"(target >= {PIPELINE_RATIO_TARGET:.0f}x)")
   if "torch" in s:
-    for tag in ("cli_flags", "no_flags"):
-      r = s["torch"].get(f"ratio_{tag}")
-      if r:
-        a, b = r["full_step_vs_torch_no_aug"], r["no_aug_step_vs_torch_no_aug"]
-        print(f"ssljax ({tag}) / torch: (a) full step vs torch no-aug "
-              f"{a['default']:.2f} (default) {a['channels_last']:.2f} (channels_last); "
-              f"(b) no-aug step vs torch no-aug {b['default']:.2f} / {b['channels_last']:.2f}")
+    for tag, r in s["torch"]["ratios"].items():
+      a, b = r["a_full_step_vs_torch_no_aug"], r["b_no_aug_step_vs_torch_no_aug"]
+      print(f"ssljax ({tag}) / torch images/s: (a) full step vs torch no-aug "
+            f"{a['default']:.2f} default, {a['channels_last']:.2f} channels_last; "
+            f"(b) no-aug step vs torch no-aug {b['default']:.2f} / {b['channels_last']:.2f}")
+    jax_params = report["jax"].get("cli", {}).get("param_count")
+    print(f"architecture check: {jax_params} trainable parameters in ssljax, "
+          f"{torch_result.get('param_count')} in the PyTorch twin")
   elif "skipped" in torch_result:
     print(f"torch: skipped ({torch_result['skipped']})")
-  if report.get("breakdown"):
-    print_breakdown(report["breakdown"], batch)
   if report.get("sweep"):
-    print_sweep(report["sweep"], batch)
+    print_sweep(report["sweep"], s.get("sweep", {}), batch)
+  if report.get("breakdown"):
+    print_breakdown(report["breakdown"], s["breakdown"], torch_result)
 
 
-def print_breakdown(breakdown: dict[str, Any], batch: int) -> None:
-  print("\nbreakdown (ms per call, median; 'no BN' = BatchNorm replaced by identity)")
-  rows = [("part", "ssljax (cli flags)", "ssljax (no flags)", "torch default",
+def print_breakdown(breakdown: dict[str, Any], derived: dict[str, Any],
+                    torch_result: dict[str, Any]) -> None:
+  """Forward / backward / BN timings, the profile by category, torch's top operators."""
+  tags = [tag for tag in breakdown if tag in JAX_LABELS]
+  print("\nbreakdown, ms per call (median); 'no BN' = every BatchNorm replaced by the identity")
+  rows = [("part", *(f"ssljax ({tag})" for tag in tags), "torch default",
            "torch channels_last")]
-  jax_parts = ("forward", "forward_backward", "forward_no_bn", "forward_backward_no_bn",
-               "no_aug_step")
   names = {"forward": "forward (train-mode BN)", "forward_backward": "forward + backward",
            "forward_no_bn": "forward, no BN", "forward_backward_no_bn": "forward + backward, no BN",
            "no_aug_step": "whole step (+ optimiser)"}
-  torch_result = breakdown.get("torch", {})
   torch_names = {"forward": "forward", "forward_backward": "forward_backward",
                  "no_aug_step": "step"}
-  for part in jax_parts:
-    row = [names[part]]
-    for tag in ("cli_flags", "no_flags"):
-      value = ms(breakdown.get(tag, {}), part)
+  for part, label in names.items():
+    row = [label]
+    for tag in tags:
+      value = ms(breakdown[tag], part)
       row.append(f"{value:.0f}" if value is not None else "-")
     for layout in ("default", "channels_last"):
-      key = f"{torch_names[part]}_{layout}" if part in torch_names else None
-      value = ms(torch_result, key) if key else None
+      value = ms(torch_result, f"{torch_names[part]}_{layout}") if part in torch_names else None
       row.append(f"{value:.0f}" if value is not None else "-")
     rows.append(tuple(row))
   print_table(rows)
-  profiles = {tag: breakdown.get(tag, {}).get("profile_ms_per_step")
-              for tag in ("cli_flags", "no_flags")}
-  if any(profiles.values()):
-    print("\nssljax step on given views, thunk time by category (ms per step, summed over "
-          "threads)")
-    names = []
-    for profile in profiles.values():
-      names += [n for n in (profile or {}) if n not in names]
-    rows = [("category", "cli flags", "no flags")]
-    for name in names:
-      rows.append((name, *(f"{profiles[t][name]:.0f}" if profiles[t] and name in profiles[t]
-                            else "-" for t in ("cli_flags", "no_flags"))))
-    print_table(rows)
-  torch_profiles = torch_result.get("profile_ms_per_step", {})
-  for layout, ops in torch_profiles.items():
-    print(f"\ntorch step ({layout}), top operators by self CPU time (ms per step)")
-    print_table([("operator", "ms")] + [(name, f"{value:.0f}") for name, value in ops.items()])
-  for tag in ("cli_flags", "no_flags"):
-    d = breakdown.get("derived", {}).get(tag)
+  for tag in tags:
+    d = derived.get(tag)
     if d:
       print(f"  {tag}: backward = {d['backward_share']:.0%} of forward+backward; BN = "
             f"{d['bn_share_forward']:.0%} of forward, {d['bn_share_forward_backward']:.0%} of "
             f"forward+backward; optimiser + rest = {d['optimizer_share']:.0%} of the step")
+  profiles = {tag: breakdown[tag].get("profile_ms_per_step") or {} for tag in tags}
+  if any(profiles.values()):
+    print("\nssljax step on given views, thunk time by category (ms per step, summed over "
+          "threads)")
+    categories: list[str] = []
+    for profile in profiles.values():
+      categories += [c for c in profile if c not in categories]
+    rows = [("category", *tags)]
+    for category in categories:
+      rows.append((category, *(f"{profiles[t][category]:.0f}" if category in profiles[t]
+                               else "-" for t in tags)))
+    rows.append(("total", *(f"{sum(profiles[t].values()):.0f}" for t in tags)))
+    print_table(rows)
+  for layout, ops in torch_result.get("profile_ms_per_step", {}).items():
+    print(f"\ntorch step ({layout}), top operators by self CPU time (ms per step)")
+    print_table([("operator", "ms")] + [(name, f"{value:.0f}") for name, value in ops.items()])
 
 
-def print_sweep(sweep: list[dict[str, Any]], batch: int) -> None:
-  print("\nXLA flag sweep (each row its own process; speedups vs the 'none' row)")
-  base = next((r for r in sweep if r["name"] == "none" and "timings" in r), None)
-  rows = [("flag set", "full img/s", "no-aug img/s", "aug ms", "full x", "no-aug x", "load")]
-  for r in sweep:
+def print_sweep(sweep: dict[str, Any], summary: dict[str, Any], batch: int) -> None:
+  """The flag sweep: one process, variants interleaved; speedups against no flags and cli."""
+  if "sets" not in sweep:
+    print(f"\nXLA flag sweep failed: {sweep.get('error')}")
+    return
+  print(f"\nXLA flag sweep of the full step (one process, flags as compiler_options, calls "
+        f"interleaved; load {sweep.get('load_before')} -> {sweep.get('load_during')})")
+  rows = [("flag set", "median ms", "min ms", "CPU ms", "images/s", "vs none", "vs cli",
+           "ynn/xnn/onednn fusions")]
+  for r in sweep["sets"]:
     if "timings" not in r:
-      rows.append((r["name"], "error", "", "", "", "", ""))
+      rows.append((r["name"], "error", "", "", "", "", "", r.get("error", "")[:40]))
       continue
-    full = images_per_s(r, "full_step", batch)
-    no_aug = images_per_s(r, "no_aug_step", batch)
-    rows.append((r["name"], f"{full:.0f}", f"{no_aug:.0f}", f"{ms(r, 'augment'):.0f}",
-                 f"{ratio(full, images_per_s(base, 'full_step', batch)):.2f}" if base else "",
-                 f"{ratio(no_aug, images_per_s(base, 'no_aug_step', batch)):.2f}" if base else "",
-                 str(r["load_before"][0])))
+    t, hlo = r["timings"]["full_step"], r["hlo"]
+    rows.append((r["name"], f"{1000 * t['median_s']:.0f}", f"{1000 * t['min_s']:.0f}",
+                 f"{1000 * t['cpu_median_s']:.0f}", f"{batch / t['median_s']:.0f}",
+                 f"{summary['none_s'] / t['median_s']:.2f}" if "none_s" in summary else "",
+                 f"{summary['cli_s'] / t['median_s']:.2f}" if "cli_s" in summary else "",
+                 f"{hlo['ynn_fusions']}/{hlo['xnn_fusions']}/{hlo['onednn_fusions']}"))
   print_table(rows)
+  best = summary.get("best")
+  if best:
+    print(f"fastest: {best['name']} ({best.get('speedup_vs_cli', float('nan')):.2f}x "
+          f"CPU_XLA_FLAGS, {best.get('speedup_vs_none', float('nan')):.2f}x no flags): "
+          f"XLA_FLAGS='{best['xla_flags']}'")
+  if "cli_hlo_matches_xla_flags_subprocess" in summary:
+    print(f"'cli' set compiles to the same HLO as the XLA_FLAGS subprocess: "
+          f"{summary['cli_hlo_matches_xla_flags_subprocess']}; CPU_XLA_FLAGS changes the "
+          f"optimised HLO: {summary.get('cli_flags_change_hlo')}")
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
@@ -858,7 +995,7 @@ def main_parent(args) -> None:
   batch = config.train.batch_size
   cli = cli_xla_flags()
   report: dict[str, Any] = {"config": args.config, "batch_size": batch, "steps": args.steps,
-                            "cli_xla_flags": cli, "device": device_description()}
+                            "cli_xla_flags": cli, "device": device_description(), "jax": {}}
   print(f"load average {report['device']['load_average_at_start']}; running workers "
         "(each compiles its own step)...", flush=True)
 
@@ -868,10 +1005,20 @@ def main_parent(args) -> None:
     for line in result.get("stderr_tail", []):
       print(f"    {line}", flush=True)
 
-  report["jax_cli_flags"] = run_worker("jax_step", cli, args)
-  progress("ssljax step, CPU_XLA_FLAGS", report["jax_cli_flags"])
-  report["jax_no_flags"] = run_worker("jax_step", "", args)
-  progress("ssljax step, no flags", report["jax_no_flags"])
+  report["jax"]["cli"] = run_worker("jax_step", cli, args)
+  progress("ssljax step, CPU_XLA_FLAGS", report["jax"]["cli"])
+  report["jax"]["none"] = run_worker("jax_step", "", args)
+  progress("ssljax step, no flags", report["jax"]["none"])
+  best_flags = None
+  if args.sweep_flags:
+    report["sweep"] = run_worker("jax_sweep", "", args)
+    progress("flag sweep (one process, compiler_options)", report["sweep"])
+    timed = [r for r in report["sweep"].get("sets", []) if "timings" in r]
+    if timed:
+      best_flags = min(timed, key=lambda r: r["timings"]["full_step"]["median_s"])["xla_flags"]
+    if best_flags not in (None, "", cli):
+      report["jax"]["best"] = run_worker("jax_step", best_flags, args)
+      progress("ssljax step, sweep's best flags", report["jax"]["best"])
   report["pipeline"] = run_worker("jax_pipeline", cli, args)
   progress("input pipeline", report["pipeline"])
   if torch_available():
@@ -881,22 +1028,11 @@ def main_parent(args) -> None:
     report["torch"] = {"skipped": "torch is not installed (pip install torch==2.13.0 to "
                                   "compare; it is not an ssljax requirement)"}
   if args.breakdown:
-    breakdown: dict[str, Any] = {}
-    for tag, flags in (("cli_flags", cli), ("no_flags", "")):
-      breakdown[tag] = run_worker("jax_breakdown", flags, args)
-      progress(f"breakdown, {tag}", breakdown[tag])
-    breakdown["torch"] = report["torch"]
-    breakdown["derived"] = {tag: derive_breakdown(breakdown[tag])
-                            for tag in ("cli_flags", "no_flags") if "timings" in breakdown[tag]}
-    report["breakdown"] = breakdown
-  if args.sweep_flags:
-    sweep = []
-    for name, flags in sweep_flag_sets():
-      result = run_worker("jax_step", flags, args)
-      result["name"] = name
-      progress(f"sweep: {name}", result)
-      sweep.append(result)
-    report["sweep"] = sweep
+    second = ("best", best_flags) if "best" in report["jax"] else ("none", "")
+    report["breakdown"] = {}
+    for tag, flags in (("cli", cli), second):
+      report["breakdown"][tag] = run_worker("jax_breakdown", flags, args)
+      progress(f"breakdown, {tag} flags", report["breakdown"][tag])
   report["summary"] = summarize_run(report, batch)
   report["device"]["load_average_at_end"] = load_average()
   print_report(report)
@@ -910,6 +1046,8 @@ def main_worker(args) -> None:
   config = load_config(args.config)
   if args.worker == "jax_step":
     result = jax_step_worker(config, args.steps)
+  elif args.worker == "jax_sweep":
+    result = jax_sweep_worker(config, args.steps)
   elif args.worker == "jax_pipeline":
     result = jax_pipeline_worker(config, args.steps)
   elif args.worker == "jax_breakdown":

@@ -20,17 +20,22 @@ def get_config():
   c.data.std = (0.3530,)
 
   # Crop + flip carry most of the signal on 28x28 grayscale clothing; colour jitter reduces
-  # to brightness/contrast on one channel (grayscale/blur/solarize off).
+  # to brightness/contrast on one channel (grayscale/blur/solarize off). Crops keep >= 30%
+  # of the area: the objects are centred and small crops of them are often uninformative.
   c.augment.policy = "simclr"
   c.augment.crop_size = 28
-  c.augment.crop_scale = (0.2, 1.0)
+  c.augment.crop_scale = (0.3, 1.0)
   c.augment.jitter = (0.4, 0.4, 0.0, 0.0)
   c.augment.jitter_prob = 0.8
   c.augment.grayscale_prob = 0.0
   c.augment.blur_prob = 0.0
   c.augment.solarize_prob = 0.0
 
-  c.model.encoder = "resnet_small"
+  # resnet_tiny (stride-2 stem, 16/32/64 channels) + a 1x1 expansion to 512 features:
+  # ~3x the throughput of resnet_small on 2 CPU cores, and the wide representation lifted
+  # kNN accuracy at equal epochs (see the README's recipe notes).
+  c.model.encoder = "resnet_tiny"
+  c.model.expand_features = 512
 
   c.method.name = "simclr"
   c.method.simclr.temperature = 0.2
@@ -38,13 +43,13 @@ def get_config():
   c.method.simclr.proj_dim = 128
 
   c.optim.name = "lars"
-  c.optim.lr = 1.0
+  c.optim.lr = 3.0  # per 256 images; short runs learn faster with a high LARS rate
   c.optim.weight_decay = 1e-5
   c.optim.warmup_epochs = 0.5
   c.optim.final_lr_fraction = 0.0
 
   c.train.batch_size = 256
-  c.train.epochs = 4.0
+  c.train.epochs = 12.0
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 500
   c.train.eval_every_steps = 234

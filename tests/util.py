@@ -68,3 +68,28 @@ def tiny_config(directory: str, **dataset_kwargs) -> ml_collections.ConfigDict:
   c.eval.probe_batch_size = 16
   c.eval.plots = True
   return lock(c)
+
+
+def init_with_numpy_kernels(init_fn, *args, seed: int = 0):
+  """``init_fn(*args)``, except that kernels (rank >= 2) come from NumPy, He-normal.
+
+  The real initialisers give every rank <= 1 variable (BN scales and offsets, running stats,
+  biases). Sampling conv kernels with XLA costs seconds of compilation per kernel on the CPU
+  build of jax (most with partitionable threefry, jax's default); the jitted init returns only
+  the small variables, so XLA drops the kernel sampling and the tests stay fast.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  shapes = jax.eval_shape(init_fn, *args)
+  small = jax.jit(lambda *a: jax.tree.map(lambda x: x if x.ndim <= 1 else jnp.zeros(()),
+                                          init_fn(*a)))(*args)
+  rng = np.random.default_rng(seed)
+
+  def fill(shape, value):
+    if shape.ndim <= 1:
+      return value
+    fan_in = int(np.prod(shape.shape[:-1]))
+    return jnp.asarray(rng.normal(scale=np.sqrt(2.0 / fan_in), size=shape.shape), jnp.float32)
+
+  return jax.tree.map(fill, shapes, small)

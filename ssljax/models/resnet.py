@@ -35,6 +35,22 @@ ModuleDef = Any
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision kaiming
 
 
+def _last_bn_init(zero_init_residual: bool):
+  return nn.initializers.zeros if zero_init_residual else nn.initializers.ones
+
+
+def _add_shortcut(x: jnp.ndarray, y: jnp.ndarray, conv: ModuleDef, norm: ModuleDef,
+                  strides: int) -> jnp.ndarray:
+  """relu(shortcut(x) + y); the shortcut is a strided 1x1 conv + BN when shapes differ.
+
+  Called from inside a block's compact ``__call__``, so the submodules belong to the block.
+  """
+  if x.shape != y.shape:
+    x = conv(y.shape[-1], (1, 1), (strides, strides), name="shortcut_conv")(x)
+    x = norm(name="shortcut_bn")(x)
+  return nn.relu(x + y)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions with a residual connection (expansion 1)."""
 
@@ -48,17 +64,11 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    residual = x
     y = self.conv(self.features, (3, 3), (self.strides, self.strides), name="conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
     y = self.conv(self.features, (3, 3), name="conv2")(y)
-    scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-    y = self.norm(name="bn2", scale_init=scale_init)(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.features, (1, 1), (self.strides, self.strides),
-                           name="shortcut_conv")(residual)
-      residual = self.norm(name="shortcut_bn")(residual)
-    return nn.relu(residual + y)
+    y = self.norm(name="bn2", scale_init=_last_bn_init(self.zero_init_residual))(y)
+    return _add_shortcut(x, y, self.conv, self.norm, self.strides)
 
 
 class Bottleneck(nn.Module):
@@ -74,18 +84,12 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    residual = x
     y = nn.relu(self.norm(name="bn1")(self.conv(self.features, (1, 1), name="conv1")(x)))
     y = self.conv(self.features, (3, 3), (self.strides, self.strides), name="conv2")(y)
     y = nn.relu(self.norm(name="bn2")(y))
     y = self.conv(self.features * 4, (1, 1), name="conv3")(y)
-    scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-    y = self.norm(name="bn3", scale_init=scale_init)(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.features * 4, (1, 1), (self.strides, self.strides),
-                           name="shortcut_conv")(residual)
-      residual = self.norm(name="shortcut_bn")(residual)
-    return nn.relu(residual + y)
+    y = self.norm(name="bn3", scale_init=_last_bn_init(self.zero_init_residual))(y)
+    return _add_shortcut(x, y, self.conv, self.norm, self.strides)
 
 
 class ResNet(nn.Module):

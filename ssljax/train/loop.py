@@ -189,7 +189,7 @@ def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
                            process_count=jax.process_count(), prefetch=config.data.prefetch)
   sharding = data_sharded(mesh)
   pending: list[dict[str, jax.Array]] = []
-  window_start, window_steps = time.time(), 0
+  window_start, window_steps, window_excluded = time.time(), 0, 0.0
   bar = None
   if tc.progress_bar and jax.process_index() == 0:
     from tqdm import tqdm  # deferred: only the interactive bar needs it
@@ -220,21 +220,23 @@ def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
           if bad >= 0:
             _raise_nonfinite(bad, ckpt)
           means = jax.tree.map(lambda *xs: float(np.mean(jax.device_get(xs))), *pending)
-          elapsed = time.time() - window_start
+          elapsed = time.time() - window_start - window_excluded
           means["train/images_per_sec"] = window_steps * tc.batch_size / max(elapsed, 1e-9)
           means["train/epoch"] = done / steps_per_epoch
           writer.write(done, means)
           if bar is not None:
             bar.set_postfix(loss=f"{means['train/loss']:.4f}",
                             img_s=f"{means['train/images_per_sec']:.0f}", refresh=False)
-          pending, window_start, window_steps = [], time.time(), 0
+          pending, window_start, window_steps, window_excluded = [], time.time(), 0, 0.0
         if bar is not None:
           bar.update(1)
         if done % tc.checkpoint_every_steps == 0 or done == total_steps:
           save(done)
         if monitor is not None and (done % tc.eval_every_steps == 0):
+          jax.block_until_ready(state)  # steps in flight count as training time
+          monitor_start = time.time()
           writer.write(done, monitor(state))
-          window_start = time.time()  # keep evaluation time out of images/s
+          window_excluded += time.time() - monitor_start  # keep evaluation out of images/s
         if stop.requested:
           log.warning("SIGTERM received: checkpointing step %d and stopping", done)
           save(done)
@@ -243,8 +245,7 @@ def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
     done = int(state.step)
     if int(state.nonfinite_step) < 0 and done > start_step:
       log.warning("interrupted: checkpointing step %d", done)
-      ckpt.save(done, state, {"position": done, "epoch": done / steps_per_epoch,
-                              "steps_per_epoch": steps_per_epoch})
+      save(done)
     raise
   finally:
     loader.close()

@@ -11,33 +11,11 @@ from jax.sharding import Mesh, PartitionSpec as P
 from ssljax.losses import nt_xent
 from ssljax.methods import base, build_method, register, registered_methods
 from ssljax.models import MLPHead, ResNet
-from tests.util import tiny_config
+from tests.util import init_with_numpy_kernels, tiny_config
 
 _KEY = jax.random.key(0)
 _BATCH = 16
 _SIZE = 8
-
-
-def _with_numpy_kernels(init_fn, *args, seed: int = 0):
-  """``init_fn(*args)``, except that kernels (rank >= 2) come from NumPy, He-normal.
-
-  The real initialisers give every rank <= 1 variable (BN scales and offsets, running stats,
-  biases). Sampling conv kernels with XLA costs seconds of compilation per kernel on CPU with
-  partitionable threefry (conftest); the jitted init returns only the small variables, so XLA
-  drops the kernel sampling.
-  """
-  shapes = jax.eval_shape(init_fn, *args)
-  small = jax.jit(lambda *a: jax.tree.map(lambda x: x if x.ndim <= 1 else jnp.zeros(()),
-                                          init_fn(*a)))(*args)
-  rng = np.random.default_rng(seed)
-
-  def fill(shape, value):
-    if shape.ndim <= 1:
-      return value
-    fan_in = int(np.prod(shape.shape[:-1]))
-    return jnp.asarray(rng.normal(scale=np.sqrt(2.0 / fan_in), size=shape.shape), jnp.float32)
-
-  return jax.tree.map(fill, shapes, small)
 
 
 def _views(seed: int = 0, batch: int = _BATCH):
@@ -58,7 +36,7 @@ def simclr(tmp_path_factory):
   """The tiny config, its method, initial (params, method_state) and a jitted loss."""
   config = tiny_config(str(tmp_path_factory.mktemp("simclr")))
   method = build_method(config)
-  params, state = _with_numpy_kernels(method.init, _KEY, _views())
+  params, state = init_with_numpy_kernels(method.init, _KEY, _views())
 
   @jax.jit
   def loss(params, state, views):

@@ -11,6 +11,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from ssljax.config import default_config
 from ssljax.models import PRESETS, BasicBlock, Bottleneck, ResNet, build_encoder
+from tests.util import init_with_numpy_kernels
 
 _KEY = jax.random.key(0)
 
@@ -28,26 +29,9 @@ def _abstract_variables(model: nn.Module, image_shape: tuple[int, ...]):
 
 
 def _variables(module: nn.Module, *args, seed: int = 0, **kwargs):
-  """``module.init`` values, except that kernels (rank >= 2) come from NumPy, He-normal.
-
-  The real initialisers give every rank <= 1 variable (BN scales and offsets, running stats,
-  biases). Sampling the kernels with XLA would cost seconds of compilation per kernel on CPU
-  with partitionable threefry (conftest), so the jitted init returns only the small variables
-  and XLA drops the kernel sampling.
-  """
-  init = functools.partial(module.init, **kwargs)
-  small = jax.jit(lambda key: jax.tree.map(lambda a: a if a.ndim <= 1 else jnp.zeros(()),
-                                           init(key, *args)))(_KEY)
-  shapes = jax.eval_shape(init, _KEY, *args)
-  rng = np.random.default_rng(seed)
-
-  def fill(shape, value):
-    if shape.ndim <= 1:
-      return value
-    fan_in = int(np.prod(shape.shape[:-1]))
-    return jnp.asarray(rng.normal(scale=np.sqrt(2.0 / fan_in), size=shape.shape), jnp.float32)
-
-  return jax.tree.map(fill, shapes, small)
+  """``module.init`` values with NumPy kernels (see `tests.util.init_with_numpy_kernels`)."""
+  return init_with_numpy_kernels(functools.partial(module.init, **kwargs), _KEY, *args,
+                                 seed=seed)
 
 
 def _num_params(tree) -> int:
@@ -329,3 +313,17 @@ def test_sync_batchnorm_over_devices_equals_single_device_batch(num_devices):
                                    in_specs=(P(), P("data")), out_specs=(P("data"), P("data")),
                                    check_vma=False))
   assert not np.allclose(unsynced(variables, x)[0], ref_out, atol=1e-3)
+
+
+def test_expand_features_adds_a_wide_1x1_layer_before_pooling():
+  model = _preset_resnet("resnet_tiny", expand_features=96)
+  assert model.num_features == 96
+  variables = _abstract_variables(model, (2, 28, 28, 1))
+  params = variables["params"]
+  assert params["expand_conv"]["kernel"].shape == (1, 1, 64, 96)
+  assert params["expand_bn"]["scale"].shape == (96,)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
+                       jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32))
+  assert out.shape == (2, 96)
+  plain = _abstract_variables(_preset_resnet("resnet_tiny"), (2, 28, 28, 1))
+  assert _num_params(params) - _num_params(plain["params"]) == 64 * 96 + 2 * 96
