@@ -1,9 +1,13 @@
 """SimCLR on Fashion-MNIST, CPU-sized: the embedded default job.
 
 Command (fresh Debian/Ubuntu machine, see README):
-  ssljax train --config configs/simclr_fashion_mnist.py --workdir runs/simclr_fmnist
+  bash launch/local.sh     # = ssljax train --config configs/simclr_fashion_mnist.py \
+                           #       --workdir runs/simclr_fashion_mnist
 
-Hardware / time / accuracy: filled in from the measured run (see README "Results").
+Measured (2026-11-23, seed 0, 2-core AMD EPYC CPU, jax 0.10.2, `bash launch/local.sh`):
+  12 epochs, kNN top-1 0.8228 (k=200, t=0.1), linear probe 0.8864; 22 min 43 s wall with
+  another CPU-bound process sharing the two cores (530-990 images/s). Raw pixels give kNN
+  0.7885 and a random-init encoder 0.7614 under the same protocol.
 """
 
 from ssljax.config import default_config

@@ -52,10 +52,11 @@ def _features(config, method: Method, state, images: np.ndarray, mesh) -> np.nda
 class KnnMonitor:
   """Periodic kNN accuracy on fixed subsets of the train (bank) and test splits."""
 
-  def __init__(self, config: ml_collections.ConfigDict, method: Method, mesh):
+  def __init__(self, config: ml_collections.ConfigDict, method: Method, mesh, *,
+               train_source=None):
     self._config, self._method, self._mesh = config, method, mesh
     ec = config.eval
-    train = data.build_source(config.data, config.data.train_split)
+    train = train_source or data.build_source(config.data, config.data.train_split)
     test = data.build_source(config.data, config.data.test_split)
     self._bank = _subset(train, ec.monitor_train_examples, config.seed)
     self._queries = _subset(test, ec.monitor_test_examples, config.seed + 1)

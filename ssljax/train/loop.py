@@ -156,7 +156,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start_step = int(state.step)
 
   writer = MetricWriter(workdir)
-  monitor = evaluate.KnnMonitor(config, method, mesh) if config.train.eval_every_steps else None
+  monitor = (evaluate.KnnMonitor(config, method, mesh, train_source=train_source)
+             if config.train.eval_every_steps else None)
   if start_step < total_steps:
     try:
       state = _loop(config, state, step_fn, train_source, mesh, ckpt, writer, monitor,
