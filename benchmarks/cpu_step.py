@@ -14,19 +14,25 @@ two 28x28x1 views each, so 512 views through encoder + projector + NT-Xent + opt
      jitted augmentation policy alone, giving augmentation's share of the step;
   3. ``HostLoader`` over the real train split plus ``to_global_array``: images/s the host
      delivers, and its ratio to what the train step consumes;
-  4. an equivalent PyTorch CPU step (same architecture, fed augmented views), in the default
-     and the channels_last memory formats, skipped with a note when torch is not installed;
-  5. with ``--breakdown``: forward only, forward + backward, with and without BatchNorm, and
-     the optimiser's share, in JAX and PyTorch; with ``--sweep-flags``: the step under a list
-     of XLA:CPU flag sets (each flag of CPU_XLA_FLAGS alone, both, and other XLA:CPU options).
+  4. an equivalent PyTorch CPU step (same architecture, fed views), in the default and the
+     channels_last memory formats, skipped with a note when torch is not installed;
+  5. with ``--sweep-flags``: the full step compiled under a list of XLA:CPU flag sets in one
+     process and timed interleaved, then the fastest set again as in 1; with
+     ``--breakdown``: forward only, forward + backward, with and without BatchNorm, the
+     optimiser's share and a profile by operation category, for CPU_XLA_FLAGS and the sweep's
+     best set (or no flags), next to PyTorch's forward / backward and top operators.
 
 XLA reads ``XLA_FLAGS`` once, when JAX initialises its CPU backend, so every JAX configuration
-runs in its own subprocess (this file re-invoked with ``--worker``), which prints its numbers
-as JSON; the parent collects them, prints a table and writes one JSON file. Timings are medians
-of per-call wall times (each call waits for its result); variants compared within a process
-are interleaved call by call, so a burst of load from other jobs hits them alike. Ratios taken
-inside one process are the robust numbers on a shared machine; absolute images/s move with the
-load average, which the JSON records next to every worker.
+of 1-3 runs in its own subprocess (this file re-invoked with ``--worker``), which writes its
+numbers as JSON; the parent collects them, prints a table and writes one JSON file. The sweep
+instead hands each flag set to ``Lowered.compile(compiler_options=...)``, which sets the same
+compiler options per compilation, so that all sets share one process. Timings are medians of
+per-call wall times (each call waits for its result); variants compared within a process are
+interleaved call by call, so a burst of load from other jobs hits them alike. Ratios taken
+inside one process are the robust numbers on a shared machine; absolute images/s move with
+the load average, which the JSON records next to every worker. PyTorch suffers most from a
+busy machine (its two OpenMP threads wait for each other at every operator), so compare it
+only from a run on an idle machine.
 """
 
 from __future__ import annotations
@@ -183,6 +189,7 @@ def block(result: Any) -> None:
 
 
 def load_average() -> list[float]:
+  """The 1, 5 and 15-minute load averages."""
   return [round(v, 2) for v in os.getloadavg()]
 
 
@@ -238,6 +245,7 @@ class JaxSetup:
     self.label = jax.device_put(np.asarray(examples["label"], np.int32), self.data_sharding)
 
   def init_state(self):
+    """A fresh replicated train state, as the train loop initialises it."""
     import jax
     from ssljax.parallel import replicated
     from ssljax.train.step import init_train_state
@@ -345,8 +353,89 @@ def jax_sweep_worker(config, steps: int) -> dict[str, Any]:
     calls[name] = run
   for name, timing in timed_interleaved(calls, steps).items():
     results[name]["timings"] = {"full_step": timing}
+  load_during = load_average()
+  timed = {n: r for n, r in results.items() if "timings" in r}
+  conv_layers = None
+  if timed:
+    best = min(timed, key=lambda n: timed[n]["timings"]["full_step"]["median_s"])
+    if timed[best]["xla_flags"]:
+      conv_layers = {"sets": {"none": "", "best": timed[best]["xla_flags"]},
+                     "layers": conv_layer_ab(setup, {"none": "", "best": timed[best]["xla_flags"]},
+                                             max(steps, 5))}
   return {"sets": [{"name": name, **result} for name, result in results.items()],
-          "load_during": load_average()}
+          "load_during": load_during, "conv_layers": conv_layers}
+
+
+def encoder_convolutions(setup: JaxSetup) -> list[dict[str, Any]]:
+  """Every distinct convolution the encoder runs on the step's views (input shape, geometry).
+
+  Recorded by a Flax interceptor while the encoder is traced (``jax.eval_shape``, nothing is
+  computed) on ``views x batch`` rows, the batch the train step convolves.
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  found: list[dict[str, Any]] = []
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, nn.Conv) and context.method_name == "__call__":
+      layer = {"input": list(args[0].shape), "kernel": list(module.kernel_size),
+               "features": module.features, "strides": list(module.strides or (1, 1)),
+               "padding": module.padding if isinstance(module.padding, str)
+                          else [list(p) for p in module.padding]}
+      if layer not in found:
+        found.append(layer)
+    return next_fun(*args, **kwargs)
+
+  rows = setup.batch_size * setup.policy.num_views
+  x = jnp.zeros((rows, *setup.image_shape), jnp.float32)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: setup.method.encoder.init(jax.random.PRNGKey(0), x, train=False))
+  return found
+
+
+def conv_layer_ab(setup: JaxSetup, flag_sets: dict[str, str], steps: int
+                  ) -> list[dict[str, Any]]:
+  """Forward, input-gradient and weight-gradient time of each encoder convolution, per set.
+
+  Each convolution is compiled alone under every flag set (as ``compiler_options``) and all
+  variants are timed interleaved; returns one row per layer with median ms per part and set.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+
+  rows = []
+  for layer in encoder_convolutions(setup):
+    cin, cout = layer["input"][-1], layer["features"]
+    padding = layer["padding"] if isinstance(layer["padding"], str) else [
+        tuple(p) for p in layer["padding"]]
+
+    def conv(x, w, layer=layer, padding=padding):
+      return lax.conv_general_dilated(x, w, tuple(layer["strides"]), padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    x = jnp.ones(layer["input"], jnp.float32)
+    w = jnp.ones((*layer["kernel"], cin, cout), jnp.float32) * 0.01
+    g = jnp.ones(jax.eval_shape(conv, x, w).shape, jnp.float32)
+    parts = {
+        "forward": (conv, (x, w)),
+        "input_grad": (lambda x, w, g, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](g)[0],
+                       (x, w, g)),
+        "weight_grad": (lambda x, w, g, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](g)[0],
+                        (x, w, g)),
+    }
+    calls = {}
+    for set_name, flags in flag_sets.items():
+      for part, (fn, args) in parts.items():
+        compiled = jax.jit(fn).lower(*args).compile(
+            compiler_options=xla_flags_to_options(flags) or None)
+        calls[(set_name, part)] = functools.partial(compiled, *args)
+    timings = timed_interleaved({f"{k[0]}|{k[1]}": v for k, v in calls.items()}, steps)
+    rows.append({**layer, "ms": {key: 1000 * t["median_s"] for key, t in timings.items()}})
+  return rows
 
 
 def jax_pipeline_worker(config, steps: int) -> dict[str, Any]:
@@ -401,7 +490,7 @@ def categorize_hlo(hlo_text: str, rows: int) -> dict[str, str]:
   """
   import re
   computations: dict[str, list[tuple[str, str, str, str]]] = {}
-  instructions: dict[str, tuple[str, str | None]] = {}
+  instructions: dict[str, tuple[str, str | None, str, str]] = {}
   current = None
   for line in hlo_text.splitlines():
     header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
@@ -417,11 +506,12 @@ def categorize_hlo(hlo_text: str, rows: int) -> dict[str, str]:
       name, shape, opcode, rest = inst.groups()
       called = re.search(r"calls=%?([\w.\-]+)", rest)
       computations[current].append((name, opcode, shape, rest))
-      instructions[name] = (opcode, called.group(1) if called else None)
+      instructions[name] = (opcode, called.group(1) if called else None, shape, rest)
 
   def category(name: str) -> str:
-    opcode, called = instructions[name]
-    body = computations.get(called, []) if opcode == "fusion" else [(name, opcode, "", "")]
+    opcode, called, shape, rest = instructions[name]
+    body = (computations.get(called, []) if opcode == "fusion"
+            else [(name, opcode, shape, rest)])
     opcodes = {op for _, op, _, _ in body}
     for _, op, shape, rest in body:
       if op == "convolution":
@@ -448,7 +538,10 @@ def profile_categories(compiled, run: Callable[[], Any], calls: int, rows: int
   """Thunk time per step (ms, summed over threads) by `categorize_hlo` category.
 
   Traces `calls` runs with ``jax.profiler`` and matches the trace events to the compiled
-  module's instruction names.
+  module's instruction names. Library fusions (YNNPACK) and XLA's own kernels leave events;
+  Eigen convolutions do not, so the wall time the events leave unexplained is reported as
+  "untraced" (thunks on both threads can overlap, so the categories may add up to slightly
+  more than the wall time).
   """
   import glob
   import shutil
@@ -457,20 +550,26 @@ def profile_categories(compiled, run: Callable[[], Any], calls: int, rows: int
   trace_dir = tempfile.mkdtemp(prefix="ssljax_trace_")
   try:
     with jax.profiler.trace(trace_dir):
+      start = time.perf_counter()
       for _ in range(calls):
         block(run())
+      elapsed = time.perf_counter() - start
     path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
     profile = jax.profiler.ProfileData.from_file(path)
   finally:
     shutil.rmtree(trace_dir, ignore_errors=True)
   totals: dict[str, float] = {}
+  wall_ms = 1000 * elapsed / calls
   for plane in profile.planes:
     for line in plane.lines:
       for event in line.events:
         if event.name in categories:
           key = categories[event.name]
           totals[key] = totals.get(key, 0.0) + event.duration_ns / 1e6 / calls
-  return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+  totals["untraced (Eigen convolutions, ...)"] = max(0.0, wall_ms - sum(totals.values()))
+  totals = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+  totals["wall time of a traced step"] = wall_ms
+  return totals
 
 
 def jax_breakdown_worker(config, steps: int) -> dict[str, Any]:
@@ -501,19 +600,16 @@ def jax_breakdown_worker(config, steps: int) -> dict[str, Any]:
 
   params, method_state = method.init(key, view_tuple)
 
-  def plain(fn):
-    return jax.jit(fn)
-
   def no_bn(fn):
-    def wrapped(*args):
+    def traced_without_bn(*args):
       with _without_batchnorm():
         return fn(*args)
-    return jax.jit(wrapped)
+    return jax.jit(traced_without_bn)
 
   grad = jax.value_and_grad(loss_value)
   fns = {
-      "forward": (plain(loss_value), (params, method_state)),
-      "forward_backward": (plain(grad), (params, method_state)),
+      "forward": (jax.jit(loss_value), (params, method_state)),
+      "forward_backward": (jax.jit(grad), (params, method_state)),
       "forward_no_bn": (no_bn(loss_value), (params, method_state)),
       "forward_backward_no_bn": (no_bn(grad), (params, method_state)),
   }
@@ -540,7 +636,24 @@ def jax_breakdown_worker(config, steps: int) -> dict[str, Any]:
 
 
 def torch_worker(config, steps: int, breakdown: bool) -> dict[str, Any]:
-  """The same SimCLR step in PyTorch on precomputed views; default and channels_last layouts."""
+  """Times `torch_calls` interleaved (and profiles the steps with `breakdown`)."""
+  calls, results = torch_calls(config, breakdown)
+  if not calls:
+    return results
+  results["timings"] = timed_interleaved(calls, steps)
+  if breakdown:
+    results["profile_ms_per_step"] = {
+        layout: torch_profile(calls[f"step_{layout}"], max(3, min(steps, 5)))
+        for layout in ("default", "channels_last")}
+  return results
+
+
+def torch_calls(config, breakdown: bool) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
+  """The same SimCLR step in PyTorch on precomputed views; default and channels_last layouts.
+
+  Returns zero-argument callables (``step_<layout>``, plus ``forward_<layout>`` and
+  ``forward_backward_<layout>`` with `breakdown`) and facts about the model.
+  """
   import torch
   from torch import nn
   from torch.nn import functional as F
@@ -550,7 +663,7 @@ def torch_worker(config, steps: int, breakdown: bool) -> dict[str, Any]:
   torch.manual_seed(0)
   preset = PRESETS[config.model.encoder]
   if preset.block is not BasicBlock or not config.model.cifar_stem:
-    return {"skipped": "the PyTorch twin covers BasicBlock presets with the 3x3 stem only"}
+    return {}, {"skipped": "the PyTorch twin covers BasicBlock presets with the 3x3 stem only"}
   width = config.model.width
   hp = config.method.simclr
   channels = config.data.channels
@@ -631,6 +744,7 @@ def torch_worker(config, steps: int, breakdown: bool) -> dict[str, Any]:
     results["param_count"] = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=config.optim.momentum,
                                 weight_decay=config.optim.weight_decay)
+    # Both views of every image stacked [a; b] (compute does not depend on the pixel values).
     views = torch.rand(rows, channels, size, size).contiguous(memory_format=memory_format)
 
     def step(model=model, optimizer=optimizer, views=views):
@@ -654,12 +768,7 @@ def torch_worker(config, steps: int, breakdown: bool) -> dict[str, Any]:
 
       calls[f"forward_{layout}"] = forward
       calls[f"forward_backward_{layout}"] = forward_backward
-  results["timings"] = timed_interleaved(calls, steps)
-  if breakdown:
-    results["profile_ms_per_step"] = {
-        layout: torch_profile(calls[f"step_{layout}"], max(3, min(steps, 5)))
-        for layout in ("default", "channels_last")}
-  return results
+  return calls, results
 
 
 def torch_profile(step: Callable[[], Any], calls: int, top: int = 10) -> dict[str, float]:
@@ -736,17 +845,15 @@ def device_description() -> dict[str, Any]:
 
 
 def images_per_s(result: dict[str, Any], name: str, batch_size: int) -> float | None:
+  """Images per second of timing `name` in a worker result (median wall time), or None."""
   timing = result.get("timings", {}).get(name)
   return batch_size / timing["median_s"] if timing else None
 
 
 def ms(result: dict[str, Any], name: str) -> float | None:
+  """Median wall milliseconds of timing `name` in a worker result, or None."""
   timing = result.get("timings", {}).get(name)
   return 1000 * timing["median_s"] if timing else None
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-  return a / b if a is not None and b else None
 
 
 JAX_LABELS = {"cli": "CPU_XLA_FLAGS", "none": "no flags", "best": "sweep's best"}
@@ -925,7 +1032,6 @@ def print_breakdown(breakdown: dict[str, Any], derived: dict[str, Any],
     for category in categories:
       rows.append((category, *(f"{profiles[t][category]:.0f}" if category in profiles[t]
                                else "-" for t in tags)))
-    rows.append(("total", *(f"{sum(profiles[t].values()):.0f}" for t in tags)))
     print_table(rows)
   for layout, ops in torch_result.get("profile_ms_per_step", {}).items():
     print(f"\ntorch step ({layout}), top operators by self CPU time (ms per step)")
@@ -957,6 +1063,24 @@ def print_sweep(sweep: dict[str, Any], summary: dict[str, Any], batch: int) -> N
     print(f"fastest: {best['name']} ({best.get('speedup_vs_cli', float('nan')):.2f}x "
           f"CPU_XLA_FLAGS, {best.get('speedup_vs_none', float('nan')):.2f}x no flags): "
           f"XLA_FLAGS='{best['xla_flags']}'")
+  conv_layers = sweep.get("conv_layers")
+  if conv_layers:
+    print(f"\nencoder convolutions alone, ms per call (median), no flags vs the fastest set "
+          f"(XLA_FLAGS='{conv_layers['sets']['best']}')")
+    rows = [("input -> features, kernel/stride", "forward", "input-grad", "weight-grad")]
+    totals = {}
+    for layer in conv_layers["layers"]:
+      cells = []
+      for part in ("forward", "input_grad", "weight_grad"):
+        none, best_ms = layer["ms"][f"none|{part}"], layer["ms"][f"best|{part}"]
+        totals[part] = [a + b for a, b in zip(totals.get(part, [0.0, 0.0]), (none, best_ms))]
+        cells.append(f"{none:.1f} -> {best_ms:.1f}")
+      k, st = layer["kernel"], layer["strides"]
+      rows.append((f"{'x'.join(map(str, layer['input'][1:]))} -> {layer['features']}, "
+                   f"{k[0]}x{k[1]}/{st[0]}", *cells))
+    rows.append(("total", *(f"{totals[p][0]:.0f} -> {totals[p][1]:.0f}"
+                            for p in ("forward", "input_grad", "weight_grad"))))
+    print_table(rows)
   if "cli_hlo_matches_xla_flags_subprocess" in summary:
     print(f"'cli' set compiles to the same HLO as the XLA_FLAGS subprocess: "
           f"{summary['cli_hlo_matches_xla_flags_subprocess']}; CPU_XLA_FLAGS changes the "
@@ -964,6 +1088,7 @@ def print_sweep(sweep: dict[str, Any], summary: dict[str, Any], batch: int) -> N
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
+  """Prints rows as aligned columns; the first row is the header."""
   widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
   for k, row in enumerate(rows):
     cells = [str(c).ljust(w) if i == 0 else str(c).rjust(w)
@@ -974,6 +1099,7 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
 
 
 def derive_breakdown(result: dict[str, Any]) -> dict[str, float] | None:
+  """Backward, BatchNorm and optimiser shares from a breakdown worker's median times."""
   t = {k: v["median_s"] for k, v in result.get("timings", {}).items()}
   if not t:
     return None
@@ -986,11 +1112,13 @@ def derive_breakdown(result: dict[str, Any]) -> dict[str, float] | None:
 
 
 def torch_available() -> bool:
+  """Whether PyTorch can be imported (without importing it here)."""
   import importlib.util
   return importlib.util.find_spec("torch") is not None
 
 
 def main_parent(args) -> None:
+  """Runs the workers in turn, then prints the table and writes the JSON report."""
   config = load_config(args.config)
   batch = config.train.batch_size
   cli = cli_xla_flags()
@@ -1043,6 +1171,7 @@ def main_parent(args) -> None:
 
 
 def main_worker(args) -> None:
+  """One ``--worker`` subprocess: runs its measurement and writes the result as JSON."""
   config = load_config(args.config)
   if args.worker == "jax_step":
     result = jax_step_worker(config, args.steps)
@@ -1060,7 +1189,8 @@ def main_worker(args) -> None:
     json.dump(result, f)
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """Command-line options (``--worker`` and ``--worker-out`` are internal)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default=DEFAULT_CONFIG, help="ml_collections config file")
   parser.add_argument("--steps", type=int, default=20,
