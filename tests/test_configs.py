@@ -1,0 +1,44 @@
+"""Every shipped config loads, fits the schema, and builds its model and policy."""
+
+import glob
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ssljax import augment
+from ssljax.config import config_from_json, config_to_json
+from ssljax.methods import build_method
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_configs_exist():
+  assert any(path.endswith("simclr_fashion_mnist.py") for path in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_fits_schema_and_builds(path):
+  module = _load(path)
+  assert "Command" in module.__doc__ and "ssljax" in module.__doc__
+  config = module.get_config()
+  rebuilt = config_from_json(config_to_json(config))  # raises on a key the schema lacks
+  assert config_to_json(rebuilt) == config_to_json(config)
+  policy = augment.build_policy(config.augment)
+  method = build_method(config)
+  assert policy.num_views >= method.num_views
+  size, channels = config.augment.crop_size, config.data.channels
+  views = tuple(jax.ShapeDtypeStruct((2, s, s, channels), jnp.float32)
+                for s in policy.view_sizes)
+  params, _ = jax.eval_shape(method.init, jax.random.PRNGKey(0), views)
+  assert "encoder" in params and size > 0
