@@ -40,5 +40,10 @@ def test_config_fits_schema_and_builds(path):
   size, channels = config.augment.crop_size, config.data.channels
   views = tuple(jax.ShapeDtypeStruct((2, s, s, channels), jnp.float32)
                 for s in policy.view_sizes)
-  params, _ = jax.eval_shape(method.init, jax.random.PRNGKey(0), views)
-  assert "encoder" in params and size > 0
+  params, method_state = jax.eval_shape(method.init, jax.random.PRNGKey(0), views)
+  assert set(params) == {"encoder", "projector"}
+  features = jax.eval_shape(
+      lambda v, x: method.encoder.apply(v, x, train=False),
+      method.eval_variables(params, method_state),
+      jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32))
+  assert features.shape == (2, method.encoder.num_features)

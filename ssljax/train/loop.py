@@ -9,7 +9,6 @@ uninterrupted run); a run that already finished goes straight to evaluation.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import signal
@@ -17,7 +16,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
