@@ -60,6 +60,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.augment.blur_prob = 0.0
   c.augment.blur_sigma = (0.1, 2.0)
   c.augment.solarize_prob = 0.0
+  c.augment.num_views = 2  # 'simclr'/'moco_v2': identically drawn views per image (>= 2).
+  # 'byol' policy: blur and solarize probabilities of view 1 and view 2 (BYOL paper values).
+  c.augment.byol_blur_probs = (1.0, 0.1)
+  c.augment.byol_solarize_probs = (0.0, 0.2)
   # Multi-crop ('multicrop' policy): number and geometry of the small crops.
   c.augment.num_small_crops = 0
   c.augment.small_crop_size = 14
@@ -87,6 +91,75 @@ def default_config() -> ml_collections.ConfigDict:
   c.method.simclr.proj_dim = 128
   c.method.simclr.proj_layers = 2  # Linear layers in the projector (>= 1).
   c.method.simclr.proj_last_bn = False  # BN (non-affine) after the last projector layer.
+
+  # MoCo v2 (SPEC 6.2). Defaults: solo-learn's MoCo V2+ CIFAR recipe, smaller queue.
+  c.method.moco = ml_collections.ConfigDict()
+  c.method.moco.temperature = 0.2
+  c.method.moco.queue_size = 4096  # Keys kept; a multiple of the global batch.
+  # EMA momentum of the key encoder, cosine-increased from `ema_momentum` to
+  # `ema_momentum_final` over the run (equal values: constant, as in MoCo v2's 0.999).
+  c.method.moco.ema_momentum = 0.99
+  c.method.moco.ema_momentum_final = 0.999
+  c.method.moco.symmetric = True  # Also swap the two views' roles and average.
+  c.method.moco.proj_hidden_dim = 512
+  c.method.moco.proj_dim = 128
+  c.method.moco.proj_layers = 2  # 1: the linear head of MoCo v1 / the CIFAR demo.
+
+  # BYOL (SPEC 6.3). Defaults: solo-learn CIFAR (projector 4096 -> 256, predictor 4096).
+  c.method.byol = ml_collections.ConfigDict()
+  c.method.byol.proj_hidden_dim = 4096
+  c.method.byol.proj_dim = 256
+  c.method.byol.pred_hidden_dim = 4096
+  # Target EMA momentum: cosine from `ema_momentum` to `ema_momentum_final` over the run.
+  c.method.byol.ema_momentum = 0.99
+  c.method.byol.ema_momentum_final = 1.0
+
+  # SwAV (SPEC 6.4). Defaults: solo-learn CIFAR (no multi-crop there; use the 'multicrop'
+  # augment policy for 2 global + V local crops).
+  c.method.swav = ml_collections.ConfigDict()
+  c.method.swav.temperature = 0.1
+  c.method.swav.epsilon = 0.05  # Sinkhorn entropy regularisation.
+  c.method.swav.sinkhorn_iters = 3
+  c.method.swav.num_prototypes = 3000
+  c.method.swav.proj_hidden_dim = 2048
+  c.method.swav.proj_dim = 128
+  c.method.swav.queue_size = 3840  # 0: no queue. A multiple of the global batch.
+  c.method.swav.queue_start_epoch = 50.0  # The queue joins the codes from this epoch.
+  c.method.swav.freeze_prototypes_epochs = 2.0  # Prototypes get no update before this.
+  c.method.swav.crops_for_assign = (0, 1)  # Views whose codes are predicted (global crops).
+
+  # Barlow Twins (SPEC 6.5). Defaults: the official ImageNet loss; solo-learn CIFAR sizes.
+  c.method.barlow_twins = ml_collections.ConfigDict()
+  c.method.barlow_twins.lambda_offdiag = 0.0051
+  c.method.barlow_twins.scale_loss = 1.0  # Multiplies the loss (solo-learn CIFAR: 0.1).
+  c.method.barlow_twins.unbiased_std = False  # MetaMask's standardisation (SPEC 4.3).
+  c.method.barlow_twins.proj_hidden_dim = 2048
+  c.method.barlow_twins.proj_dim = 2048
+  c.method.barlow_twins.proj_layers = 3
+
+  # NPID / InstDisc (SPEC 6.6). Defaults: CLD's CIFAR setting.
+  c.method.npid = ml_collections.ConfigDict()
+  c.method.npid.temperature = 0.1  # Original paper: 0.07.
+  c.method.npid.proj_dim = 128
+  c.method.npid.bank_size = 0  # Memory-bank rows; 0 = the training-set size (must equal it).
+  c.method.npid.bank_momentum = 0.5
+  # 0: full softmax over the bank (CLD's nce_k = 0); > 0: NCE with this many noise samples
+  # and a normalising constant Z estimated on the first batch, then fixed (original NPID).
+  c.method.npid.nce_negatives = 0
+
+  # DINO as in the DISSL/CISSL repository (SPEC 2.3b).
+  c.method.dino = ml_collections.ConfigDict()
+  c.method.dino.proj_hidden_dim = 1024
+  c.method.dino.bottleneck_dim = 256
+  c.method.dino.out_dim = 1000  # Outputs of the weight-normalised last layer.
+  c.method.dino.student_temperature = 0.1
+  c.method.dino.teacher_temperature = 0.07
+  c.method.dino.teacher_temperature_warmup = 0.04  # Linear warm-up from this value ...
+  c.method.dino.teacher_temperature_warmup_epochs = 50.0  # ... over these epochs.
+  c.method.dino.center_momentum = 0.9
+  c.method.dino.ema_momentum = 0.996
+  c.method.dino.ema_momentum_final = 1.0
+  c.method.dino.freeze_last_layer_epochs = 1.0
 
   # ---------------------------------------------------------------- optim
   c.optim = ml_collections.ConfigDict()

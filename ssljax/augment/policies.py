@@ -42,12 +42,6 @@ from ssljax.augment import ops
 
 POLICIES = ("simclr", "moco_v2", "byol", "multicrop")
 
-# BYOL (Grill et al. 2020, Table 6): view 1 is always blurred and never solarized, view 2 is
-# blurred with probability 0.1 and solarized with probability 0.2.
-_BYOL_BLUR_PROBS = (1.0, 0.1)
-_BYOL_SOLARIZE_PROBS = (0.0, 0.2)
-
-
 def _check_prob(name: str, value: float) -> None:
   if not 0.0 <= value <= 1.0:
     raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
@@ -217,13 +211,13 @@ class Policy:
 def build_policy(augment_config: ml_collections.ConfigDict) -> Policy:
   """Builds the ``augment.policy`` named in the config, with ``augment.strength`` applied.
 
-  * ``'simclr'``: two views with the config values (SimCLR, Chen et al. 2020).
-  * ``'moco_v2'``: the same two symmetric views (MoCo v2's numbers are in its config file).
-  * ``'byol'``: two asymmetric views (Grill et al. 2020): blur probability 1.0 / 0.1 and
-    solarize probability 0.0 / 0.2 for views 1 / 2, replacing the config's ``blur_prob``
-    and ``solarize_prob``; when the config's ``blur_prob`` is 0 (e.g. small images where
-    the papers drop blur), blur stays off on both views.
-  * ``'multicrop'``: the two simclr views plus ``num_small_crops`` views of size
+  * ``'simclr'``: ``num_views`` (>= 2) views with the config values (SimCLR, Chen et al.
+    2020); a third view is what MoCo + CLD's 3-view option consumes.
+  * ``'moco_v2'``: the same symmetric views (MoCo v2's numbers are in its config file).
+  * ``'byol'``: two asymmetric views (Grill et al. 2020): views 1 and 2 take their blur and
+    solarize probabilities from ``byol_blur_probs`` and ``byol_solarize_probs`` (paper:
+    (1.0, 0.1) and (0.0, 0.2)) instead of ``blur_prob`` and ``solarize_prob``.
+  * ``'multicrop'``: two global views plus ``num_small_crops`` views of size
     ``small_crop_size`` cropped with ``small_crop_scale`` (SwAV, Caron et al. 2020); the
     small views share every other setting.
 
@@ -246,12 +240,19 @@ def build_policy(augment_config: ml_collections.ConfigDict) -> Policy:
       blur_sigma=cfg.blur_sigma,
       solarize_prob=float(cfg.solarize_prob),
   )
-  views = [base, base]
+  if int(cfg.num_views) < 2:
+    raise ValueError(f"augment.num_views must be >= 2, got {cfg.num_views}")
+  views = [base] * int(cfg.num_views) if cfg.policy in ("simclr", "moco_v2") else [base, base]
   if cfg.policy == "byol":
-    blur_probs = _BYOL_BLUR_PROBS if base.blur_prob > 0 else (0.0, 0.0)
+    for name in ("byol_blur_probs", "byol_solarize_probs"):
+      if len(cfg[name]) != 2:
+        raise ValueError(f"augment.{name} must hold one probability per view (2), got "
+                         f"{cfg[name]}")
+      for p in cfg[name]:
+        _check_prob(f"augment.{name}", float(p))
     views = [
-        dataclasses.replace(base, blur_prob=blur, solarize_prob=solar)
-        for blur, solar in zip(blur_probs, _BYOL_SOLARIZE_PROBS)
+        dataclasses.replace(base, blur_prob=float(blur), solarize_prob=float(solar))
+        for blur, solar in zip(cfg.byol_blur_probs, cfg.byol_solarize_probs)
     ]
   elif cfg.policy == "multicrop":
     if cfg.num_small_crops < 0:

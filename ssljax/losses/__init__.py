@@ -1,8 +1,7 @@
 """Pure loss functions: arrays in, ``(loss, metrics)`` out, optional ``axis_name``.
 
 Importable on their own (``from ssljax.losses import nt_xent``); no Flax, no hidden state.
+One module per family; each line below re-exports one family's public functions.
 """
 
-from ssljax.losses.contrastive import gather_rows, l2_normalize, nt_xent
-
-__all__ = ["nt_xent", "l2_normalize", "gather_rows"]
+from ssljax.losses.contrastive import gather_rows, l2_normalize, nt_xent  # noqa: F401

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ssljax.losses import nt_xent
-from ssljax.methods.base import (Method, apply_module, init_module, keep_state,
+from ssljax.methods.base import (Method, RunInfo, apply_module, init_module, keep_state,
                                  online_encoder_variables, register)
 from ssljax.models import MLPHead, build_encoder, compute_dtype
 
@@ -30,7 +30,8 @@ def build_projector(config: ml_collections.ConfigDict, hp: ml_collections.Config
 
 
 @register("simclr")
-def simclr(config: ml_collections.ConfigDict, axis_name: str | None) -> Method:
+def simclr(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo) -> Method:
+  del run  # SimCLR has no schedule of its own
   hp = config.method.simclr
   encoder = build_encoder(config, axis_name=axis_name)
   projector = build_projector(config, hp, axis_name)

@@ -22,7 +22,7 @@ import numpy as np
 from ssljax import augment, data
 from ssljax.config import config_from_json, config_to_json
 from ssljax.eval import evaluate
-from ssljax.methods import build_method
+from ssljax.methods import RunInfo, build_method
 from ssljax.parallel import (DATA_AXIS, check_batch_divisible, data_sharded, make_mesh,
                              replicated)
 from ssljax.train.checkpoint import Checkpointer
@@ -98,9 +98,12 @@ class _StopRequest:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def build_state_and_step(config, mesh, image_shape, steps_per_epoch, total_steps):
+def build_state_and_step(config, mesh, image_shape, steps_per_epoch, total_steps,
+                         num_examples=None):
   """The method, its policy, the abstract and initialiser of the state, and the step."""
-  method = build_method(config, axis_name=DATA_AXIS)
+  method = build_method(config, axis_name=DATA_AXIS,
+                        run=RunInfo(steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                                    num_examples=num_examples))
   policy = augment.build_policy(config.augment)
   if policy.num_views < method.num_views:
     raise ValueError(f"method {method.name!r} needs {method.num_views} views but augment."
@@ -143,7 +146,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # ------------------------------------------------------------------ init / restore
   method, init, step_fn = build_state_and_step(config, mesh, image_shape, steps_per_epoch,
-                                               total_steps)
+                                               total_steps, len(train_source))
   ckpt = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is None:
@@ -261,7 +264,7 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
   train_source = data.build_source(config.data, config.data.train_split)
   steps_per_epoch, total_steps = run_length(config, len(train_source))
   method, init, _ = build_state_and_step(config, mesh, tuple(train_source.image_shape),
-                                         steps_per_epoch, total_steps)
+                                         steps_per_epoch, total_steps, len(train_source))
   ckpt = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is None:

@@ -97,9 +97,14 @@ def make_per_device_step(method: Method, tx: optax.GradientTransformation, polic
     grads = mean(grads)
     if "batch_stats" in method_state:  # per-device BN (no sync): keep one average copy
       method_state = {**method_state, "batch_stats": mean(method_state["batch_stats"])}
+    mask = method.update_mask(state.params, state.step) if method.update_mask else None
+    if mask is not None:
+      grads = _apply_mask(mask, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if mask is not None:
+      updates = _apply_mask(mask, updates)
     params = optax.apply_updates(state.params, updates)
-    method_state = method.post_update(params, method_state, step=state.step)
+    params, method_state = method.post_update(params, method_state, step=state.step)
 
     loss = mean(loss)
     grad_norm = optax.tree.norm(grads)
@@ -122,6 +127,13 @@ def make_per_device_step(method: Method, tx: optax.GradientTransformation, polic
     return new_state, metrics
 
   return step_fn
+
+
+def _apply_mask(mask: PyTree, tree: PyTree) -> PyTree:
+  """Zeroes the leaves of `tree` whose entry in `mask` (a tree prefix of bools) is False."""
+  return jax.tree.map(
+      lambda keep, sub: jax.tree.map(lambda x: jnp.where(keep, x, jnp.zeros_like(x)), sub),
+      mask, tree)
 
 
 def compile_train_step(per_device_step: Callable, mesh: Mesh) -> Callable:

@@ -64,9 +64,20 @@ def test_simclr_and_moco_v2_are_two_views_with_the_config_values():
 def test_byol_views_are_asymmetric():
   views = policies.build_policy(_config(policy="byol", blur_prob=0.5)).views
   assert [(v.blur_prob, v.solarize_prob) for v in views] == [(1.0, 0.0), (0.1, 0.2)]
-  # Blur disabled in the config (small images) stays off on both views.
-  views = policies.build_policy(_config(policy="byol", blur_prob=0.0)).views
-  assert [(v.blur_prob, v.solarize_prob) for v in views] == [(0.0, 0.0), (0.0, 0.2)]
+  views = policies.build_policy(_config(policy="byol", byol_blur_probs=(0.0, 0.0),
+                                        byol_solarize_probs=(0.0, 0.3))).views
+  assert [(v.blur_prob, v.solarize_prob) for v in views] == [(0.0, 0.0), (0.0, 0.3)]
+  with pytest.raises(ValueError, match=r"augment.byol_solarize_probs must be a probability"):
+    policies.build_policy(_config(policy="byol", byol_solarize_probs=(0.0, 1.5)))
+  with pytest.raises(ValueError, match=r"one probability per view \(2\)"):
+    policies.build_policy(_config(policy="byol", byol_blur_probs=(1.0,)))
+
+
+def test_num_views_for_symmetric_policies():
+  policy = policies.build_policy(_config(num_views=3))
+  assert policy.num_views == 3 and len(set(policy.views)) == 1
+  with pytest.raises(ValueError, match="augment.num_views must be >= 2, got 1"):
+    policies.build_policy(_config(num_views=1))
 
 
 def test_multicrop_views():

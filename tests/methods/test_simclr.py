@@ -59,14 +59,18 @@ def test_registry_names_simclr_and_rejects_unknown_names(tmp_path):
 def test_registering_a_name_twice_raises_and_keeps_the_first(monkeypatch, tmp_path):
   monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
   with pytest.raises(ValueError, match="'simclr' is already registered"):
-    register("simclr")(lambda config, axis_name: None)
+    register("simclr")(lambda config, axis_name, run: None)
   assert build_method(tiny_config(str(tmp_path))).name == "simclr"
 
   seen = []
-  register("probe")(lambda config, axis_name: seen.append(axis_name) or "built")
+  register("probe")(lambda config, axis_name, run: seen.append((axis_name, run)) or "built")
   config = tiny_config(str(tmp_path))
   config.method.name = "probe"
-  assert build_method(config, axis_name="data") == "built" and seen == ["data"]
+  run = base.RunInfo(steps_per_epoch=7, total_steps=70, num_examples=1792)
+  assert build_method(config, axis_name="data", run=run) == "built"
+  assert build_method(config) == "built"
+  assert seen[0] == ("data", run)
+  assert seen[1][1].num_examples is None and seen[1][1].steps_per_epoch == 1000
   assert "probe" in registered_methods()
 
 
@@ -75,7 +79,8 @@ def test_method_record_is_built_from_the_config(simclr):
   assert method.name == "simclr" and method.num_views == 2
   assert isinstance(method.encoder, ResNet) and method.encoder.num_features == 32
   assert method.encoder.input_mean == (0.2,) and method.encoder.input_std == (0.3,)
-  assert method.post_update(params, state, step=jnp.int32(3)) is state
+  new_params, new_state = method.post_update(params, state, step=jnp.int32(3))
+  assert new_params is params and new_state is state
 
 
 def test_init_structure(simclr, tmp_path):
