@@ -103,6 +103,7 @@ def make_per_device_step(method: Method, tx: optax.GradientTransformation, polic
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     if mask is not None:
       updates = _apply_mask(mask, updates)
+      opt_state = _keep_frozen_opt_state(mask, opt_state, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params, method_state = method.post_update(params, method_state, step=state.step)
 
@@ -134,6 +135,28 @@ def _apply_mask(mask: PyTree, tree: PyTree) -> PyTree:
   return jax.tree.map(
       lambda keep, sub: jax.tree.map(lambda x: jnp.where(keep, x, jnp.zeros_like(x)), sub),
       mask, tree)
+
+
+def _keep_frozen_opt_state(mask: PyTree, new: PyTree, old: PyTree, params: PyTree) -> PyTree:
+  """Frozen leaves keep their optimiser state too (momentum, Adam moments).
+
+  PyTorch skips parameters whose gradient is None, so weight decay does not build up in their
+  momentum while they are frozen. Every part of the optax state shaped like `params` is
+  selected leaf by leaf; other parts (step counts) are taken from the new state.
+  """
+  treedef = jax.tree.structure(params)
+
+  def params_like(node) -> bool:
+    return jax.tree.structure(node) == treedef
+
+  def select(new_node, old_node):
+    if not params_like(new_node):
+      return new_node
+    return jax.tree.map(
+        lambda keep, n, o: jax.tree.map(lambda a, b: jnp.where(keep, a, b), n, o),
+        mask, new_node, old_node)
+
+  return jax.tree.map(select, new, old, is_leaf=params_like)
 
 
 def compile_train_step(per_device_step: Callable, mesh: Mesh) -> Callable:

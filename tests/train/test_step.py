@@ -108,3 +108,77 @@ def test_nonfinite_loss_freezes_the_state_and_records_the_step(tiny):
   frozen = jax.device_get(state)
   _assert_trees_close(frozen.opt_state, good.opt_state, rtol=0, atol=0)
   _assert_trees_close(frozen.method_state, good.method_state, rtol=0, atol=0)
+
+
+def _toy_method(freeze_steps: int):
+  """A two-parameter method: `frozen` is masked for `freeze_steps` steps, `unit` is renormalised."""
+  import flax.linen as nn
+  from ssljax.methods.base import Method
+
+  def init(key, views):
+    del key, views
+    return {"unit": jnp.array([3.0, 4.0]), "frozen": jnp.array([1.0, -2.0])}, {"seen": 0}
+
+  def loss(params, method_state, batch, *, key, step, axis_name):
+    del key, step, axis_name
+    x = jnp.mean(batch["views"][0])
+    value = jnp.sum((params["unit"] - x) ** 2) + jnp.sum((params["frozen"] - x) ** 2)
+    return value, ({}, {"seen": method_state["seen"] + 1})
+
+  def post_update(params, method_state, *, step):
+    del step
+    unit = params["unit"] / jnp.linalg.norm(params["unit"])
+    return {**params, "unit": unit}, method_state
+
+  def update_mask(params, step):
+    del params
+    return {"unit": jnp.bool_(True), "frozen": step >= freeze_steps}
+
+  return Method(name="toy", encoder=nn.Dense(1), init=init, loss=loss,
+                post_update=post_update, eval_variables=lambda p, s: p,
+                update_mask=update_mask)
+
+
+def test_update_mask_freezes_leaves_and_post_update_may_change_params():
+  import optax
+  method = _toy_method(freeze_steps=2)
+  tx = optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.1, momentum=0.9))
+  policy = lambda keys, images: (images.astype(jnp.float32),) * 2
+  state = init_train_state(method, tx, policy, (2, 2, 1), seed=0)
+  step = jax.jit(make_per_device_step(method, tx, policy, optax.constant_schedule(0.1),
+                                      axis_name=None))
+  images = jnp.ones((4, 2, 2, 1), jnp.uint8)
+  index = label = jnp.zeros((4,), jnp.int32)
+  frozen0 = np.asarray(state.params["frozen"])
+  for expected_step in (1, 2):
+    state, _ = step(state, images, index, label)
+    # Neither the gradient nor the weight decay moved the frozen leaf or its momentum.
+    np.testing.assert_array_equal(state.params["frozen"], frozen0)
+    np.testing.assert_allclose(np.linalg.norm(state.params["unit"]), 1.0, rtol=1e-6)
+    assert int(state.step) == expected_step and int(state.method_state["seen"]) == expected_step
+  state, _ = step(state, images, index, label)
+  # Unfrozen at step 2: SGD from a momentum buffer still at zero, grad = 2 (p - 1) + 0.1 p.
+  expected = frozen0 - 0.1 * (2 * (frozen0 - 1.0) + 0.1 * frozen0)
+  np.testing.assert_allclose(state.params["frozen"], expected, rtol=1e-6)
+
+
+def test_common_state_helpers():
+  from ssljax.methods import common
+  target = {"w": jnp.array([1.0, 2.0])}
+  online = {"w": jnp.array([3.0, 6.0])}
+  np.testing.assert_allclose(common.ema_update(target, online, 0.75)["w"], [1.5, 3.0])
+  moms = [float(common.cosine_ema_momentum(jnp.int32(s), 10, 0.99)) for s in (0, 5, 10, 20)]
+  np.testing.assert_allclose(moms, [0.99, 0.995, 1.0, 1.0], rtol=1e-6)
+  queue = jnp.zeros((6, 2))
+  queue, ptr = common.fifo_enqueue(queue, jnp.int32(0), jnp.ones((3, 2)))
+  queue, ptr = common.fifo_enqueue(queue, ptr, 2 * jnp.ones((3, 2)))
+  queue, ptr = common.fifo_enqueue(queue, ptr, 3 * jnp.ones((3, 2)))
+  np.testing.assert_array_equal(queue[:, 0], [3, 3, 3, 2, 2, 2])
+  assert int(ptr) == 3
+  with pytest.raises(ValueError, match="queue length 6 is not a multiple .* \\(4\\)"):
+    common.fifo_enqueue(queue, ptr, jnp.ones((4, 2)))
+  with pytest.raises(ValueError, match=r"moco: method.moco.queue_size = 1000 must be a positive "
+                     r"multiple of the global batch \(train.batch_size = 256\).*"
+                     r"--config.method.moco.queue_size=768"):
+    common.check_queue_length("moco", 1000, 256, "method.moco.queue_size")
+  common.check_queue_length("moco", 1024, 256, "method.moco.queue_size")
