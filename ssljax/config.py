@@ -136,6 +136,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.method.barlow_twins.proj_hidden_dim = 2048
   c.method.barlow_twins.proj_dim = 2048
   c.method.barlow_twins.proj_layers = 3
+  # Biases in the projector's linear layers (official code: none; solo-learn CIFAR: yes).
+  c.method.barlow_twins.proj_bias = False
 
   # NPID / InstDisc (SPEC 6.6). Defaults: CLD's CIFAR setting.
   c.method.npid = ml_collections.ConfigDict()

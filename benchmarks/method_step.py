@@ -1,0 +1,239 @@
+"""Train-step time of every registered method relative to SimCLR, measured side by side.
+
+Run from the repository root:
+
+  python benchmarks/method_step.py [--methods simclr,barlow_twins,...] [--batch-size N]
+      [--steps N] [--rounds N] [--json benchmarks/results/method_step.json]
+
+Each method is built from its CPU config ``configs/<method>_fashion_mnist.py`` exactly as
+``ssljax train`` builds it (``ssljax.train.loop.build_state_and_step``: the method with the
+real `RunInfo` of a Fashion-MNIST run, its augmentation policy, optimiser and schedule, and
+``compile_train_step`` of ``make_per_device_step`` on the mesh), with two things made equal
+for all methods: the ``model`` section (backbone) and the global batch are those of SimCLR's
+config (``--batch-size`` overrides the batch). What each method adds (heads, teachers, extra
+views, queues, its loss) is what the table compares. Every step gets the same batch of real
+training images.
+
+All methods live in one process and are compiled first (compile time is reported on its own).
+Then, after ``WARMUP_STEPS`` untimed steps each, ``--rounds`` rounds run ``--steps`` timed
+steps of every method in turn, the order rotating from round to round, so that load from other
+jobs and slow drift hit every method alike. Each step's wall time is taken after its outputs
+are ready; a method's time is the median over all its timed steps, and its ratio is that
+median over SimCLR's. ``XLA_FLAGS`` defaults to ``ssljax.cli.CPU_XLA_FLAGS``, as for
+``ssljax train``. The JSON also holds the per-round medians, CPU times and load averages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCHMARKS_DIR)
+for path in (REPO_ROOT, BENCHMARKS_DIR):
+  if path not in sys.path:
+    sys.path.insert(0, path)
+
+import cpu_step  # noqa: E402  (shared timing and reporting helpers; imports no JAX)
+
+REFERENCE = "simclr"
+CONFIG_PATTERN = os.path.join("configs", "{method}_fashion_mnist.py")
+DEFAULT_JSON = os.path.join("benchmarks", "results", "method_step.json")
+NUM_EXAMPLES = 60000  # Fashion-MNIST's training split: sizes the RunInfo of every method.
+WARMUP_STEPS = 2
+
+
+def config_path(method: str) -> str:
+  return CONFIG_PATTERN.format(method=method)
+
+
+def method_config(method: str, reference, batch_size: int):
+  """``configs/<method>_fashion_mnist.py`` with the reference backbone and `batch_size`."""
+  config = cpu_step.load_config(config_path(method))
+  if config.method.name != method:
+    raise ValueError(f"{config_path(method)} trains {config.method.name!r}, not {method!r}")
+  config.model.update(reference.model.to_dict())
+  config.train.batch_size = batch_size
+  return config
+
+
+class MethodBench:
+  """One method's compiled step and its running state (the step donates the state)."""
+
+  def __init__(self, name: str, config, mesh, batch: dict[str, Any]):
+    import jax
+    from ssljax.train import loop
+
+    steps_per_epoch, total_steps = loop.run_length(config, NUM_EXAMPLES)
+    self.name = name
+    self.batch = batch
+    self.run_info = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                     "num_examples": NUM_EXAMPLES}
+    image_shape = tuple(batch["image"].shape[1:])
+    start = time.perf_counter()
+    method, init, step = loop.build_state_and_step(config, mesh, image_shape, steps_per_epoch,
+                                                   total_steps, num_examples=NUM_EXAMPLES)
+    self.state = init()
+    cpu_step.block(self.state)
+    self.init_s = time.perf_counter() - start
+    self.num_views = method.num_views
+    self.param_count = sum(int(leaf.size) for leaf in jax.tree.leaves(self.state.params))
+    start = time.perf_counter()
+    self.step = step.lower(self.state, batch["image"], batch["index"], batch["label"]).compile()
+    self.compile_s = time.perf_counter() - start
+    self.wall: list[float] = []
+    self.cpu: list[float] = []
+    self.round_medians: list[float] = []
+    self.loss = float("nan")
+
+  def run(self) -> tuple[float, float]:
+    """One step; returns its (wall, process CPU) seconds."""
+    start, start_cpu = time.perf_counter(), time.process_time()
+    self.state, metrics = self.step(self.state, self.batch["image"], self.batch["index"],
+                                    self.batch["label"])
+    cpu_step.block((self.state, metrics))
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    self.loss = float(metrics["train/loss"])
+    return wall, cpu
+
+  def timed_round(self, steps: int) -> None:
+    walls = []
+    for _ in range(steps):
+      wall, cpu = self.run()
+      walls.append(wall)
+      self.cpu.append(cpu)
+    self.wall += walls
+    self.round_medians.append(statistics.median(walls))
+
+  def report(self, reference_median_s: float | None) -> dict[str, Any]:
+    timing = cpu_step.summarize(self.wall, self.cpu)
+    median = timing["median_s"]
+    return {
+        "config": config_path(self.name), "run_info": self.run_info,
+        "views": self.num_views, "param_count": self.param_count,
+        "init_s": round(self.init_s, 2), "compile_s": round(self.compile_s, 2),
+        "median_ms": 1000 * median, "mean_ms": 1000 * timing["mean_s"],
+        "min_ms": 1000 * timing["min_s"], "cpu_median_ms": 1000 * timing["cpu_median_s"],
+        "timed_steps": timing["calls"],
+        "round_median_ms": [1000 * m for m in self.round_medians],
+        "ratio_to_simclr": median / reference_median_s if reference_median_s else None,
+        "last_loss": self.loss, "nonfinite_step": int(self.state.nonfinite_step),
+    }
+
+
+def real_batch(reference, mesh) -> dict[str, Any]:
+  """The first ``train.batch_size`` training images of the reference config, on the mesh."""
+  import jax
+  import numpy as np
+  from ssljax import data
+  from ssljax.parallel import check_batch_divisible, data_sharded
+
+  batch_size = reference.train.batch_size
+  check_batch_divisible(batch_size, mesh)
+  source = data.build_source(reference.data, reference.data.train_split)
+  examples = source.get(np.arange(batch_size))
+  sharding = data_sharded(mesh)
+  return {"image": jax.device_put(examples["image"], sharding),
+          "index": jax.device_put(np.arange(batch_size, dtype=np.int32), sharding),
+          "label": jax.device_put(np.asarray(examples["label"], np.int32), sharding)}
+
+
+def select_methods(requested: str | None) -> tuple[list[str], dict[str, str]]:
+  """The methods to time (SimCLR first) and the skipped ones with the reason."""
+  from ssljax.methods import registered_methods
+
+  registered = registered_methods()
+  names = [m.strip() for m in requested.split(",") if m.strip()] if requested else registered
+  unknown = sorted(set(names) - set(registered))
+  if unknown:
+    raise SystemExit(f"unknown methods {unknown}; registered: {registered}")
+  skipped = {m: f"no {config_path(m)}" for m in names
+             if not os.path.exists(os.path.join(REPO_ROOT, config_path(m)))}
+  if REFERENCE in skipped:
+    raise SystemExit(f"the reference config {config_path(REFERENCE)} is missing")
+  names = [REFERENCE] + [m for m in names if m != REFERENCE and m not in skipped]
+  return names, skipped
+
+
+def main(args: argparse.Namespace) -> None:
+  os.chdir(REPO_ROOT)
+  os.environ.setdefault("XLA_FLAGS", cpu_step.cli_xla_flags())
+  import jax
+  from ssljax.parallel import make_mesh
+
+  names, skipped = select_methods(args.methods)
+  reference = cpu_step.load_config(config_path(REFERENCE))
+  batch_size = args.batch_size or reference.train.batch_size
+  reference.train.batch_size = batch_size
+  report: dict[str, Any] = {
+      "reference": REFERENCE, "batch_size": batch_size, "steps": args.steps,
+      "rounds": args.rounds, "warmup_steps": WARMUP_STEPS,
+      "xla_flags": os.environ["XLA_FLAGS"], "devices": jax.device_count(),
+      "model": reference.model.to_dict(), "skipped": skipped,
+      "device": cpu_step.device_description()}
+  for name, reason in skipped.items():
+    print(f"skipping {name}: {reason}", flush=True)
+
+  mesh = make_mesh()
+  batch = real_batch(reference, mesh)
+  benches = []
+  for name in names:
+    print(f"compiling {name} ...", end=" ", flush=True)
+    bench = MethodBench(name, method_config(name, reference, batch_size), mesh, batch)
+    print(f"{bench.compile_s:.1f}s", flush=True)
+    benches.append(bench)
+  for bench in benches:
+    for _ in range(WARMUP_STEPS):
+      bench.run()
+  for r in range(args.rounds):
+    shift = r % len(benches)
+    for bench in benches[shift:] + benches[:shift]:
+      bench.timed_round(args.steps)
+    print(f"round {r + 1}/{args.rounds} done (load {cpu_step.load_average()})", flush=True)
+
+  reference_median = statistics.median(benches[0].wall)
+  report["methods"] = {b.name: b.report(reference_median) for b in benches}
+  report["device"]["load_average_at_end"] = cpu_step.load_average()
+  print_table(report)
+  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+  with open(args.json, "w") as f:
+    json.dump(report, f, indent=2)
+  print(f"\nwrote {args.json}")
+
+
+def print_table(report: dict[str, Any]) -> None:
+  batch = report["batch_size"]
+  print(f"\nbatch {batch}, {report['rounds']} rounds x {report['steps']} steps per method, "
+        f"{report['devices']} device(s), load {report['device']['load_average_at_start']} -> "
+        f"{report['device']['load_average_at_end']}")
+  rows = [("method", "views", "params", "ms/step", "x simclr", "images/s", "compile s")]
+  for name, r in report["methods"].items():
+    rows.append((name, str(r["views"]), f"{r['param_count']:,}", f"{r['median_ms']:.1f}",
+                 f"{r['ratio_to_simclr']:.2f}", f"{1000 * batch / r['median_ms']:.0f}",
+                 f"{r['compile_s']:.1f}"))
+  cpu_step.print_table(rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--methods", default=None,
+                      help="comma-separated method names (default: every registered method "
+                           "with a configs/<method>_fashion_mnist.py); simclr is always timed")
+  parser.add_argument("--batch-size", type=int, default=0,
+                      help="global batch for every method (default: SimCLR config's)")
+  parser.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
+  parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+  parser.add_argument("--json", default=DEFAULT_JSON, help="JSON file to write")
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.rounds < 1:
+    parser.error("--steps and --rounds must be >= 1")
+  return args
+
+
+if __name__ == "__main__":
+  main(parse_args())
