@@ -11,7 +11,14 @@ Everything a method learns or carries lives in two pytrees that the train state 
 Nothing is mutated in place: every function returns new pytrees. An add-on (CLD, UOTA,
 MetaMask, ...) is a function from a `Method` to a `Method` that wraps some of these functions
 and adds its own entries to ``params``/``method_state`` (``dataclasses.replace(method,
-loss=...)``; the tests show a loss-weighting add-on).
+loss=...)``, or `ssljax.methods.addons.add_params_entry` for an add-on with parameters of its
+own; ``tests/methods/test_addons.py`` shows a learned loss-weighting add-on).
+
+Loss values under ``axis_name``: each device returns a value whose mean over devices is the
+loss of the global batch, and whose per-device gradients average (``pmean``) to the global
+gradient: a share of it for losses that gather (NT-Xent), the whole value for losses built
+on ``psum``'ed statistics (Barlow Twins). An add-on that transforms the base loss must be
+affine in it to keep that property.
 
 The per-device train step (``ssljax.train.step``) calls, in order:
   1. ``loss(params, method_state, batch, key=..., step=..., axis_name=...)``
