@@ -7,3 +7,4 @@ from ssljax.methods.base import (Method, RunInfo, build_method, keep_state,
                                  online_encoder_variables, register, registered_methods)
 from ssljax.methods import simclr  # noqa: F401  (registers 'simclr')
 from ssljax.methods import barlow_twins  # noqa: F401  (registers 'barlow_twins')
+from ssljax.methods import swav  # noqa: F401  (registers 'swav')

@@ -1,0 +1,215 @@
+"""Clustering losses: SwAV's Sinkhorn-Knopp codes and swapped prediction (SPEC 6.4).
+
+``sinkhorn`` turns prototype scores into soft cluster assignments ("codes") that spread the
+samples equally over the prototypes; ``swav`` trains every crop to predict the codes of the
+other crops. The codes carry no gradient (SPEC 8.1), so all the cross-device coupling of SwAV
+sits in ``sinkhorn``: with ``axis_name`` it normalises over the global batch, and each device
+gets the rows of the codes the single-device computation would give its samples.
+``swav`` is then a plain per-sample mean, and the distributed convention of
+``ssljax.losses.contrastive`` holds without any collective in it: the mean over devices of the
+per-device losses (and of their gradients) is the loss (gradient) of the global batch.
+
+UOTA (SPEC 1.3) reweights SwAV per (image, predicted crop). ``swav_terms`` returns those
+per-sample, per-crop terms and ``swav`` takes the weights as ``view_weights``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+
+
+def _axis_size(axis_name: str | None) -> int:
+  return 1 if axis_name is None else jax.lax.axis_size(axis_name)
+
+
+def _replace_infs(x: jnp.ndarray) -> jnp.ndarray:
+  """Replaces +-inf entries by the largest finite entry (the official ``shoot_infs``)."""
+  is_inf = jnp.isinf(x)
+  largest = jnp.max(jnp.where(is_inf, 0.0, x))
+  return jnp.where(is_inf, largest, x)
+
+
+def sinkhorn(
+    scores: jnp.ndarray,
+    *,
+    epsilon: float = 0.05,
+    num_iters: int = 3,
+    axis_name: str | None = None,
+) -> jnp.ndarray:
+  """SwAV's Sinkhorn-Knopp codes for a batch of prototype scores (SPEC 6.4).
+
+  With ``B`` the global number of rows (every device's rows along `axis_name`) and ``K``
+  prototypes, in float32 and under ``stop_gradient``:
+
+      Q = exp((s - max s) / eps)^T                       [K, B], max over all devices
+      Q <- Q / sum(Q)                                     global sum
+      repeat num_iters times:
+        Q <- diag(1 / (K u)) Q,   u = row sums of Q       each prototype gets mass 1/K
+        Q <- Q diag(1 / (B c)),   c = column sums of Q    each sample gets mass 1/B
+      codes = (Q diag(1 / c))^T                           each row sums to 1
+
+  Row sums are all-reduced over `axis_name`; column sums are per sample, so local. Subtracting
+  the global maximum changes nothing after the first normalisation (the official
+  ``improve_numerical_stability`` option, always on here) and keeps ``exp`` finite. An
+  infinite row factor (a prototype whose every ``exp`` underflowed to 0) is replaced by the
+  largest finite factor, as the official ``shoot_infs`` does. With unit-norm embeddings and
+  prototypes the scores lie in [-1, 1], so no column can underflow entirely while
+  ``eps > 2 / 87 ~ 0.023``; below that a sample far from every prototype can get NaN codes,
+  as in the official code.
+
+  ``num_iters = 0`` gives the per-sample softmax of ``s / eps``. After many iterations the
+  prototypes' total mass over the samples approaches ``B / K`` each (the transport
+  polytope's column marginal); the official code stops after 3.
+
+  Args:
+    scores: ``[n, K]`` prototype scores of this device's rows (queue rows included, if any).
+    epsilon: entropy regularisation, > 0.
+    num_iters: Sinkhorn iterations, >= 0.
+    axis_name: if given, normalise over the rows of every device on this axis.
+
+  Returns:
+    float32 ``[n, K]`` codes of this device's rows, each row summing to 1, no gradient.
+  """
+  chex.assert_rank(scores, 2)
+  if epsilon <= 0:
+    raise ValueError(f"epsilon must be > 0, got {epsilon}")
+  if num_iters < 0:
+    raise ValueError(f"num_iters must be >= 0, got {num_iters}")
+  logits = jax.lax.stop_gradient(scores).astype(jnp.float32) / epsilon
+  num_prototypes = logits.shape[1]
+  num_samples = logits.shape[0] * _axis_size(axis_name)
+
+  def psum(x):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+  top = jnp.max(logits)
+  if axis_name is not None:
+    top = jax.lax.pmax(top, axis_name)
+  q = jnp.exp(logits - top).T  # [K, n]
+  q = q / psum(jnp.sum(q))
+  for _ in range(num_iters):
+    rows = psum(jnp.sum(q, axis=1, keepdims=True))
+    q = q * _replace_infs(1.0 / (num_prototypes * rows))
+    q = q / (num_samples * jnp.sum(q, axis=0, keepdims=True))
+  codes = (q / jnp.sum(q, axis=0, keepdims=True)).T
+  return jax.lax.stop_gradient(codes)
+
+
+def _check_swav_inputs(scores_per_view: Sequence[jnp.ndarray],
+                       codes_per_assign_view: Sequence[jnp.ndarray], temperature: float,
+                       crops_for_assign: Sequence[int]) -> None:
+  num_views = len(scores_per_view)
+  if num_views < 2:
+    raise ValueError(f"swav needs at least 2 views, got {num_views}")
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  crops = tuple(crops_for_assign)
+  if not crops or len(set(crops)) != len(crops) or not all(0 <= c < num_views for c in crops):
+    raise ValueError(f"crops_for_assign must be distinct view indices in [0, {num_views}), "
+                     f"got {crops}")
+  if len(codes_per_assign_view) != len(crops):
+    raise ValueError(f"expected one codes array per assignment crop {crops}, got "
+                     f"{len(codes_per_assign_view)}")
+  chex.assert_rank(list(scores_per_view), 2)
+  chex.assert_equal_shape([*scores_per_view, *codes_per_assign_view])
+
+
+def swav_terms(
+    scores_per_view: Sequence[jnp.ndarray],
+    codes_per_assign_view: Sequence[jnp.ndarray],
+    *,
+    temperature: float,
+    crops_for_assign: Sequence[int] = (0, 1),
+) -> jnp.ndarray:
+  """SwAV's loss split into one term per (predicted view j, sample i).
+
+  With V views, the assignment crops S = `crops_for_assign` (A = |S|), codes ``q_c`` and
+  ``p_j = softmax(s_j / T)``:
+
+      t[j, i] = 1 / (A (V - 1)) * sum_{c in S, c != j} CE(q_{c,i}, p_{j,i}),
+      CE(q, p) = -sum_k q_k log p_k,
+
+  so that the SwAV loss of SPEC 6.4, ``mean_{c in S} mean_{j != c} mean_i CE(q_c, p_j)``,
+  equals ``sum_j mean_i t[j, i]``. A per-(image, view) weight ``w[j, i]`` on the predicted
+  side, as UOTA applies it (SPEC 1.3: the codes are not weighted), gives
+  ``sum_j mean_i w[j, i] t[j, i]``. The codes are treated as constants (stop-gradient).
+
+  Args:
+    scores_per_view: V arrays ``[n, K]``, the prototype scores of every crop, in crop order.
+    codes_per_assign_view: A arrays ``[n, K]``, the codes of the crops in `crops_for_assign`
+      (rows summing to 1, e.g. from `sinkhorn`).
+    temperature: T > 0 of the predicted softmax.
+    crops_for_assign: indices of the views whose codes are predicted (SwAV: (0, 1)).
+
+  Returns:
+    float32 ``[V, n]`` terms.
+  """
+  _check_swav_inputs(scores_per_view, codes_per_assign_view, temperature, crops_for_assign)
+  crops = tuple(crops_for_assign)
+  num_views = len(scores_per_view)
+  scale = 1.0 / (len(crops) * (num_views - 1))
+  codes = [jax.lax.stop_gradient(q).astype(jnp.float32) for q in codes_per_assign_view]
+  terms = []
+  for j, scores in enumerate(scores_per_view):
+    log_p = jax.nn.log_softmax(scores.astype(jnp.float32) / temperature, axis=-1)
+    term = jnp.zeros(log_p.shape[0], jnp.float32)
+    for c, q in zip(crops, codes):
+      if c != j:
+        term = term - jnp.sum(q * log_p, axis=-1)
+    terms.append(scale * term)
+  return jnp.stack(terms)
+
+
+def swav(
+    scores_per_view: Sequence[jnp.ndarray],
+    codes_per_assign_view: Sequence[jnp.ndarray],
+    *,
+    temperature: float,
+    crops_for_assign: Sequence[int] = (0, 1),
+    view_weights: jnp.ndarray | None = None,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """SwAV's swapped-prediction loss (SPEC 6.4), optionally weighted per (view, sample).
+
+      L = (1/A) sum_{c in S} (1/(V-1)) sum_{j != c} mean_i CE(q_{c,i}, softmax(s_{j,i} / T))
+        = sum_j mean_i w[j, i] t[j, i]        (w = 1 unless `view_weights` is given)
+
+  with ``t`` from `swav_terms`. The loss is a mean over this device's samples and has no
+  cross-device term (the codes, computed by `sinkhorn` with ``axis_name``, carry the global
+  coupling and no gradient), so averaging the per-device values and gradients over devices
+  gives the global-batch loss and gradient.
+
+  Args:
+    scores_per_view: V arrays ``[n, K]``: prototype scores ``C z`` of each crop (unit-norm
+      ``z`` and prototype rows), in crop order; multi-crop puts the global crops first.
+    codes_per_assign_view: A arrays ``[n, K]``: the codes of the crops in `crops_for_assign`.
+    temperature: T > 0 (SwAV: 0.1).
+    crops_for_assign: the assignment crops S (SwAV: the two global crops, (0, 1)).
+    view_weights: optional ``[V, n]`` weights of the predicted views (UOTA's ``w``, mean 1
+      over the global batch); treated as constants (stop-gradient).
+
+  Returns:
+    ``(loss, metrics)``: the float32 scalar loss and ``metrics`` with ``code_entropy`` (mean
+    entropy of the codes, nats) and ``agreement`` (share of (c, j != c, i) whose predicted
+    argmax prototype is the argmax of the code).
+  """
+  terms = swav_terms(scores_per_view, codes_per_assign_view, temperature=temperature,
+                     crops_for_assign=crops_for_assign)
+  if view_weights is not None:
+    chex.assert_shape(view_weights, terms.shape)
+    terms = jax.lax.stop_gradient(view_weights).astype(jnp.float32) * terms
+  loss = jnp.sum(jnp.mean(terms, axis=1))
+
+  codes = [jax.lax.stop_gradient(q).astype(jnp.float32) for q in codes_per_assign_view]
+  entropy = jnp.mean(jnp.stack(
+      [-jnp.sum(q * jnp.log(jnp.maximum(q, 1e-30)), axis=-1) for q in codes]))
+  matches = [
+      jnp.argmax(scores, axis=-1) == jnp.argmax(q, axis=-1)
+      for c, q in zip(crops_for_assign, codes)
+      for j, scores in enumerate(scores_per_view) if j != c
+  ]
+  agreement = jnp.mean(jnp.stack(matches).astype(jnp.float32))
+  return loss, {"code_entropy": entropy, "agreement": agreement}
