@@ -113,6 +113,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Target EMA momentum: cosine from `ema_momentum` to `ema_momentum_final` over the run.
   c.method.byol.ema_momentum = 0.99
   c.method.byol.ema_momentum_final = 1.0
+  # True: each view goes through the networks on its own, so BN statistics are per view (the
+  # DeepMind and solo-learn code); False: one forward of both views concatenated.
+  c.method.byol.per_view_forward = True
 
   # SwAV (SPEC 6.4). Defaults: solo-learn CIFAR (no multi-crop there; use the 'multicrop'
   # augment policy for 2 global + V local crops).
@@ -162,6 +165,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.method.dino.ema_momentum = 0.996
   c.method.dino.ema_momentum_final = 1.0
   c.method.dino.freeze_last_layer_epochs = 1.0
+  # Head layout (DINOHead); defaults: the ISSL code, SPEC 2.3b. Official DINO / solo-learn:
+  # proj_layers 3, proj_bn False, proj_bias True, normalize_before_bottleneck False.
+  c.method.dino.proj_layers = 2  # Linear layers before the unit-norm one, bottleneck included.
+  c.method.dino.proj_bn = True  # BN after each hidden linear layer.
+  c.method.dino.proj_bias = False  # Biases in the hidden and bottleneck linear layers.
+  c.method.dino.normalize_before_bottleneck = True  # ISSL: L2-normalise before the bottleneck.
+  # True (ISSL code): the centre is updated after each of the two view pairs, so the second
+  # pair is centred with the centre already moved by the first pair's teacher batch mean.
+  # False (official DINO): one update per step with the mean over both global views.
+  c.method.dino.sequential_center = True
+  # True: one forward per view (solo-learn); False: views of equal resolution concatenated in
+  # one forward, the head applied once to all views (official DINO, ISSL code).
+  c.method.dino.per_view_forward = False
+  # Evaluate the teacher encoder (official DINO) instead of the student (ISSL, solo-learn).
+  c.method.dino.eval_teacher = False
 
   # ---------------------------------------------------------------- optim
   c.optim = ml_collections.ConfigDict()

@@ -8,3 +8,5 @@ from ssljax.methods.base import (Method, RunInfo, build_method, keep_state,
 from ssljax.methods import simclr  # noqa: F401  (registers 'simclr')
 from ssljax.methods import barlow_twins  # noqa: F401  (registers 'barlow_twins')
 from ssljax.methods import swav  # noqa: F401  (registers 'swav')
+from ssljax.methods import byol  # noqa: F401  (registers 'byol')
+from ssljax.methods import dino  # noqa: F401  (registers 'dino')

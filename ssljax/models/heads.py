@@ -7,6 +7,10 @@
   * Barlow Twins: (Linear without bias - BN - ReLU) x 2 - Linear without bias
 Hidden layers are always Linear - BN - ReLU. The last layer is Linear, optionally followed by
 a BatchNorm (``last_bn``, affine or not). ``num_layers = 1`` is a single linear map.
+
+`DINOHead` is DINO's projection head: an MLP with GELU down to a bottleneck, an L2
+normalisation, and a weight-normalised linear layer with unit-norm weights (`UnitNormDense`),
+in the official DINO layout or in the layout of the DINO baseline of the DISSL/CISSL code.
 """
 
 from __future__ import annotations
@@ -62,4 +66,107 @@ class MLPHead(nn.Module):
                  name=f"dense{self.num_layers}")(x)
     if self.last_bn:
       x = norm(f"bn{self.num_layers}", affine=self.last_bn_affine)(x)
+    return x.astype(jnp.float32)
+
+
+def _l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
+  """Row-wise x / max(||x||, 1e-12) in float32 (torch.nn.functional.normalize)."""
+  x32 = x.astype(jnp.float32)
+  norm = jnp.linalg.norm(x32, axis=-1, keepdims=True)
+  return (x32 / jnp.maximum(norm, 1e-12)).astype(x.dtype)
+
+
+class UnitNormDense(nn.Module):
+  """A bias-free linear layer whose weight vectors have unit norm: ``y = x (V / ||V||)``.
+
+  The kernel ``V`` is ``[in, out]`` and each output unit's column is divided by its L2 norm
+  in every forward pass, with the gradient flowing through the normalisation. This is
+  ``torch.nn.utils.weight_norm`` with the gain g fixed at 1 (DINO's ``norm_last_layer``):
+  for unit-norm inputs the outputs are cosine similarities in [-1, 1].
+
+  Attributes:
+    features: number of outputs.
+    dtype: computation dtype (the kernel is stored in float32).
+  """
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (x.shape[-1], self.features), jnp.float32)
+    unit = kernel / jnp.linalg.norm(kernel, axis=0, keepdims=True)
+    return x.astype(self.dtype) @ unit.astype(self.dtype)
+
+
+class DINOHead(nn.Module):
+  """DINO's head: MLP with GELU -> bottleneck -> L2-normalise -> unit-norm linear layer.
+
+  ``num_layers`` linear layers map the input to ``bottleneck_dim``: ``num_layers - 1`` hidden
+  layers Linear(-> hidden_dim) [- BN] - GELU, then the bottleneck Linear(-> bottleneck_dim)
+  with no BN or activation after it. The features are L2-normalised and a `UnitNormDense`
+  layer named ``last_layer`` (bias-free, unit-norm weight vectors, the layer DINO freezes in
+  its first epoch) gives the ``out_dim`` outputs. Linear layers are initialised with a normal
+  of std 0.02 truncated at 2 std, biases with 0 (DINO's init; the ISSL code uses its own
+  initialisers, so only the architecture, not the initial weights, follows it).
+
+  Two layouts appear in the reference code:
+    * official DINO (Caron et al. 2021) and solo-learn: ``num_layers=3``, ``use_bn=False``
+      (ResNet runs), ``use_bias=True``, normalisation *after* the bottleneck;
+    * the DINO baseline of the DISSL/CISSL code (SPEC 2.3b; issl/architectures/basic.py
+      ``MLP`` with ``FlattenCosine``): ``num_layers=2`` (z -> 1024 -> 256), ``use_bn=True``,
+      ``use_bias=False``, and ``normalize_before_bottleneck=True``: that code normalises the
+      hidden features and then applies the bottleneck and the unit-norm layer as one
+      low-rank map, so its outputs are not bounded by 1.
+
+  Attributes:
+    hidden_dim: width of the hidden layers.
+    bottleneck_dim: width of the bottleneck.
+    out_dim: outputs of the unit-norm layer (DINO's K).
+    num_layers: linear layers before ``last_layer``, the bottleneck included (>= 1).
+    use_bn: BatchNorm after each hidden linear layer.
+    use_bias: biases in the hidden and bottleneck linear layers.
+    normalize_before_bottleneck: L2-normalise the input of the bottleneck layer instead of
+      its output.
+    bn_momentum: Flax BN decay of running statistics.
+    axis_name: named axis for synchronised BN statistics.
+    dtype: computation dtype; the output is float32.
+  """
+
+  hidden_dim: int
+  bottleneck_dim: int
+  out_dim: int
+  num_layers: int = 3
+  use_bn: bool = False
+  use_bias: bool = True
+  normalize_before_bottleneck: bool = False
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+    if self.num_layers < 1:
+      raise ValueError(f"DINOHead needs num_layers >= 1, got {self.num_layers}")
+    init = nn.initializers.truncated_normal(stddev=0.02)
+
+    def dense(features: int, name: str) -> nn.Dense:
+      return nn.Dense(features, use_bias=self.use_bias, kernel_init=init, dtype=self.dtype,
+                      name=name)
+
+    x = x.astype(self.dtype)
+    for i in range(self.num_layers - 1):
+      x = dense(self.hidden_dim, f"dense{i + 1}")(x)
+      if self.use_bn:
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                         epsilon=1e-5, dtype=self.dtype,
+                         axis_name=self.axis_name if train else None, name=f"bn{i + 1}")(x)
+      x = nn.gelu(x, approximate=False)
+    if self.normalize_before_bottleneck:
+      x = _l2_normalize(x)
+    x = dense(self.bottleneck_dim, f"dense{self.num_layers}")(x)
+    if not self.normalize_before_bottleneck:
+      x = _l2_normalize(x)
+    x = UnitNormDense(self.out_dim, dtype=self.dtype, name="last_layer")(x)
     return x.astype(jnp.float32)

@@ -1,4 +1,6 @@
-"""MLPHead: layer structure, the Linear-BN-ReLU computation by hand, last BN, linearity."""
+"""MLPHead: layer structure, the Linear-BN-ReLU computation by hand, last BN, linearity.
+
+DINOHead: both layouts by hand, the unit-norm last layer (weight norm with g = 1)."""
 
 import functools
 
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 from ssljax.models import MLPHead
+from ssljax.models.heads import DINOHead
 
 _KEY = jax.random.key(0)
 _EPS = 1e-5
@@ -138,4 +141,95 @@ def test_bfloat16_head_returns_float32():
   out = head.apply(variables, x, train=False)
   assert out.dtype == jnp.float32
   reference = MLPHead(hidden_dim=8, out_dim=4, num_layers=2).apply(variables, x, train=False)
+  np.testing.assert_allclose(out, reference, rtol=0.05, atol=0.05)
+
+
+# ------------------------------------------------------------------ DINOHead
+
+def _gelu(x):
+  """Exact (erf) GELU, as torch.nn.GELU()."""
+  from math import erf
+  return x * 0.5 * (1.0 + np.vectorize(erf)(x / np.sqrt(2.0)))
+
+
+def _unit(x, axis=-1):
+  return x / np.linalg.norm(x, axis=axis, keepdims=True)
+
+
+def test_dino_head_layouts():
+  issl = DINOHead(hidden_dim=16, bottleneck_dim=6, out_dim=9, num_layers=2, use_bn=True,
+                  use_bias=False, normalize_before_bottleneck=True)
+  variables = _shapes(issl)
+  assert _shape_tree(variables["params"]) == {
+      "dense1": {"kernel": (5, 16)}, "bn1": {"scale": (16,), "bias": (16,)},
+      "dense2": {"kernel": (16, 6)}, "last_layer": {"kernel": (6, 9)}}
+  assert _shape_tree(variables["batch_stats"]) == {"bn1": {"mean": (16,), "var": (16,)}}
+
+  official = _shapes(DINOHead(hidden_dim=16, bottleneck_dim=6, out_dim=9))
+  assert _shape_tree(official) == {"params": {
+      "dense1": {"kernel": (5, 16), "bias": (16,)}, "dense2": {"kernel": (16, 16), "bias": (16,)},
+      "dense3": {"kernel": (16, 6), "bias": (6,)}, "last_layer": {"kernel": (6, 9)}}}
+  single = _shapes(DINOHead(hidden_dim=16, bottleneck_dim=6, out_dim=9, num_layers=1))
+  assert set(single["params"]) == {"dense1", "last_layer"}
+  with pytest.raises(ValueError, match="num_layers >= 1"):
+    _shapes(DINOHead(hidden_dim=4, bottleneck_dim=2, out_dim=3, num_layers=0))
+
+
+def test_dino_head_issl_layout_by_hand():
+  # ISSL: Linear (no bias) - BN - GELU - L2-normalise - bottleneck - unit-norm layer.
+  head = DINOHead(hidden_dim=6, bottleneck_dim=3, out_dim=4, num_layers=2, use_bn=True,
+                  use_bias=False, normalize_before_bottleneck=True)
+  variables = _random_variables(head, in_dim=5)
+  p = variables["params"]
+  x = np.random.default_rng(5).normal(size=(7, 5)).astype(np.float32)
+  out, _ = jax.jit(functools.partial(head.apply, train=True, mutable=["batch_stats"]))(
+      variables, x)
+  h = x @ p["dense1"]["kernel"]
+  h = _gelu(_batch_norm(h, h.mean(0), h.var(0), p["bn1"]["scale"], p["bn1"]["bias"]))
+  expected = _unit(h) @ p["dense2"]["kernel"] @ _unit(np.asarray(p["last_layer"]["kernel"]), 0)
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dino_head_official_layout_by_hand_gives_cosines():
+  # Official DINO: (Linear - GELU) x 2 - bottleneck - L2-normalise - unit-norm layer.
+  head = DINOHead(hidden_dim=6, bottleneck_dim=3, out_dim=4)
+  variables = _random_variables(head, in_dim=5)
+  p = variables["params"]
+  x = np.random.default_rng(6).normal(size=(7, 5)).astype(np.float32)
+  out = jax.jit(functools.partial(head.apply, train=True))(variables, x)
+  h = _gelu(x @ p["dense1"]["kernel"] + p["dense1"]["bias"])
+  h = _gelu(h @ p["dense2"]["kernel"] + p["dense2"]["bias"])
+  z = _unit(h @ p["dense3"]["kernel"] + p["dense3"]["bias"])
+  expected = z @ _unit(np.asarray(p["last_layer"]["kernel"]), 0)
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+  assert np.abs(out).max() <= 1.0 + 1e-6  # cosine similarities
+
+
+def test_unit_norm_layer_ignores_column_scale_and_its_gradient_is_tangent():
+  # weight_norm with g = 1: scaling a weight column changes nothing, so the gradient w.r.t.
+  # each column is orthogonal to that column.
+  head = DINOHead(hidden_dim=6, bottleneck_dim=3, out_dim=4)
+  variables = _random_variables(head, in_dim=5)
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(7, 5)), jnp.float32)
+  f = jax.jit(lambda v: head.apply(v, x, train=True))
+  scaled = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: leaf * jnp.array([0.5, 2.0, 3.0, 7.0])
+      if "last_layer" in jax.tree_util.keystr(path) else leaf, variables)
+  np.testing.assert_allclose(f(scaled), f(variables), rtol=1e-5, atol=1e-6)
+  grad = jax.grad(lambda v: jnp.sum(f(v) ** 3))(variables)
+  kernel = variables["params"]["last_layer"]["kernel"]
+  g = grad["params"]["last_layer"]["kernel"]
+  assert np.abs(g).max() > 1e-3
+  np.testing.assert_allclose(jnp.sum(kernel * g, axis=0), 0.0, atol=1e-5)
+
+
+def test_dino_head_bfloat16_returns_float32():
+  head = DINOHead(hidden_dim=8, bottleneck_dim=4, out_dim=6, num_layers=2, use_bn=True,
+                  dtype=jnp.bfloat16)
+  variables = _random_variables(head, in_dim=5)
+  x = np.random.default_rng(8).normal(size=(6, 5)).astype(np.float32)
+  out = head.apply(variables, x, train=False)
+  assert out.dtype == jnp.float32
+  reference = DINOHead(hidden_dim=8, bottleneck_dim=4, out_dim=6, num_layers=2,
+                       use_bn=True).apply(variables, x, train=False)
   np.testing.assert_allclose(out, reference, rtol=0.05, atol=0.05)

@@ -1,0 +1,144 @@
+"""BYOL (Grill et al. 2020): an online network regresses an EMA target network (SPEC 6.3).
+
+Online: encoder -> projector -> predictor (both MLPs Linear-BN-ReLU-Linear); target: encoder
+-> projector, an exponential moving average of the online weights kept in
+``method_state['target']`` with its own BatchNorm statistics under
+``method_state['batch_stats']['target_encoder' / 'target_projector']`` (its own forward in
+training mode, SPEC 8.2). For views v1, v2 with predictions p and target projections t,
+
+    L = byol_regression(p_1, sg(t_2)) + byol_regression(p_2, sg(t_1)),
+
+the sum of the two batch means (the DeepMind code sums the two per-example regressions and
+then averages over the batch; solo-learn sums two batch means: the same scale, in [0, 8]).
+After the optimiser step the target moves towards the online weights with
+``tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2`` (``cosine_ema_momentum`` from
+``ema_momentum`` to ``ema_momentum_final`` over ``run.total_steps``).
+
+Forward passes: the DeepMind code (``apply_once_fn`` per view) and solo-learn (one
+``base_training_step`` per crop) send each view through the networks separately, so BatchNorm
+normalises each view with its own batch statistics and the running statistics are updated view
+after view. That is the default (``per_view_forward = True``); ``False`` concatenates the two
+views into one forward (BN over both views, as SimCLR here). With ``axis_name`` and
+``model.sync_batchnorm`` the statistics span the global batch (BYOL's cross-replica BN).
+
+Deliberate deviation: the DeepMind code initialises the target from its own random seed (its
+comment: no significant difference); here, as in solo-learn, the target starts as a copy of
+the online network.
+
+Evaluation uses the online encoder. Config: ``method.byol.{proj_hidden_dim, proj_dim,
+pred_hidden_dim, ema_momentum, ema_momentum_final, per_view_forward}``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ssljax.losses import byol_regression
+from ssljax.methods.base import (Method, PyTree, RunInfo, apply_module, init_module,
+                                 online_encoder_variables, register)
+from ssljax.methods.common import cosine_ema_momentum, ema_update
+from ssljax.models import MLPHead, build_encoder, compute_dtype
+
+
+def apply_to_views(module: nn.Module, params: PyTree, batch_stats: PyTree,
+                   inputs: Sequence[jax.Array], *, per_view: bool
+                   ) -> tuple[list[jax.Array], PyTree]:
+  """Applies `module` in training mode to a list of views; returns (outputs, batch_stats).
+
+  ``per_view=True``: one forward per view, in order, each normalised by its own BN batch
+  statistics; the running statistics are updated view after view (as a PyTorch module called
+  once per view). ``per_view=False``: consecutive views of equal shape are concatenated into
+  one forward (BN over all of them; views of another resolution form the next forward, as
+  DINO's multi-crop wrapper does). Every view has the same number of rows.
+  """
+  groups: list[list[jax.Array]] = []
+  for x in inputs:
+    if not per_view and groups and groups[-1][0].shape == x.shape:
+      groups[-1].append(x)
+    else:
+      groups.append([x])
+  outputs = []
+  for group in groups:
+    out, batch_stats = apply_module(module, params, batch_stats, jnp.concatenate(group, 0))
+    outputs.extend(jnp.split(out, len(group), axis=0))
+  return outputs, batch_stats
+
+
+def check_ema_momenta(name: str, base: float, final: float) -> None:
+  """Raises a readable error unless 0 <= base <= final <= 1."""
+  if not 0.0 <= base <= final <= 1.0:
+    raise ValueError(f"method.{name}.ema_momentum ({base}) and ema_momentum_final ({final}) "
+                     f"must satisfy 0 <= ema_momentum <= ema_momentum_final <= 1")
+
+
+@register("byol")
+def byol(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo) -> Method:
+  hp = config.method.byol
+  check_ema_momenta("byol", hp.ema_momentum, hp.ema_momentum_final)
+  for key in ("proj_hidden_dim", "proj_dim", "pred_hidden_dim"):
+    if hp[key] < 1:
+      raise ValueError(f"method.byol.{key} must be >= 1, got {hp[key]}")
+  encoder = build_encoder(config, axis_name=axis_name)
+
+  def mlp(hidden_dim: int) -> MLPHead:
+    return MLPHead(hidden_dim=hidden_dim, out_dim=hp.proj_dim, num_layers=2,
+                   bn_momentum=config.model.bn_momentum,
+                   axis_name=axis_name if config.model.sync_batchnorm else None,
+                   dtype=compute_dtype(config.train.compute_dtype))
+
+  projector, predictor = mlp(hp.proj_hidden_dim), mlp(hp.pred_hidden_dim)
+
+  def momentum(step: jax.Array) -> jax.Array:
+    return cosine_ema_momentum(step, run.total_steps, hp.ema_momentum, hp.ema_momentum_final)
+
+  def init(key, views):
+    k_enc, k_proj, k_pred = jax.random.split(key, 3)
+    enc_params, enc_stats = init_module(encoder, k_enc, views[0])
+    h = encoder.apply({"params": enc_params, "batch_stats": enc_stats}, views[0], train=False)
+    proj_params, proj_stats = init_module(projector, k_proj, h)
+    z = projector.apply({"params": proj_params, "batch_stats": proj_stats}, h, train=False)
+    pred_params, pred_stats = init_module(predictor, k_pred, z)
+    params = {"encoder": enc_params, "projector": proj_params, "predictor": pred_params}
+    # The target starts as a copy (own buffers, so a donated state never aliases them).
+    target = jax.tree.map(jnp.copy, {"encoder": enc_params, "projector": proj_params})
+    stats = {"encoder": enc_stats, "projector": proj_stats, "predictor": pred_stats,
+             "target_encoder": jax.tree.map(jnp.copy, enc_stats),
+             "target_projector": jax.tree.map(jnp.copy, proj_stats)}
+    return params, {"batch_stats": stats, "target": target}
+
+  def loss(params, method_state, batch, *, key, step, axis_name):
+    del key, axis_name  # per-row loss: each device's mean; BN syncs through the modules
+    views = list(batch["views"][:2])
+    stats, target = method_state["batch_stats"], method_state["target"]
+    per_view = hp.per_view_forward
+    h, enc_stats = apply_to_views(encoder, params["encoder"], stats["encoder"], views,
+                                  per_view=per_view)
+    z, proj_stats = apply_to_views(projector, params["projector"], stats["projector"], h,
+                                   per_view=per_view)
+    p, pred_stats = apply_to_views(predictor, params["predictor"], stats["predictor"], z,
+                                   per_view=per_view)
+    th, target_enc_stats = apply_to_views(encoder, target["encoder"], stats["target_encoder"],
+                                          views, per_view=per_view)
+    t, target_proj_stats = apply_to_views(projector, target["projector"],
+                                          stats["target_projector"], th, per_view=per_view)
+    t = [jax.lax.stop_gradient(x) for x in t]
+    loss_12, metrics_12 = byol_regression(p[0], t[1])
+    loss_21, metrics_21 = byol_regression(p[1], t[0])
+    metrics = {"cosine": 0.5 * (metrics_12["cosine"] + metrics_21["cosine"]),
+               "ema_momentum": momentum(step)}
+    new_stats = {"encoder": enc_stats, "projector": proj_stats, "predictor": pred_stats,
+                 "target_encoder": target_enc_stats, "target_projector": target_proj_stats}
+    return loss_12 + loss_21, (metrics, {**method_state, "batch_stats": new_stats})
+
+  def post_update(params, method_state, *, step):
+    online = {"encoder": params["encoder"], "projector": params["projector"]}
+    target = ema_update(method_state["target"], online, momentum(step))
+    return params, {**method_state, "target": target}
+
+  return Method(name="byol", encoder=encoder, init=init, loss=loss, post_update=post_update,
+                eval_variables=online_encoder_variables, num_views=2)
