@@ -104,6 +104,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.method.moco.proj_hidden_dim = 512
   c.method.moco.proj_dim = 128
   c.method.moco.proj_layers = 2  # 1: the linear head of MoCo v1 / the CIFAR demo.
+  # 2: query view 0, key view 1 (and the reverse if `symmetric`). 3: CLD's three-view MoCo
+  # (SPEC 5.5): queries of views 0 and 1 against the key of view 2; needs
+  # augment.num_views >= 3 and symmetric = False.
+  c.method.moco.num_views = 2
 
   # BYOL (SPEC 6.3). Defaults: solo-learn CIFAR (projector 4096 -> 256, predictor 4096).
   c.method.byol = ml_collections.ConfigDict()
@@ -151,6 +155,9 @@ def default_config() -> ml_collections.ConfigDict:
   # 0: full softmax over the bank (CLD's nce_k = 0); > 0: NCE with this many noise samples
   # and a normalising constant Z estimated on the first batch, then fixed (original NPID).
   c.method.npid.nce_negatives = 0
+  # Views per image in the loss: 1 (NPID), or 2 (CLD's --two-imgs: the loss averages both
+  # views against the same bank, and each view's embedding is written into it in turn).
+  c.method.npid.num_views = 1
 
   # DINO as in the DISSL/CISSL repository (SPEC 2.3b).
   c.method.dino = ml_collections.ConfigDict()

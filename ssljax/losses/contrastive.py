@@ -95,3 +95,242 @@ def nt_xent(
   metrics = {"pos_sim": jnp.mean(pos_sim), "neg_sim": jnp.mean(neg_sim),
              "accuracy": accuracy.astype(jnp.float32)}
   return loss, metrics
+
+
+def moco_infonce(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    queue: jnp.ndarray,
+    *,
+    temperature: float,
+    axis_name: str | None = None,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """MoCo's InfoNCE loss: each query against its key and a queue of past keys (SPEC 6.2).
+
+  With q_i and k_i L2-normalised and Q the queue of K earlier keys:
+
+      l_i = -log exp(q_i.k_i / t) / (exp(q_i.k_i / t) + sum_{j=1..K} exp(q_i.Q_j / t)),
+      L = mean_i l_i,
+
+  i.e. the cross-entropy of the K + 1 logits ``[q.k, q.Q_1, ..., q.Q_K] / t`` with target 0,
+  as the official code builds them (``cat([l_pos, l_neg]) / T``, label 0).
+
+  Gradients: `queue` is a memory of past keys and is treated as a constant (stop-gradient
+  inside). `k` is differentiated like any input; MoCo passes keys from its EMA encoder under
+  stop-gradient, as the official code computes them under ``no_grad``.
+
+  Args:
+    q: ``[n, d]`` query projections (this device's rows); normalised here.
+    k: ``[n, d]`` key projections, row-aligned with `q` (the positives); normalised here.
+    queue: ``[K, d]`` past keys, used as they are (MoCo stores them L2-normalised).
+    temperature: t > 0.
+    axis_name: accepted for the signature every ssljax loss shares. The loss needs no
+      communication: the queue is replicated, so each device returns the mean over its own
+      rows, and the ``pmean`` over devices of these values and of their gradients equals the
+      single-device loss and gradient on the concatenated batch (the module's convention).
+
+  Returns:
+    ``(loss, metrics)``: the scalar loss (float32) and ``metrics`` with ``pos_sim`` (mean
+    cosine q.k), ``neg_sim`` (mean cosine of queries to queue rows) and ``accuracy`` (share of
+    queries whose largest logit is their key's).
+  """
+  del axis_name  # nothing to gather: see the docstring
+  chex.assert_rank([q, k, queue], 2)
+  chex.assert_equal_shape([q, k])
+  chex.assert_axis_dimension(queue, 1, q.shape[1])
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  q = l2_normalize(q.astype(jnp.float32))
+  k = l2_normalize(k.astype(jnp.float32))
+  queue = jax.lax.stop_gradient(queue.astype(jnp.float32))
+  pos = jnp.sum(q * k, axis=1)  # [n]
+  neg = q @ queue.T  # [n, K]
+  logits = jnp.concatenate([pos[:, None], neg], axis=1) / temperature
+  loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
+  metrics = {"pos_sim": jnp.mean(pos), "neg_sim": jnp.mean(neg),
+             "accuracy": jnp.mean(jnp.argmax(logits, axis=1) == 0).astype(jnp.float32)}
+  return loss, metrics
+
+
+def _check_npid_inputs(v: jnp.ndarray, bank: jnp.ndarray, index: jnp.ndarray,
+                       temperature: float) -> None:
+  chex.assert_rank([v, bank, index], [2, 2, 1])
+  chex.assert_axis_dimension(bank, 1, v.shape[1])
+  chex.assert_axis_dimension(index, 0, v.shape[0])
+  chex.assert_type(index, int)
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def npid_softmax(
+    v: jnp.ndarray,
+    bank: jnp.ndarray,
+    index: jnp.ndarray,
+    *,
+    temperature: float,
+    axis_name: str | None = None,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """NPID's non-parametric softmax over the whole memory bank (SPEC 6.6, 5.5).
+
+  Each example i is its own class, represented by its bank row m_{index_i}:
+
+      P(j | v_i) = exp(m_j.v_i / t) / sum_{l=1..N} exp(m_l.v_i / t),
+      L = -mean_i log P(index_i | v_i),
+
+  the full-softmax objective (NPID with ``nce_k = 0``, CLD's NPID branch:
+  ``CrossEntropy(v @ bank.T / t, index)``).
+
+  Args:
+    v: ``[n, d]`` embeddings of this device's rows; normalised here.
+    bank: ``[N, d]`` memory bank, one row per training example, used as it is and treated as
+      a constant (stop-gradient inside), as in the official code.
+    index: int ``[n]`` dataset index of each row (its bank row is the positive).
+    temperature: t > 0 (NPID 0.07, CLD 0.1).
+    axis_name: accepted for the shared signature; no communication is needed (the bank is
+      replicated): each device returns the mean over its rows, whose ``pmean`` (value and
+      gradient) is the single-device result on the concatenated batch.
+
+  Returns:
+    ``(loss, metrics)`` with ``pos_sim`` (mean v.m_index), ``neg_sim`` (mean v.m_j over the
+    other rows) and ``accuracy`` (share of rows whose most similar bank row is their own).
+  """
+  del axis_name  # nothing to gather: see the docstring
+  _check_npid_inputs(v, bank, index, temperature)
+  v = l2_normalize(v.astype(jnp.float32))
+  bank = jax.lax.stop_gradient(bank.astype(jnp.float32))
+  sims = v @ bank.T  # [n, N]
+  pos = jnp.take_along_axis(sims, index[:, None], axis=1)[:, 0]
+  logits = sims / temperature
+  loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos / temperature)
+  num_neg = max(bank.shape[0] - 1, 1)
+  metrics = {"pos_sim": jnp.mean(pos),
+             "neg_sim": jnp.mean((jnp.sum(sims, axis=1) - pos) / num_neg),
+             "accuracy": jnp.mean(jnp.argmax(sims, axis=1) == index).astype(jnp.float32)}
+  return loss, metrics
+
+
+def _npid_nce_scores(v: jnp.ndarray, bank: jnp.ndarray, index: jnp.ndarray,
+                     noise_index: jnp.ndarray, temperature: float) -> jnp.ndarray:
+  """``[n, 1 + K]`` logits m.v / t: column 0 the positive, then the noise rows."""
+  chex.assert_rank(noise_index, 2)
+  chex.assert_axis_dimension(noise_index, 0, v.shape[0])
+  chex.assert_type(noise_index, int)
+  v = l2_normalize(v.astype(jnp.float32))
+  rows = jnp.concatenate([index[:, None], noise_index], axis=1)  # [n, 1 + K]
+  weights = jax.lax.stop_gradient(bank.astype(jnp.float32))[rows]  # [n, 1 + K, d]
+  return jnp.einsum("nkd,nd->nk", weights, v) / temperature
+
+
+def npid_nce_log_z(
+    v: jnp.ndarray,
+    bank: jnp.ndarray,
+    index: jnp.ndarray,
+    noise_index: jnp.ndarray,
+    *,
+    temperature: float,
+    axis_name: str | None = None,
+) -> jnp.ndarray:
+  """log Z, NPID's estimate of the softmax normaliser from one batch (SPEC 6.6).
+
+      Z = N * mean_{i, c} exp(m_c.v_i / t)
+
+  over the rows i of the batch and the columns c = (positive, K noise rows) of each, as the
+  official ``NCEAverage`` does on its first batch (its mean includes the positive column).
+  Computed in log space (no overflow for small t). The result is a constant (stop-gradient).
+
+  Args:
+    v, bank, index, noise_index, temperature: as in `npid_nce`.
+    axis_name: if given, the mean runs over the rows of every device (the global batch), so
+      every device gets the same Z.
+
+  Returns:
+    float32 scalar log Z.
+  """
+  _check_npid_inputs(v, bank, index, temperature)
+  scores = jax.lax.stop_gradient(
+      _npid_nce_scores(v, bank, index, noise_index, temperature))
+  log_sum = jax.nn.logsumexp(scores)
+  count = scores.size
+  if axis_name is not None:
+    every = jax.lax.all_gather(log_sum, axis_name)
+    log_sum, count = jax.nn.logsumexp(every), count * every.shape[0]
+  return log_sum - jnp.log(float(count)) + jnp.log(float(bank.shape[0]))
+
+
+def npid_nce(
+    v: jnp.ndarray,
+    bank: jnp.ndarray,
+    index: jnp.ndarray,
+    noise_index: jnp.ndarray,
+    *,
+    temperature: float,
+    log_z: jnp.ndarray | float,
+    axis_name: str | None = None,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """The NCE approximation of NPID's softmax (the original NPID, SPEC 6.6).
+
+  With P(j | v) = exp(m_j.v / t) / Z (Z fixed, see `npid_nce_log_z`), uniform noise
+  P_n = 1 / N and K noise rows j_1..j_K per example, the probability that row j came from
+  the data rather than the noise is h(j, v) = P(j | v) / (P(j | v) + K P_n), and
+
+      L = -mean_i [ log h(index_i, v_i) + sum_{k=1..K} log(1 - h(j_ik, v_i)) ].
+
+  Computed in log space: log h = log P - logaddexp(log P, log(K P_n)). The official
+  ``NCECriterion`` adds eps = 1e-7 to the denominators; at P_n = 1/N with N <= 10^7 that
+  changes the value by less than float32 rounding, so it is left out. Noise rows are drawn
+  with replacement and may hit the positive row, as the official alias sampler does.
+
+  Args:
+    v: ``[n, d]`` embeddings of this device's rows; normalised here.
+    bank: ``[N, d]`` memory bank (constant, stop-gradient inside).
+    index: int ``[n]`` dataset index of each row.
+    noise_index: int ``[n, K]`` noise rows of each example.
+    temperature: t > 0 (NPID 0.07).
+    log_z: log of the normaliser Z (a constant).
+    axis_name: accepted for the shared signature; no communication is needed (each device
+      returns its mean over its rows; ``pmean`` of values and gradients = single device).
+
+  Returns:
+    ``(loss, metrics)`` with ``pos_sim`` (mean v.m_index), ``neg_sim`` (mean v.m over the
+    noise rows) and ``pos_prob`` (mean h of the positives).
+  """
+  del axis_name  # nothing to gather: see the docstring
+  _check_npid_inputs(v, bank, index, temperature)
+  logits = _npid_nce_scores(v, bank, index, noise_index, temperature)
+  num_noise, size = noise_index.shape[1], bank.shape[0]
+  log_p = logits - jax.lax.stop_gradient(jnp.asarray(log_z, jnp.float32))
+  log_noise = jnp.log(float(num_noise) / size)  # log(K P_n)
+  log_denominator = jnp.logaddexp(log_p, log_noise)
+  log_h_pos = log_p[:, 0] - log_denominator[:, 0]
+  log_1mh_noise = log_noise - log_denominator[:, 1:]
+  loss = -jnp.mean(log_h_pos + jnp.sum(log_1mh_noise, axis=1))
+  sims = logits * temperature
+  metrics = {"pos_sim": jnp.mean(sims[:, 0]), "neg_sim": jnp.mean(sims[:, 1:]),
+             "pos_prob": jnp.mean(jnp.exp(log_h_pos))}
+  return loss, metrics
+
+
+def npid(
+    v: jnp.ndarray,
+    bank: jnp.ndarray,
+    index: jnp.ndarray,
+    *,
+    temperature: float,
+    noise_index: jnp.ndarray | None = None,
+    log_z: jnp.ndarray | float | None = None,
+    axis_name: str | None = None,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """NPID's loss: `npid_softmax` by default, `npid_nce` when noise rows are given.
+
+  The official code picks the same way (``nce_k = 0``: full softmax, ``LinearAverage``;
+  ``nce_k > 0``: NCE, ``NCEAverage``). NCE needs both `noise_index` and `log_z`.
+  """
+  if noise_index is None:
+    if log_z is not None:
+      raise ValueError("npid: log_z is only used by the NCE loss; pass noise_index too")
+    return npid_softmax(v, bank, index, temperature=temperature, axis_name=axis_name)
+  if log_z is None:
+    raise ValueError("npid: the NCE loss (noise_index given) needs log_z; estimate it with "
+                     "npid_nce_log_z on the first batch")
+  return npid_nce(v, bank, index, noise_index, temperature=temperature, log_z=log_z,
+                  axis_name=axis_name)

@@ -10,3 +10,5 @@ from ssljax.methods import barlow_twins  # noqa: F401  (registers 'barlow_twins'
 from ssljax.methods import swav  # noqa: F401  (registers 'swav')
 from ssljax.methods import byol  # noqa: F401  (registers 'byol')
 from ssljax.methods import dino  # noqa: F401  (registers 'dino')
+from ssljax.methods import moco  # noqa: F401  (registers 'moco')
+from ssljax.methods import npid  # noqa: F401  (registers 'npid')

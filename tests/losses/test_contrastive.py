@@ -1,4 +1,5 @@
-"""nt_xent: hand-computed values, distributed equivalence, and descent."""
+"""Contrastive losses (nt_xent, moco_infonce, NPID): hand-computed values, distributed
+equivalence, and descent."""
 
 import math
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ssljax.losses import nt_xent
+from ssljax.losses import moco_infonce, npid, npid_nce, npid_nce_log_z, npid_softmax, nt_xent
 
 
 def _reference_nt_xent(z_a: np.ndarray, z_b: np.ndarray, t: float) -> float:
@@ -135,3 +136,254 @@ def test_gradient_steps_lower_the_loss():
     grads = jax.grad(f)(params)
     params = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
   assert f(params) < 0.5 * start
+
+
+# ---------------------------------------------------------------- moco_infonce
+
+
+def _reference_moco(q: np.ndarray, k: np.ndarray, queue: np.ndarray, t: float) -> float:
+  """SPEC 6.2 InfoNCE, one query at a time."""
+  total = 0.0
+  for qi, ki in zip(q, k):
+    qi, ki = qi / np.linalg.norm(qi), ki / np.linalg.norm(ki)
+    pos = math.exp(qi @ ki / t)
+    neg = sum(math.exp(qi @ row / t) for row in queue)
+    total += -math.log(pos / (pos + neg))
+  return total / len(q)
+
+
+def test_moco_hand_computed():
+  # q = k = e1 and the queue (e2, -e1), t = 1: logits (1, 0, -1) with target 0.
+  q = jnp.asarray([[2.0, 0.0]])
+  queue = jnp.asarray([[0.0, 1.0], [-1.0, 0.0]])
+  loss, metrics = moco_infonce(q, q, queue, temperature=1.0)
+  np.testing.assert_allclose(loss, math.log(math.e + 1 + math.exp(-1)) - 1, rtol=1e-6)
+  assert metrics["accuracy"] == 1.0
+  np.testing.assert_allclose(metrics["pos_sim"], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(metrics["neg_sim"], -0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.07, 0.2, 1.0])
+def test_moco_matches_loop_reference(t):
+  rng = np.random.default_rng(10)
+  q, k = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+  queue = rng.normal(size=(7, 4))
+  queue /= np.linalg.norm(queue, axis=1, keepdims=True)
+  loss, _ = moco_infonce(*(jnp.asarray(a, jnp.float32) for a in (q, k, queue)), temperature=t)
+  np.testing.assert_allclose(loss, _reference_moco(q, k, queue, t), rtol=1e-5)
+
+
+def test_moco_queue_is_a_constant_and_bad_inputs_raise():
+  rng = np.random.default_rng(11)
+  q, k, queue = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((3, 4), (3, 4), (6, 4)))
+  grad_queue = jax.grad(lambda m: moco_infonce(q, k, m, temperature=0.2)[0])(queue)
+  np.testing.assert_array_equal(grad_queue, 0.0)
+  with pytest.raises(ValueError, match="temperature"):
+    moco_infonce(q, k, queue, temperature=-1.0)
+  with pytest.raises(AssertionError):
+    moco_infonce(q, k[:2], queue, temperature=0.2)
+  with pytest.raises(AssertionError):
+    moco_infonce(q, k, queue[:, :3], temperature=0.2)
+
+
+def _assert_distributed_matches(loss_fn, w, sharded_args, replicated_args, num_devices):
+  """pmean of per-device values/gradients (shard_map and pmap) = the single-device ones.
+
+  ``loss_fn(w, *sharded_args, *replicated_args, axis_name)`` returns a scalar; the sharded
+  arguments are split along axis 0 over the devices, the replicated ones are passed whole.
+  """
+  single_loss, single_grad = jax.value_and_grad(loss_fn)(w, *sharded_args, *replicated_args,
+                                                         None)
+
+  def per_device(w, sharded, replicated):
+    loss, grad = jax.value_and_grad(loss_fn)(w, *sharded, *replicated, "data")
+    return jax.lax.pmean(loss, "data"), jax.lax.pmean(grad, "data")
+
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P()),
+                                  out_specs=(P(), P()), check_vma=False))
+  loss, grad = sharded(w, tuple(sharded_args), tuple(replicated_args))
+  np.testing.assert_allclose(loss, single_loss, rtol=1e-5)
+  np.testing.assert_allclose(grad, single_grad, rtol=1e-4, atol=1e-6)
+
+  split = lambda x: x.reshape(num_devices, -1, *x.shape[1:])
+  pmapped = jax.pmap(per_device, axis_name="data", in_axes=(None, 0, None))
+  p_loss, p_grad = pmapped(w, tuple(split(a) for a in sharded_args), tuple(replicated_args))
+  np.testing.assert_allclose(p_loss[0], single_loss, rtol=1e-5)
+  np.testing.assert_allclose(p_grad[-1], single_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_moco_distributed_value_and_gradient_equal_single_device(num_devices):
+  rng = np.random.default_rng(12)
+  x_q, x_k = (jnp.asarray(rng.normal(size=(32, 6)), jnp.float32) for _ in range(2))
+  queue = jnp.asarray(rng.normal(size=(24, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+
+  def loss_fn(w, x_q, x_k, queue, axis_name):
+    k = jax.lax.stop_gradient(x_k @ w)  # MoCo's keys carry no gradient
+    return moco_infonce(x_q @ w, k, queue, temperature=0.2, axis_name=axis_name)[0]
+
+  _assert_distributed_matches(loss_fn, w, (x_q, x_k), (queue,), num_devices)
+
+
+def test_moco_gradient_steps_lower_the_loss():
+  rng = np.random.default_rng(13)
+  k = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+  q = k + jnp.asarray(rng.normal(size=k.shape), jnp.float32)
+  queue = jnp.asarray(_unit_rows(rng, 64, 8), jnp.float32)
+  f = jax.jit(lambda q: moco_infonce(q, k, queue, temperature=0.2)[0])
+  grad = jax.jit(jax.grad(f))
+  start, params = f(q), q
+  for _ in range(20):
+    params = params - 5.0 * grad(params)
+  assert f(params) < 0.6 * start
+
+
+# ---------------------------------------------------------------- NPID
+
+
+def _unit_rows(rng, n, d):
+  x = rng.normal(size=(n, d))
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _reference_npid_softmax(v, bank, index, t) -> float:
+  total = 0.0
+  for vi, i in zip(v, index):
+    vi = vi / np.linalg.norm(vi)
+    scores = [math.exp(row @ vi / t) for row in bank]
+    total += -math.log(scores[i] / sum(scores))
+  return total / len(v)
+
+
+def _reference_npid_nce(v, bank, index, noise, t, z) -> float:
+  """The official NCEAverage + NCECriterion arithmetic, eps included."""
+  eps, n_bank, k = 1e-7, len(bank), noise.shape[1]
+  total = 0.0
+  for vi, i, rows in zip(v, index, noise):
+    vi = vi / np.linalg.norm(vi)
+    p_pos = math.exp(bank[i] @ vi / t) / z
+    total += math.log(p_pos / (p_pos + k / n_bank + eps))
+    for j in rows:
+      p = math.exp(bank[j] @ vi / t) / z
+      total += math.log((k / n_bank) / (p + k / n_bank + eps))
+  return -total / len(v)
+
+
+def _npid_inputs(seed, n=6, d=4, n_bank=20, k=5):
+  rng = np.random.default_rng(seed)
+  v = rng.normal(size=(n, d))
+  bank = rng.uniform(-0.8, 0.8, size=(n_bank, d))
+  index = rng.permutation(n_bank)[:n]
+  noise = rng.integers(0, n_bank, size=(n, k))
+  return v, bank, index, noise
+
+
+def test_npid_softmax_hand_computed():
+  # v = e1, bank (e1, e2, -e1), index 0, t = 1: logits (1, 0, -1), target 0.
+  bank = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+  loss, metrics = npid_softmax(jnp.asarray([[3.0, 0.0]]), bank, jnp.asarray([0]),
+                               temperature=1.0)
+  np.testing.assert_allclose(loss, math.log(math.e + 1 + math.exp(-1)) - 1, rtol=1e-6)
+  assert metrics["accuracy"] == 1.0
+  np.testing.assert_allclose(metrics["pos_sim"], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(metrics["neg_sim"], -0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.07, 0.5])
+def test_npid_losses_match_loop_references(t):
+  v, bank, index, noise = _npid_inputs(20)
+  args = [jnp.asarray(a, jnp.float32) for a in (v, bank)]
+  loss, _ = npid_softmax(*args, jnp.asarray(index), temperature=t)
+  np.testing.assert_allclose(loss, _reference_npid_softmax(v, bank, index, t), rtol=1e-5)
+
+  z = 37.5
+  loss, _ = npid_nce(*args, jnp.asarray(index), jnp.asarray(noise), temperature=t,
+                     log_z=math.log(z))
+  np.testing.assert_allclose(loss, _reference_npid_nce(v, bank, index, noise, t, z),
+                             rtol=1e-5)
+
+  # Z = N * mean of exp(m.v / t) over each row's positive and noise columns.
+  vn = v / np.linalg.norm(v, axis=1, keepdims=True)
+  cols = np.concatenate([index[:, None], noise], axis=1)
+  expected_z = len(bank) * np.mean([[math.exp(bank[c] @ vi / t) for c in row]
+                                    for vi, row in zip(vn, cols)])
+  log_z = npid_nce_log_z(*args, jnp.asarray(index), jnp.asarray(noise), temperature=t)
+  np.testing.assert_allclose(log_z, math.log(expected_z), rtol=1e-5)
+
+
+def test_npid_dispatcher_and_bad_inputs():
+  v, bank, index, noise = (jnp.asarray(a) for a in _npid_inputs(21))
+  v, bank = v.astype(jnp.float32), bank.astype(jnp.float32)
+  full = npid(v, bank, index, temperature=0.1)
+  np.testing.assert_array_equal(full[0], npid_softmax(v, bank, index, temperature=0.1)[0])
+  nce = npid(v, bank, index, temperature=0.1, noise_index=noise, log_z=2.0)
+  np.testing.assert_array_equal(nce[0], npid_nce(v, bank, index, noise, temperature=0.1,
+                                                 log_z=2.0)[0])
+  with pytest.raises(ValueError, match="needs log_z"):
+    npid(v, bank, index, temperature=0.1, noise_index=noise)
+  with pytest.raises(ValueError, match="pass noise_index"):
+    npid(v, bank, index, temperature=0.1, log_z=2.0)
+  with pytest.raises(ValueError, match="temperature"):
+    npid_softmax(v, bank, index, temperature=0.0)
+  with pytest.raises(AssertionError):
+    npid_softmax(v, bank[:, :3], index, temperature=0.1)
+  with pytest.raises(AssertionError):
+    npid_softmax(v, bank, index[:3], temperature=0.1)
+  with pytest.raises(AssertionError):
+    npid_softmax(v, bank, index.astype(jnp.float32), temperature=0.1)
+  with pytest.raises(AssertionError):
+    npid_nce(v, bank, index, noise[:2], temperature=0.1, log_z=2.0)
+  grad_bank = jax.grad(lambda m: npid_softmax(v, m, index, temperature=0.1)[0]
+                       + npid_nce(v, m, index, noise, temperature=0.1, log_z=2.0)[0])(bank)
+  np.testing.assert_array_equal(grad_bank, 0.0)  # the bank is a constant
+
+
+def test_npid_distributed_value_and_gradient_equal_single_device(num_devices):
+  rng = np.random.default_rng(22)
+  x = jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
+  bank = jnp.asarray(_unit_rows(rng, 50, 4), jnp.float32)
+  index = jnp.asarray(rng.permutation(50)[:32], jnp.int32)
+  noise = jnp.asarray(rng.integers(0, 50, size=(32, 7)), jnp.int32)
+  w = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+
+  def softmax_loss(w, x, index, bank, axis_name):
+    return npid_softmax(x @ w, bank, index, temperature=0.1, axis_name=axis_name)[0]
+
+  def nce_loss(w, x, index, noise, bank, axis_name):
+    return npid_nce(x @ w, bank, index, noise, temperature=0.1, log_z=3.0,
+                    axis_name=axis_name)[0]
+
+  _assert_distributed_matches(softmax_loss, w, (x, index), (bank,), num_devices)
+  _assert_distributed_matches(nce_loss, w, (x, index, noise), (bank,), num_devices)
+
+
+def test_npid_log_z_over_devices_equals_the_global_batch_estimate(num_devices):
+  v, bank, index, noise = _npid_inputs(23, n=16)
+  v, bank = jnp.asarray(v, jnp.float32), jnp.asarray(bank, jnp.float32)
+  index, noise = jnp.asarray(index, jnp.int32), jnp.asarray(noise, jnp.int32)
+  single = npid_nce_log_z(v, bank, index, noise, temperature=0.2)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  per_device = lambda v, index, noise: npid_nce_log_z(v, bank, index, noise, temperature=0.2,
+                                                       axis_name="data")[None]
+  sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("data"),
+                                  out_specs=P("data"), check_vma=False))
+  every = sharded(v, index, noise)
+  assert every.shape == (num_devices,)
+  np.testing.assert_allclose(every, single, rtol=1e-5)
+
+
+@pytest.mark.parametrize("nce", [False, True])
+def test_npid_gradient_steps_lower_the_loss(nce):
+  rng = np.random.default_rng(24)
+  bank = jnp.asarray(_unit_rows(rng, 40, 8), jnp.float32)
+  index = jnp.asarray(rng.permutation(40)[:16], jnp.int32)
+  noise = jnp.asarray(rng.integers(0, 40, size=(16, 10)), jnp.int32)
+  v0 = bank[index] + jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+  options = {"noise_index": noise, "log_z": 2.0} if nce else {}
+  f = jax.jit(lambda v: npid(v, bank, index, temperature=0.2, **options)[0])
+  grad = jax.jit(jax.grad(f))
+  start, v = f(v0), v0
+  for _ in range(20):
+    v = v - 0.5 * grad(v)
+  assert f(v) < 0.7 * start

@@ -1,0 +1,258 @@
+"""MoCo v2 (He et al. 2020; Chen et al. 2020): queries against an EMA key encoder and a queue.
+
+SPEC 6.2. The query encoder + projector are trained (``params``); the key encoder + projector
+are an EMA copy of them (``method_state['key_params']``) that keeps its own BatchNorm
+statistics (``method_state['batch_stats']['key_encoder']``, SPEC 8.2: its forward runs in
+train mode). ``method_state['queue']`` ``[queue_size, proj_dim]`` holds L2-normalised keys of
+earlier batches (initialised as normalised Gaussian vectors, as the official code does) and
+``method_state['queue_pointer']`` the row the next keys are written to. One step:
+
+  1. each query view -> encoder -> projector -> q; each key view -> key encoder -> key
+     projector -> k = sg(norm(.)). Every view is a forward pass of its own, so BN statistics
+     are per view, as in the official code;
+  2. loss = mean over the (query, key) pairs of ``moco_infonce(q, k, queue, t)``;
+  3. the keys of every device are gathered (global batch order) and written into the queue
+     after the loss, oldest rows first (FIFO), so every device holds the same queue;
+  4. after the optimiser step (`post_update`): theta_k <- m theta_k + (1 - m) theta_q, with m
+     rising from ``ema_momentum`` to ``ema_momentum_final`` on BYOL's cosine schedule over
+     the run (equal values: constant, MoCo v2's 0.999).
+
+View layouts (``method.moco.symmetric`` and ``method.moco.num_views``):
+  * asymmetric (MoCo v2): query view 0, key view 1; the keys of view 1 are enqueued.
+  * symmetric (the official CIFAR-10 demo; solo-learn's MoCo V2+): also query view 1 against
+    key view 0; the loss is the mean of the two terms, and both keys go into the one queue,
+    those of view 0 first (the demo's ``cat([k1, k2])``): 2 x global batch rows per step.
+  * three views (CLD's MoCo instance branch, SPEC 5.5 and 11.2): the queries of views 0 and 1
+    against the key of view 2; the loss is the mean of the two terms; the key is enqueued once.
+
+Deliberate deviations, each a choice where the sources differ or cannot be copied:
+  * No Shuffle-BN. The key encoder's BN uses the same setting as the query encoder's
+    (``model.sync_batchnorm``): with synchronised BN the statistics of both span the global
+    batch, which removes the per-device statistics that Shuffle-BN was designed to decouple;
+    without sync BN the per-device leak Shuffle-BN prevents is present.
+  * Symmetric loss: the official demo sums the two terms, solo-learn (and SPEC 6.2) average
+    them; ssljax averages. The demo's SGD update is reproduced exactly with twice its
+    learning rate and half its weight decay (``configs/moco_cifar10.py``).
+  * Symmetric queue: solo-learn keeps one queue per view (q1 meets only past keys of view 2);
+    ssljax keeps the official demo's single queue fed with the keys of both views.
+  * Projector: (Linear - ReLU) x (layers - 1) - Linear with no BatchNorm, MoCo v2's and
+    solo-learn's head (`MocoProjector`); ``proj_layers = 1`` is MoCo v1's / the CIFAR demo's
+    linear head.
+
+Evaluation uses the query encoder. CLD wraps MoCo through `build_moco_parts`: ``forward``
+returns the backbone features of the query views next to the queries and keys, and
+``contrast`` turns them into the instance loss and the new queue.
+
+Config: ``method.moco.{temperature, queue_size, ema_momentum, ema_momentum_final, symmetric,
+proj_hidden_dim, proj_dim, proj_layers, num_views}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ssljax.losses import gather_rows, l2_normalize, moco_infonce
+from ssljax.methods.base import (Method, RunInfo, apply_module, init_module,
+                                 online_encoder_variables, register)
+from ssljax.methods.common import (check_queue_length, cosine_ema_momentum, ema_update,
+                                   fifo_enqueue)
+from ssljax.models import build_encoder, compute_dtype
+
+PyTree = Any
+# The trained modules the key encoder copies by EMA (a wrapper may add other params).
+_QUERY_MODULES = ("encoder", "projector")
+
+
+class MocoProjector(nn.Module):
+  """MoCo v2's projection head: (Linear - ReLU) x (num_layers - 1), then Linear; no BN.
+
+  Attributes:
+    hidden_dim: width of the hidden layers.
+    out_dim: output width.
+    num_layers: linear layers (>= 1); 1 is a single linear map (MoCo v1, the CIFAR demo).
+    dtype: computation dtype; the output is float32.
+  """
+
+  hidden_dim: int
+  out_dim: int
+  num_layers: int = 2
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+    del train  # no BatchNorm or dropout
+    if self.num_layers < 1:
+      raise ValueError(f"MocoProjector needs num_layers >= 1, got {self.num_layers}")
+    x = x.astype(self.dtype)
+    for i in range(self.num_layers - 1):
+      x = nn.relu(nn.Dense(self.hidden_dim, dtype=self.dtype, name=f"dense{i + 1}")(x))
+    x = nn.Dense(self.out_dim, dtype=self.dtype, name=f"dense{self.num_layers}")(x)
+    return x.astype(jnp.float32)
+
+
+class MocoOutputs(NamedTuple):
+  """What one MoCo forward pass produces (see `MocoParts.forward`).
+
+  Attributes:
+    features: query-encoder backbone features, one ``[n, F]`` per query view (CLD forks its
+      group head from these).
+    queries: projector outputs (not normalised), one ``[n, proj_dim]`` per query view.
+    keys: L2-normalised key-encoder outputs under stop-gradient, one per key view.
+    batch_stats: the BN statistics after these forward passes (``encoder``, ``key_encoder``).
+  """
+
+  features: tuple[jax.Array, ...]
+  queries: tuple[jax.Array, ...]
+  keys: tuple[jax.Array, ...]
+  batch_stats: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class MocoParts:
+  """MoCo's pieces, for the `Method` below and for wrappers such as CLD.
+
+  Attributes:
+    encoder: the backbone (query and key encoder share the module, not the weights).
+    projector: the projection head.
+    query_views: views forwarded through the query networks, in order.
+    key_views: views forwarded through the key networks, in order.
+    pairs: ``(i, j)``: query ``queries[i]`` has the positive ``keys[j]``.
+    init: ``(key, views) -> (params, method_state)``.
+    forward: ``(params, method_state, views) -> MocoOutputs``.
+    contrast: ``(outputs, method_state, *, axis_name) -> (loss, metrics, method_state)``:
+      the mean InfoNCE over `pairs`, and the state with the new BN statistics and queue.
+    momentum: ``step -> m``, the EMA momentum of that step.
+    post_update: the EMA update of the key networks (`Method.post_update`).
+  """
+
+  encoder: nn.Module
+  projector: nn.Module
+  query_views: tuple[int, ...]
+  key_views: tuple[int, ...]
+  pairs: tuple[tuple[int, int], ...]
+  init: Callable[..., tuple[PyTree, PyTree]]
+  forward: Callable[..., MocoOutputs]
+  contrast: Callable[..., tuple[jax.Array, dict[str, jax.Array], PyTree]]
+  momentum: Callable[[jax.Array], jax.Array]
+  post_update: Callable[..., tuple[PyTree, PyTree]]
+
+
+def _view_layout(hp: ml_collections.ConfigDict):
+  """(query_views, key_views, pairs) of the configured layout (see the module docstring)."""
+  if hp.num_views == 2:
+    if hp.symmetric:
+      # Key forwards in the demo's order (k of view 1, then of view 0).
+      return (0, 1), (1, 0), ((0, 0), (1, 1))
+    return (0,), (1,), ((0, 0),)
+  if hp.num_views == 3:
+    if hp.symmetric:
+      raise ValueError("moco: method.moco.symmetric = True needs method.moco.num_views = 2; "
+                       "the three-view layout (views 0 and 1 against the key of view 2) is "
+                       "already two-sided: set --config.method.moco.symmetric=False")
+    return (0, 1), (2,), ((0, 0), (1, 0))
+  raise ValueError(f"moco: method.moco.num_views must be 2 or 3, got {hp.num_views}")
+
+
+def build_moco_parts(config: ml_collections.ConfigDict, axis_name: str | None,
+                     run: RunInfo) -> MocoParts:
+  """Builds MoCo's pieces from ``config.method.moco`` (errors on an invalid setting)."""
+  hp = config.method.moco
+  query_views, key_views, pairs = _view_layout(hp)
+  rows_per_image = len(key_views)
+  global_batch = config.train.batch_size
+  if rows_per_image == 1:
+    check_queue_length("moco", hp.queue_size, global_batch, "method.moco.queue_size")
+  elif hp.queue_size <= 0 or hp.queue_size % (rows_per_image * global_batch):
+    step_rows = rows_per_image * global_batch
+    lower = max(step_rows, hp.queue_size // step_rows * step_rows)
+    raise ValueError(
+        f"moco: method.moco.queue_size = {hp.queue_size} must be a positive multiple of "
+        f"{step_rows} = {rows_per_image} x train.batch_size ({global_batch}), because each "
+        f"symmetric step enqueues the keys of both views of the global batch; use e.g. "
+        f"--config.method.moco.queue_size={lower}")
+  for name in ("ema_momentum", "ema_momentum_final"):
+    if not 0.0 <= hp[name] <= 1.0:
+      raise ValueError(f"moco: method.moco.{name} must be in [0, 1], got {hp[name]}")
+
+  encoder = build_encoder(config, axis_name=axis_name)
+  projector = MocoProjector(hidden_dim=hp.proj_hidden_dim, out_dim=hp.proj_dim,
+                            num_layers=hp.proj_layers,
+                            dtype=compute_dtype(config.train.compute_dtype))
+
+  def init(key, views):
+    k_enc, k_proj, k_queue = jax.random.split(key, 3)
+    enc_params, enc_stats = init_module(encoder, k_enc, views[0])
+    h = encoder.apply({"params": enc_params, "batch_stats": enc_stats}, views[0], train=False)
+    proj_params, _ = init_module(projector, k_proj, h)
+    params = {"encoder": enc_params, "projector": proj_params}
+    queue = l2_normalize(jax.random.normal(k_queue, (hp.queue_size, hp.proj_dim), jnp.float32))
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
+    return params, {
+        "batch_stats": {"encoder": enc_stats, "key_encoder": copy(enc_stats)},
+        "key_params": copy(params),
+        "queue": queue,
+        "queue_pointer": jnp.zeros((), jnp.int32),
+    }
+
+  def forward(params, method_state, views):
+    stats = dict(method_state["batch_stats"])
+    features, queries, keys = [], [], []
+    for v in query_views:
+      h, stats["encoder"] = apply_module(encoder, params["encoder"], stats["encoder"],
+                                         views[v])
+      features.append(h)
+      queries.append(projector.apply({"params": params["projector"]}, h))
+    key_params = method_state["key_params"]
+    for v in key_views:
+      h, stats["key_encoder"] = apply_module(encoder, key_params["encoder"],
+                                             stats["key_encoder"], views[v])
+      k = l2_normalize(projector.apply({"params": key_params["projector"]}, h))
+      keys.append(jax.lax.stop_gradient(k))
+    return MocoOutputs(tuple(features), tuple(queries), tuple(keys), stats)
+
+  def contrast(outputs, method_state, *, axis_name):
+    terms = [moco_infonce(outputs.queries[i], outputs.keys[j], method_state["queue"],
+                          temperature=hp.temperature, axis_name=axis_name) for i, j in pairs]
+    loss = sum(value for value, _ in terms) / len(terms)
+    metrics = {name: sum(m[name] for _, m in terms) / len(terms) for name in terms[0][1]}
+    # The keys of the whole global batch, view by view in view order.
+    order = sorted(range(len(key_views)), key=lambda j: key_views[j])
+    new_keys = jnp.concatenate([gather_rows(outputs.keys[j], axis_name)[0] for j in order])
+    queue, pointer = fifo_enqueue(method_state["queue"], method_state["queue_pointer"],
+                                  new_keys)
+    new_state = {**method_state, "batch_stats": outputs.batch_stats, "queue": queue,
+                 "queue_pointer": pointer}
+    return loss, metrics, new_state
+
+  def momentum(step):
+    return cosine_ema_momentum(step, run.total_steps, hp.ema_momentum, hp.ema_momentum_final)
+
+  def post_update(params, method_state, *, step):
+    online = {name: params[name] for name in _QUERY_MODULES}
+    key_params = ema_update(method_state["key_params"], online, momentum(step))
+    return params, {**method_state, "key_params": key_params}
+
+  return MocoParts(encoder=encoder, projector=projector, query_views=query_views,
+                   key_views=key_views, pairs=pairs, init=init, forward=forward,
+                   contrast=contrast, momentum=momentum, post_update=post_update)
+
+
+@register("moco")
+def moco(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo) -> Method:
+  parts = build_moco_parts(config, axis_name, run)
+
+  def loss(params, method_state, batch, *, key, step, axis_name):
+    del key  # MoCo draws no randomness of its own
+    outputs = parts.forward(params, method_state, batch["views"])
+    value, metrics, new_state = parts.contrast(outputs, method_state, axis_name=axis_name)
+    return value, ({**metrics, "ema_momentum": parts.momentum(step)}, new_state)
+
+  return Method(name="moco", encoder=parts.encoder, init=parts.init, loss=loss,
+                post_update=parts.post_update, eval_variables=online_encoder_variables,
+                num_views=config.method.moco.num_views)

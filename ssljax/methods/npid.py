@@ -1,0 +1,216 @@
+"""NPID / InstDisc (Wu et al. 2018): instance discrimination against a memory bank.
+
+SPEC 6.6 and 5.5. Network: encoder + a linear head to ``proj_dim`` (128), L2-normalised:
+v = norm(W h + b). ``method_state['bank']`` ``[N, proj_dim]`` holds one row per training
+image (N = the training-set size), initialised uniform in [-s, s] with s = 1/sqrt(d/3) and
+not normalised, as the official ``LinearAverage``/``NCEAverage`` do (rows then have norm ~1).
+One step, on view 0 (``num_views = 1``):
+
+  1. v = norm(head(encoder(view)));
+  2. full softmax (``nce_negatives = 0``, CLD's setting): ``npid_softmax(v, bank, index)``;
+     NCE (``nce_negatives = K > 0``, the original NPID): K noise rows per example drawn
+     uniformly with replacement, ``npid_nce(v, bank, index, noise, log_z)``, with Z estimated
+     by ``npid_nce_log_z`` on the first step and stored in ``method_state['nce_log_z']``
+     (-inf until then), fixed afterwards, as the official code does;
+  3. after the loss, the bank rows of the batch are moved towards the new embeddings:
+     m_i <- norm(mu m_i + (1 - mu) v_i), mu = ``bank_momentum`` (0.5). The embeddings and
+     indices of every device are gathered first, so each device writes the same rows and the
+     replicated banks stay equal. The bank is a constant for the gradient.
+
+Two views (``num_views = 2``, CLD's ``--two-imgs``, SPEC 5.5): the loss is the mean over both
+views, each against the bank as it was before the step, and the rows are then updated once
+per view (view 0, then view 1), as in CLD's NPID branch. In NCE mode every view draws its own
+noise and Z is estimated from view 0.
+
+Noise rows come from the loss key folded with the row's position in the global batch, so a
+row draws the same noise whatever the number of devices. The batch holds distinct dataset
+indices (one epoch is a permutation), so no row is written twice by one view's update.
+
+Evaluation uses the encoder. CLD wraps NPID through `build_npid_parts` (``forward`` returns
+the backbone features next to the embeddings; ``contrast`` the loss and new bank).
+
+Config: ``method.npid.{temperature, proj_dim, bank_size, bank_momentum, nce_negatives,
+num_views}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ssljax.losses import gather_rows, l2_normalize, npid, npid_nce_log_z
+from ssljax.methods.base import (Method, RunInfo, apply_module, init_module, keep_state,
+                                 online_encoder_variables, register)
+from ssljax.models import MLPHead, build_encoder, compute_dtype
+
+PyTree = Any
+
+
+def update_memory_bank(bank: jax.Array, index: jax.Array, v: jax.Array, *, momentum: float,
+                       axis_name: str | None = None) -> jax.Array:
+  """NPID's memory update of the rows in `index`: ``m_i <- norm(mu m_i + (1 - mu) v_i)``.
+
+  Args:
+    bank: ``[N, d]`` memory bank (replicated on every device).
+    index: int ``[n]`` dataset indices of this device's rows (distinct within the batch).
+    v: ``[n, d]`` new embeddings of those rows (taken under stop-gradient).
+    momentum: mu, the weight of the old row (NPID: 0.5).
+    axis_name: if given, the rows of every device are gathered first, so every device
+      writes the rows of the whole global batch and the banks stay equal.
+
+  Returns:
+    The new bank; rows not in the (global) batch are unchanged.
+  """
+  v_all, _ = gather_rows(jax.lax.stop_gradient(v).astype(bank.dtype), axis_name)
+  index_all, _ = gather_rows(index, axis_name)
+  mixed = momentum * bank[index_all] + (1.0 - momentum) * v_all
+  return bank.at[index_all].set(l2_normalize(mixed))
+
+
+def noise_indices(key: jax.Array, num_rows: int, num_noise: int, bank_size: int, *,
+                  axis_name: str | None = None) -> jax.Array:
+  """``[num_rows, num_noise]`` uniform bank rows for this device's rows (with replacement).
+
+  Row i of device d draws from ``fold_in(key, d * num_rows + i)``: its position in the
+  global batch, so the draw does not depend on the number of devices.
+  """
+  offset = jax.lax.axis_index(axis_name) * num_rows if axis_name else 0
+  draw = lambda i: jax.random.randint(jax.random.fold_in(key, i), (num_noise,), 0, bank_size)
+  return jax.vmap(draw)(offset + jnp.arange(num_rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class NpidParts:
+  """NPID's pieces, for the `Method` below and for wrappers such as CLD.
+
+  Attributes:
+    encoder: the backbone.
+    head: the linear head to ``proj_dim``.
+    bank_size: rows of the memory bank.
+    init: ``(key, views) -> (params, method_state)``.
+    forward: ``(params, method_state, views) -> (features, embeddings, batch_stats)``: per
+      view, the backbone features ``[n, F]`` and the L2-normalised embeddings
+      ``[n, proj_dim]``, and the BN statistics after all views' forward passes.
+    contrast: ``(embeddings, method_state, index, *, key, axis_name) -> (loss, metrics,
+      method_state)``: the mean loss over the embeddings' views and the state with the
+      updated bank (and Z).
+  """
+
+  encoder: nn.Module
+  head: nn.Module
+  bank_size: int
+  init: Callable[..., tuple[PyTree, PyTree]]
+  forward: Callable[..., tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], PyTree]]
+  contrast: Callable[..., tuple[jax.Array, dict[str, jax.Array], PyTree]]
+
+
+def _bank_size(hp: ml_collections.ConfigDict, run: RunInfo) -> int:
+  if hp.bank_size < 0:
+    raise ValueError(f"npid: method.npid.bank_size must be >= 0, got {hp.bank_size}")
+  if hp.bank_size == 0:
+    if run.num_examples is None:
+      raise ValueError(
+          "npid: method.npid.bank_size = 0 sizes the memory bank by the training set, but "
+          "the training-set size is unknown here (RunInfo.num_examples is None); build the "
+          "method with run=RunInfo(..., num_examples=N) or set --config.method.npid.bank_size")
+    return run.num_examples
+  if run.num_examples is not None and hp.bank_size != run.num_examples:
+    raise ValueError(
+        f"npid: method.npid.bank_size = {hp.bank_size} but the training set has "
+        f"{run.num_examples} images; the memory bank needs one row per image: set "
+        f"--config.method.npid.bank_size=0 (the dataset size) or {run.num_examples}")
+  return hp.bank_size
+
+
+def build_npid_parts(config: ml_collections.ConfigDict, axis_name: str | None,
+                     run: RunInfo) -> NpidParts:
+  """Builds NPID's pieces from ``config.method.npid`` (errors on an invalid setting)."""
+  hp = config.method.npid
+  bank_size = _bank_size(hp, run)
+  if hp.nce_negatives < 0:
+    raise ValueError(f"npid: method.npid.nce_negatives must be >= 0, got {hp.nce_negatives}")
+  if not 0.0 <= hp.bank_momentum < 1.0:
+    raise ValueError(f"npid: method.npid.bank_momentum must be in [0, 1), got "
+                     f"{hp.bank_momentum}")
+  use_nce = hp.nce_negatives > 0
+
+  encoder = build_encoder(config, axis_name=axis_name)
+  head = MLPHead(hidden_dim=hp.proj_dim, out_dim=hp.proj_dim, num_layers=1,
+                 dtype=compute_dtype(config.train.compute_dtype))
+
+  def init(key, views):
+    k_enc, k_head, k_bank = jax.random.split(key, 3)
+    enc_params, enc_stats = init_module(encoder, k_enc, views[0])
+    h = encoder.apply({"params": enc_params, "batch_stats": enc_stats}, views[0], train=False)
+    head_params, _ = init_module(head, k_head, h)
+    bound = 1.0 / math.sqrt(hp.proj_dim / 3.0)
+    bank = jax.random.uniform(k_bank, (bank_size, hp.proj_dim), jnp.float32, -bound, bound)
+    state = {"batch_stats": {"encoder": enc_stats}, "bank": bank}
+    if use_nce:
+      state["nce_log_z"] = jnp.full((), -jnp.inf, jnp.float32)
+    return {"encoder": enc_params, "head": head_params}, state
+
+  def forward(params, method_state, views):
+    stats = method_state["batch_stats"]["encoder"]
+    features, embeddings = [], []
+    for view in views:
+      h, stats = apply_module(encoder, params["encoder"], stats, view)
+      features.append(h)
+      embeddings.append(l2_normalize(head.apply({"params": params["head"]}, h)))
+    return tuple(features), tuple(embeddings), {**method_state["batch_stats"], "encoder": stats}
+
+  def contrast(embeddings, method_state, index, *, key, axis_name):
+    bank = method_state["bank"]
+    new_state = dict(method_state)
+    if use_nce:
+      noise = [noise_indices(jax.random.fold_in(key, i), v.shape[0], hp.nce_negatives,
+                             bank_size, axis_name=axis_name) for i, v in enumerate(embeddings)]
+      stored = method_state["nce_log_z"]
+      estimate = npid_nce_log_z(embeddings[0], bank, index, noise[0],
+                                temperature=hp.temperature, axis_name=axis_name)
+      new_state["nce_log_z"] = jnp.where(jnp.isneginf(stored), estimate, stored)
+      terms = [npid(v, bank, index, temperature=hp.temperature, noise_index=n,
+                    log_z=new_state["nce_log_z"], axis_name=axis_name)
+               for v, n in zip(embeddings, noise)]
+    else:
+      terms = [npid(v, bank, index, temperature=hp.temperature, axis_name=axis_name)
+               for v in embeddings]
+    loss = sum(value for value, _ in terms) / len(terms)
+    metrics = {name: sum(m[name] for _, m in terms) / len(terms) for name in terms[0][1]}
+    if use_nce:
+      metrics["nce_log_z"] = new_state["nce_log_z"]
+    for v in embeddings:
+      bank = update_memory_bank(bank, index, v, momentum=hp.bank_momentum,
+                                axis_name=axis_name)
+    new_state["bank"] = bank
+    return loss, metrics, new_state
+
+  return NpidParts(encoder=encoder, head=head, bank_size=bank_size, init=init,
+                   forward=forward, contrast=contrast)
+
+
+@register("npid")
+def npid_method(config: ml_collections.ConfigDict, axis_name: str | None,
+                run: RunInfo) -> Method:
+  parts = build_npid_parts(config, axis_name, run)
+  num_views = config.method.npid.num_views
+  if num_views not in (1, 2):
+    raise ValueError(f"npid: method.npid.num_views must be 1 or 2, got {num_views}")
+
+  def loss(params, method_state, batch, *, key, step, axis_name):
+    del step  # NPID has no schedule of its own
+    _, embeddings, stats = parts.forward(params, method_state, batch["views"][:num_views])
+    value, metrics, new_state = parts.contrast(
+        embeddings, {**method_state, "batch_stats": stats}, batch["index"], key=key,
+        axis_name=axis_name)
+    return value, (metrics, new_state)
+
+  return Method(name="npid", encoder=parts.encoder, init=parts.init, loss=loss,
+                post_update=keep_state, eval_variables=online_encoder_variables,
+                num_views=num_views)
