@@ -23,7 +23,7 @@ import numpy as np
 
 from ssljax import data
 from ssljax.eval import extract_features, knn_accuracy
-from ssljax.methods import build_method
+from ssljax.methods import RunInfo, build_method
 
 
 def _load_config(path: str):
@@ -54,7 +54,8 @@ def main() -> None:
     rows.append({"features": "raw pixels", "k": k,
                  "top1": knn(flat(train.images), flat(test.images), k)})
 
-  method = build_method(config)
+  method = build_method(config, run=RunInfo(steps_per_epoch=1, total_steps=1,
+                                            num_examples=len(train)))
   params, method_state = method.init(jax.random.PRNGKey(config.seed),
                                      (np.zeros((2, *train.image_shape), np.float32),) * 2)
   variables = method.eval_variables(params, method_state)

@@ -15,7 +15,11 @@ RRC 0.08-1, colour jitter 0.8/0.8/0.8/0.2 with p 0.8, grayscale 0.2, blur p 0.5 
 it, flip 0.5; no multi-crop). Before the queue joins, Sinkhorn sees 256 samples for 3000
 prototypes, so the codes are soft for the first 50 epochs, as in solo-learn. Deviations:
 solo-learn's LARS clips the adaptive rate (clip_lr) and trains in 16-bit mixed precision;
-ssljax's LARS does not clip, and this config computes in float32. SPEC 6.4 notes from the
+ssljax's LARS does not clip, and this config computes in float32. Prototypes follow the
+official SwAV code (re-normalised after every step) where solo-learn uses a weight-normalised
+layer (gradient through the normalisation); crops of one resolution share one forward (BN
+over both views) where solo-learn forwards each crop alone; solo-learn fills the queue from
+step 0 and uses it at epoch 50, ssljax starts filling it at epoch 50 (used 15 steps later). SPEC 6.4 notes from the
 SwAV issues that a lower eps (0.01-0.03) and colour-jitter strength 0.5 helped on CIFAR; the
 recipe here keeps solo-learn's values.
 

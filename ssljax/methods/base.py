@@ -105,7 +105,7 @@ class Method:
   encoder: nn.Module
   init: Callable[[jax.Array, tuple[jax.Array, ...]], tuple[PyTree, PyTree]]
   loss: LossFn
-  post_update: Callable[..., PyTree]
+  post_update: Callable[..., tuple[PyTree, PyTree]]
   eval_variables: Callable[[PyTree, PyTree], PyTree]
   num_views: int = 2
   update_mask: Callable[[PyTree, jax.Array], PyTree] | None = None

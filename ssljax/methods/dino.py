@@ -51,8 +51,8 @@ from ssljax.losses import dino as dino_loss
 from ssljax.losses import dino_center_update
 from ssljax.methods.base import (Method, RunInfo, init_module, online_encoder_variables,
                                  register)
-from ssljax.methods.byol import apply_to_views, check_ema_momenta
-from ssljax.methods.common import cosine_ema_momentum, ema_update
+from ssljax.methods.common import (apply_to_views, check_ema_momenta, cosine_ema_momentum,
+                                   ema_update)
 from ssljax.models import build_encoder, compute_dtype
 from ssljax.models.heads import DINOHead
 
@@ -163,7 +163,8 @@ def dino(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo)
     return value, (metrics, {**method_state, "batch_stats": new_stats, "center": new_center})
 
   def post_update(params, method_state, *, step):
-    teacher = ema_update(method_state["teacher"], params, momentum(step))
+    online = {"encoder": params["encoder"], "head": params["head"]}
+    teacher = ema_update(method_state["teacher"], online, momentum(step))
     return params, {**method_state, "teacher": teacher}
 
   def update_mask(params, step):

@@ -60,8 +60,8 @@ import ml_collections
 from ssljax.losses import gather_rows, l2_normalize, moco_infonce
 from ssljax.methods.base import (Method, RunInfo, apply_module, init_module,
                                  online_encoder_variables, register)
-from ssljax.methods.common import (check_queue_length, cosine_ema_momentum, ema_update,
-                                   fifo_enqueue)
+from ssljax.methods.common import (check_ema_momenta, check_queue_length,
+                                   cosine_ema_momentum, ema_update, fifo_enqueue)
 from ssljax.models import build_encoder, compute_dtype
 
 PyTree = Any
@@ -176,9 +176,7 @@ def build_moco_parts(config: ml_collections.ConfigDict, axis_name: str | None,
         f"{step_rows} = {rows_per_image} x train.batch_size ({global_batch}), because each "
         f"symmetric step enqueues the keys of both views of the global batch; use e.g. "
         f"--config.method.moco.queue_size={lower}")
-  for name in ("ema_momentum", "ema_momentum_final"):
-    if not 0.0 <= hp[name] <= 1.0:
-      raise ValueError(f"moco: method.moco.{name} must be in [0, 1], got {hp[name]}")
+  check_ema_momenta("moco", hp.ema_momentum, hp.ema_momentum_final)
 
   encoder = build_encoder(config, axis_name=axis_name)
   projector = MocoProjector(hidden_dim=hp.proj_hidden_dim, out_dim=hp.proj_dim,

@@ -19,7 +19,10 @@ One step, on view 0 (``num_views = 1``):
 
 Two views (``num_views = 2``, CLD's ``--two-imgs``, SPEC 5.5): the loss is the mean over both
 views, each against the bank as it was before the step, and the rows are then updated once
-per view (view 0, then view 1), as in CLD's NPID branch. In NCE mode every view draws its own
+per view (view 0, then view 1). CLD's NPID branch writes the bank inside the backward pass
+of its memory op, in the order PyTorch's autograd runs the two views' nodes (likely view 1
+first) and after one view's gradient may already see the other's update; that order is not
+reproduced bit for bit here (equal in expectation). In NCE mode every view draws its own
 noise and Z is estimated from view 0.
 
 Noise rows come from the loss key folded with the row's position in the global batch, so a

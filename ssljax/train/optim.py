@@ -7,6 +7,8 @@
   With ``lars_exclude_bias_and_norm`` parameters of rank <= 1 (biases, BatchNorm scales and
   offsets) get neither weight decay nor the trust ratio.
 * ``adam``: Adam with coupled L2 (torch.optim.Adam's weight_decay); ``adamw`` decoupled.
+  Both count Adam's steps per parameter leaf (`scale_by_adam_per_leaf`), so a layer frozen
+  for a while starts its bias correction when it starts training, as in PyTorch.
 
 Schedules: ``warmup_cosine`` ramps linearly from ``lr * warmup_init_fraction`` to the peak
 over ``warmup_epochs`` and then follows a half cosine to ``lr * final_lr_fraction`` at the last
@@ -14,6 +16,8 @@ step; ``constant``. The peak is ``lr * global_batch / base_batch_size`` (linear 
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +58,47 @@ def _decay_mask(params, exclude_low_rank: bool):
   return jax.tree.map(lambda p: (p.ndim > 1) if exclude_low_rank else True, params)
 
 
+class PerLeafAdamState(NamedTuple):
+  """Adam moments with one step count per parameter leaf (shaped like the parameters)."""
+
+  count: Any
+  mu: Any
+  nu: Any
+
+
+def scale_by_adam_per_leaf(b1: float = 0.9, b2: float = 0.999,
+                           eps: float = 1e-8) -> optax.GradientTransformation:
+  """``optax.scale_by_adam`` with a step count per parameter leaf.
+
+  Without freezing it gives exactly Adam's update. The per-leaf count matters for layers
+  that a method freezes for a while (``Method.update_mask``): the train step keeps their
+  whole optimiser state, count included, so when they start training their bias correction
+  starts at step 1, as PyTorch's Adam does (its state is created at a parameter's first
+  gradient). With one global count the first updates of such a layer would be several times
+  too large.
+  """
+
+  def init(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    counts = jax.tree.map(lambda _: jnp.zeros((), jnp.int32), params)
+    return PerLeafAdamState(count=counts, mu=zeros, nu=jax.tree.map(jnp.zeros_like, params))
+
+  def update(updates, state, params=None):
+    del params
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
+    count = jax.tree.map(lambda c: c + 1, state.count)
+
+    def scaled(m, v, c):
+      t = c.astype(m.dtype)
+      return (m / (1 - b1 ** t)) / (jnp.sqrt(v / (1 - b2 ** t)) + eps)
+
+    return (jax.tree.map(scaled, mu, nu, count),
+            PerLeafAdamState(count=count, mu=mu, nu=nu))
+
+  return optax.GradientTransformation(init, update)
+
+
 def build_optimizer(optim: ml_collections.ConfigDict,
                     schedule: optax.Schedule) -> optax.GradientTransformation:
   """An optax transformation for ``optim.name`` driven by `schedule`."""
@@ -63,10 +108,11 @@ def build_optimizer(optim: ml_collections.ConfigDict,
   parts = []
   if optim.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
-  if optim.name == "adamw":
-    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                             weight_decay=optim.weight_decay,
-                             mask=lambda p: _decay_mask(p, exclude)))
+  adam = scale_by_adam_per_leaf(b1=optim.b1, b2=optim.b2, eps=optim.eps)
+  if optim.name == "adamw":  # decoupled decay: optax.adamw's order, per-leaf counts
+    parts += [adam, optax.add_decayed_weights(optim.weight_decay,
+                                              mask=lambda p: _decay_mask(p, exclude)),
+              optax.scale_by_learning_rate(schedule)]
     return optax.chain(*parts)
   if optim.weight_decay > 0:
     mask = (lambda p: _decay_mask(p, exclude)) if optim.name == "lars" else None
@@ -81,6 +127,5 @@ def build_optimizer(optim: ml_collections.ConfigDict,
     parts += [trust, optax.trace(decay=optim.momentum, nesterov=optim.nesterov),
               optax.scale_by_learning_rate(schedule)]
   else:  # adam with coupled L2
-    parts += [optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
-              optax.scale_by_learning_rate(schedule)]
+    parts += [adam, optax.scale_by_learning_rate(schedule)]
   return optax.chain(*parts)

@@ -12,7 +12,7 @@ from ssljax import augment
 from ssljax.losses import byol_regression
 from ssljax.methods import RunInfo, build_method
 from ssljax.methods.base import apply_module
-from ssljax.methods.byol import apply_to_views
+from ssljax.methods.common import apply_to_views
 from ssljax.models import MLPHead
 from ssljax.parallel import data_sharded, make_mesh, replicated
 from ssljax.train.optim import build_optimizer, build_schedule
@@ -131,7 +131,7 @@ def test_apply_to_views_per_view_and_concatenated(byol):
   calls = []
   probe = lambda module, p, s, x: (calls.append(x.shape) or x, s)
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr("ssljax.methods.byol.apply_module", probe)
+    patch.setattr("ssljax.methods.common.apply_module", probe)
     apply_to_views(None, None, {}, images, per_view=False)
     apply_to_views(None, None, {}, images, per_view=True)
   assert calls == [(4, 8, 8, 1), (2, 4, 4, 1), (2, 8, 8, 1), (2, 8, 8, 1), (2, 4, 4, 1)]

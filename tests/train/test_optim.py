@@ -248,3 +248,16 @@ def test_grad_clip_norm_clips_the_global_norm_before_weight_decay():
                               _constant(1.0))
   (after,) = _run_optax(unclipped, params, [big])
   np.testing.assert_allclose(after["b"], params["b"] - big["b"], rtol=1e-6)
+
+
+def test_per_leaf_adam_equals_optax_adam():
+  from ssljax.train.optim import scale_by_adam_per_leaf
+  params = {"w": jnp.array([[0.5, -1.0], [2.0, 0.1]]), "b": jnp.array([0.3, -0.2])}
+  ours, ref = scale_by_adam_per_leaf(0.9, 0.99, 1e-8), optax.scale_by_adam(0.9, 0.99, 1e-8)
+  s_ours, s_ref = ours.init(params), ref.init(params)
+  for i in range(4):
+    grads = jax.tree.map(lambda p: jnp.sin(p * (i + 1)), params)
+    u_ours, s_ours = ours.update(grads, s_ours, params)
+    u_ref, s_ref = ref.update(grads, s_ref, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u_ours, u_ref)
+  assert int(s_ours.count["w"]) == 4

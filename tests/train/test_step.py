@@ -162,6 +162,30 @@ def test_update_mask_freezes_leaves_and_post_update_may_change_params():
   np.testing.assert_allclose(state.params["frozen"], expected, rtol=1e-6)
 
 
+def test_update_mask_restarts_adam_bias_correction_when_a_leaf_unfreezes():
+  import ml_collections
+  import optax
+  from ssljax.train.optim import build_optimizer
+  method = _toy_method(freeze_steps=3)
+  optim = ml_collections.ConfigDict({"name": "adam", "lr": 0.1, "b1": 0.9, "b2": 0.999,
+                                     "eps": 1e-8, "weight_decay": 0.0, "grad_clip_norm": 0.0,
+                                     "lars_exclude_bias_and_norm": True})
+  tx = build_optimizer(optim, optax.constant_schedule(0.01))
+  policy = lambda keys, images: (images.astype(jnp.float32),) * 2
+  state = init_train_state(method, tx, policy, (2, 2, 1), seed=0)
+  step = jax.jit(make_per_device_step(method, tx, policy, optax.constant_schedule(0.01),
+                                      axis_name=None))
+  images = jnp.ones((4, 2, 2, 1), jnp.uint8)
+  index = label = jnp.zeros((4,), jnp.int32)
+  for _ in range(4):
+    frozen_before = np.asarray(state.params["frozen"])
+    state, _ = step(state, images, index, label)
+  # Adam's first step is lr * g / (|g| + eps): exactly lr per coordinate, as at step 1 of a
+  # fresh PyTorch Adam. A shared step count (4 here) would give 0.58 lr instead.
+  np.testing.assert_allclose(frozen_before - state.params["frozen"],
+                             0.01 * np.sign(frozen_before - 1.0), rtol=1e-5)
+
+
 def test_common_state_helpers():
   from ssljax.methods import common
   target = {"w": jnp.array([1.0, 2.0])}
