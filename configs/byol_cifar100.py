@@ -21,29 +21,13 @@ Published (not measured by ssljax): 70.46% linear top-1 after 1000 epochs, solo-
 batch 256); not run by ssljax yet, so no time of ours is quoted.
 """
 
-from ssljax.config import default_config
+from ssljax.config import default_config, set_augment_preset, set_dataset
 
 
 def get_config():
   c = default_config()
-  c.data.source = "tfds"
-  c.data.name = "cifar100"
-  c.data.data_dir = ""  # TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
-  c.data.image_size = 32
-  c.data.channels = 3
-  c.data.num_classes = 100
-  c.data.mean = (0.5071, 0.4865, 0.4409)
-  c.data.std = (0.2673, 0.2564, 0.2762)
-
-  # solo-learn `asymmetric`: the 'byol' policy with per-view blur / solarise probabilities.
-  c.augment.policy = "byol"
-  c.augment.crop_size = 32
-  c.augment.crop_scale = (0.08, 1.0)
-  c.augment.jitter = (0.4, 0.4, 0.2, 0.1)
-  c.augment.jitter_prob = 0.8
-  c.augment.grayscale_prob = 0.2
-  c.augment.byol_blur_probs = (0.0, 0.0)
-  c.augment.byol_solarize_probs = (0.0, 0.2)
+  set_dataset(c, "cifar100")
+  set_augment_preset(c, "asymmetric")
 
   c.model.encoder = "resnet18"
   c.model.cifar_stem = True

@@ -17,31 +17,20 @@ in the SimCLR job.
 Measured: see docs/results.md.
 """
 
-from ssljax.config import default_config
+from ssljax.config import default_config, set_augment_preset, set_cpu_job, set_dataset
 
 
 def get_config():
   c = default_config()
-  c.data.source = "fashion_mnist_idx"
-  c.data.name = "fashion_mnist"
-  c.data.image_size = 28
-  c.data.channels = 1
-  c.data.num_classes = 10
-  c.data.mean = (0.2860,)
-  c.data.std = (0.3530,)
+  set_dataset(c, "fashion_mnist")
 
-  # As configs/simclr_fashion_mnist.py, with BYOL's asymmetric second view (solarisation).
+  # The CPU views with BYOL's asymmetric second view (solarisation).
+  set_augment_preset(c, "fashion_mnist_cpu")
   c.augment.policy = "byol"
-  c.augment.crop_size = 28
-  c.augment.crop_scale = (0.3, 1.0)
-  c.augment.jitter = (0.4, 0.4, 0.0, 0.0)
-  c.augment.jitter_prob = 0.8
-  c.augment.grayscale_prob = 0.0
   c.augment.byol_blur_probs = (0.0, 0.0)
   c.augment.byol_solarize_probs = (0.0, 0.2)
 
-  c.model.encoder = "resnet_tiny"
-  c.model.expand_features = 512
+  set_cpu_job(c)
 
   c.method.name = "byol"
   c.method.byol.proj_hidden_dim = 1024
@@ -57,10 +46,4 @@ def get_config():
   c.optim.weight_decay = 1e-5
   c.optim.warmup_epochs = 0.5
   c.optim.final_lr_fraction = 0.0
-
-  c.train.batch_size = 256
-  c.train.epochs = 12.0
-  c.train.log_every_steps = 50
-  c.train.checkpoint_every_steps = 500
-  c.train.eval_every_steps = 234
   return c

@@ -26,29 +26,13 @@ Published (not measured by ssljax): 89.52% linear top-1 after 1000 epochs, solo-
 device at batch 256); not run by ssljax yet, so no time of ours is quoted.
 """
 
-from ssljax.config import default_config
+from ssljax.config import default_config, set_augment_preset, set_dataset
 
 
 def get_config():
   c = default_config()
-  c.data.source = "tfds"
-  c.data.name = "cifar10"
-  c.data.data_dir = ""  # TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
-  c.data.image_size = 32
-  c.data.channels = 3
-  c.data.num_classes = 10
-  c.data.mean = (0.4914, 0.4822, 0.4465)
-  c.data.std = (0.2470, 0.2435, 0.2616)
-
-  # solo-learn `asymmetric`: the 'byol' policy with per-view blur / solarise probabilities.
-  c.augment.policy = "byol"
-  c.augment.crop_size = 32
-  c.augment.crop_scale = (0.08, 1.0)
-  c.augment.jitter = (0.4, 0.4, 0.2, 0.1)
-  c.augment.jitter_prob = 0.8
-  c.augment.grayscale_prob = 0.2
-  c.augment.byol_blur_probs = (0.0, 0.0)
-  c.augment.byol_solarize_probs = (0.0, 0.2)
+  set_dataset(c, "cifar10")
+  set_augment_preset(c, "asymmetric")
 
   c.model.encoder = "resnet18"
   c.model.cifar_stem = True

@@ -18,33 +18,20 @@ the ISSL code also clips gradients by value at 2; ssljax only clips by norm (off
 Measured: see docs/results.md.
 """
 
-from ssljax.config import default_config
+from ssljax.config import default_config, set_augment_preset, set_cpu_job, set_dataset
 
 
 def get_config():
   c = default_config()
-  c.data.source = "fashion_mnist_idx"
-  c.data.name = "fashion_mnist"
-  c.data.image_size = 28
-  c.data.channels = 1
-  c.data.num_classes = 10
-  c.data.mean = (0.2860,)
-  c.data.std = (0.3530,)
+  set_dataset(c, "fashion_mnist")
 
-  # As configs/simclr_fashion_mnist.py; 'multicrop' with no small crops = two global views
-  # (add some with --config.augment.num_small_crops=N --config.augment.small_crop_size=14).
+  # 'multicrop' with no small crops = two global views (add some with
+  # --config.augment.num_small_crops=N --config.augment.small_crop_size=14).
+  set_augment_preset(c, "fashion_mnist_cpu")
   c.augment.policy = "multicrop"
   c.augment.num_small_crops = 0
-  c.augment.crop_size = 28
-  c.augment.crop_scale = (0.3, 1.0)
-  c.augment.jitter = (0.4, 0.4, 0.0, 0.0)
-  c.augment.jitter_prob = 0.8
-  c.augment.grayscale_prob = 0.0
-  c.augment.blur_prob = 0.0
-  c.augment.solarize_prob = 0.0
 
-  c.model.encoder = "resnet_tiny"
-  c.model.expand_features = 512
+  set_cpu_job(c)
 
   c.method.name = "dino"
   hp = c.method.dino
@@ -72,10 +59,4 @@ def get_config():
   c.optim.weight_decay = 1e-6
   c.optim.warmup_epochs = 1.0
   c.optim.final_lr_fraction = 0.0
-
-  c.train.batch_size = 256
-  c.train.epochs = 12.0
-  c.train.log_every_steps = 50
-  c.train.checkpoint_every_steps = 500
-  c.train.eval_every_steps = 234
   return c

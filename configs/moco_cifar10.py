@@ -31,28 +31,16 @@ configs/moco_cifar100.py; for CIFAR-10 run it with --config.data.name=cifar10
 --config.data.num_classes=10 (published 92.94% linear top-1 after 1000 epochs).
 """
 
-from ssljax.config import default_config
+from ssljax.config import default_config, set_augment_preset, set_dataset
 
 
 def get_config():
   c = default_config()
-  c.data.source = "tfds"
-  c.data.name = "cifar10"
-  c.data.data_dir = ""  # TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
-  c.data.image_size = 32
-  c.data.channels = 3
-  c.data.num_classes = 10
-  c.data.mean = (0.4914, 0.4822, 0.4465)
-  c.data.std = (0.2023, 0.1994, 0.2010)
+  set_dataset(c, "cifar10")
+  c.data.std = (0.2023, 0.1994, 0.2010)  # the demo's CIFAR statistics
 
-  c.augment.policy = "moco_v2"
-  c.augment.crop_size = 32
-  c.augment.crop_scale = (0.08, 1.0)
-  c.augment.jitter = (0.4, 0.4, 0.4, 0.1)
-  c.augment.jitter_prob = 0.8
-  c.augment.grayscale_prob = 0.2
-  c.augment.blur_prob = 0.0
-  c.augment.solarize_prob = 0.0
+  set_augment_preset(c, "symmetric_weak")
+  c.augment.blur_prob = 0.0  # the demo's views have no blur
 
   c.model.encoder = "resnet18"
   c.model.cifar_stem = True

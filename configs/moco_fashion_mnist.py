@@ -15,32 +15,17 @@ views' keys), key-encoder EMA momentum 0.99 held constant (the CIFAR demo's valu
 Measured: see docs/results.md.
 """
 
-from ssljax.config import default_config
+from ssljax.config import default_config, set_augment_preset, set_cpu_job, set_dataset
 
 
 def get_config():
   c = default_config()
-  c.data.source = "fashion_mnist_idx"
-  c.data.name = "fashion_mnist"
-  c.data.image_size = 28
-  c.data.channels = 1
-  c.data.num_classes = 10
-  c.data.mean = (0.2860,)
-  c.data.std = (0.3530,)
+  set_dataset(c, "fashion_mnist")
 
-  # As configs/simclr_fashion_mnist.py ('moco_v2' draws the same identically distributed
-  # views as 'simclr').
-  c.augment.policy = "moco_v2"
-  c.augment.crop_size = 28
-  c.augment.crop_scale = (0.3, 1.0)
-  c.augment.jitter = (0.4, 0.4, 0.0, 0.0)
-  c.augment.jitter_prob = 0.8
-  c.augment.grayscale_prob = 0.0
-  c.augment.blur_prob = 0.0
-  c.augment.solarize_prob = 0.0
+  set_augment_preset(c, "fashion_mnist_cpu")
+  c.augment.policy = "moco_v2"  # draws the same identically distributed views as 'simclr'
 
-  c.model.encoder = "resnet_tiny"
-  c.model.expand_features = 512
+  set_cpu_job(c)
 
   c.method.name = "moco"
   hp = c.method.moco
@@ -59,10 +44,4 @@ def get_config():
   c.optim.weight_decay = 1e-5
   c.optim.warmup_epochs = 0.5
   c.optim.final_lr_fraction = 0.0
-
-  c.train.batch_size = 256
-  c.train.epochs = 12.0
-  c.train.log_every_steps = 50
-  c.train.checkpoint_every_steps = 500
-  c.train.eval_every_steps = 234
   return c

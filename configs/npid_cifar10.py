@@ -25,28 +25,15 @@ default protocol uses the 512-d backbone features. Hardware / time: one GPU (the
 scripts run on one); not run by ssljax yet, so no time of ours is quoted.
 """
 
-from ssljax.config import default_config
+from ssljax.config import default_config, set_augment_preset, set_dataset
 
 
 def get_config():
   c = default_config()
-  c.data.source = "tfds"
-  c.data.name = "cifar10"
-  c.data.data_dir = ""  # TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
-  c.data.image_size = 32
-  c.data.channels = 3
-  c.data.num_classes = 10
-  c.data.mean = (0.4914, 0.4822, 0.4465)
-  c.data.std = (0.2023, 0.1994, 0.2010)
+  set_dataset(c, "cifar10")
+  c.data.std = (0.2023, 0.1994, 0.2010)  # CLD's CIFAR statistics
 
-  c.augment.policy = "simclr"
-  c.augment.crop_size = 32
-  c.augment.crop_scale = (0.2, 1.0)
-  c.augment.jitter = (0.4, 0.4, 0.4, 0.4)
-  c.augment.jitter_prob = 1.0
-  c.augment.grayscale_prob = 0.2
-  c.augment.blur_prob = 0.0
-  c.augment.solarize_prob = 0.0
+  set_augment_preset(c, "npid")
 
   c.model.encoder = "resnet18"
   c.model.cifar_stem = True

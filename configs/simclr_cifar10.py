@@ -15,28 +15,13 @@ reports 90.74% online linear top-1 after 1000 epochs (SPEC 6 table); lightly rep
 after 800 epochs at batch 512 (ANCHORS 0).
 """
 
-from ssljax.config import default_config
+from ssljax.config import default_config, set_augment_preset, set_dataset
 
 
 def get_config():
   c = default_config()
-  c.data.source = "tfds"
-  c.data.name = "cifar10"
-  c.data.data_dir = ""  # TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
-  c.data.image_size = 32
-  c.data.channels = 3
-  c.data.num_classes = 10
-  c.data.mean = (0.4914, 0.4822, 0.4465)
-  c.data.std = (0.2470, 0.2435, 0.2616)
-
-  c.augment.policy = "simclr"
-  c.augment.crop_size = 32
-  c.augment.crop_scale = (0.08, 1.0)
-  c.augment.jitter = (0.8, 0.8, 0.8, 0.2)
-  c.augment.jitter_prob = 0.8
-  c.augment.grayscale_prob = 0.2
-  c.augment.blur_prob = 0.5
-  c.augment.solarize_prob = 0.0
+  set_dataset(c, "cifar10")
+  set_augment_preset(c, "symmetric")
 
   c.model.encoder = "resnet18"
   c.model.cifar_stem = True

@@ -11,22 +11,31 @@ Hardware / time: not run by ssljax yet (no GPU in the sessions so far). Publishe
 measured by ssljax): solo-learn reports 65.78% linear top-1 after 1000 epochs (SPEC 6 table).
 """
 
-import importlib.util
-import os
-
-
-def _cifar10_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "simclr_cifar10.py")
-  spec = importlib.util.spec_from_file_location("simclr_cifar10", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from ssljax.config import default_config, set_augment_preset, set_dataset
 
 
 def get_config():
-  c = _cifar10_config()
-  c.data.name = "cifar100"
-  c.data.num_classes = 100
-  c.data.mean = (0.5071, 0.4865, 0.4409)
-  c.data.std = (0.2673, 0.2564, 0.2762)
+  c = default_config()
+  set_dataset(c, "cifar100")
+  set_augment_preset(c, "symmetric")
+
+  c.model.encoder = "resnet18"
+  c.model.cifar_stem = True
+
+  c.method.name = "simclr"
+  c.method.simclr.temperature = 0.2
+  c.method.simclr.proj_hidden_dim = 2048
+  c.method.simclr.proj_dim = 256
+
+  c.optim.name = "lars"
+  c.optim.lr = 0.4
+  c.optim.base_batch_size = 256
+  c.optim.lars_eta = 0.02
+  c.optim.weight_decay = 1e-4
+  c.optim.warmup_epochs = 10.0
+
+  c.train.batch_size = 256
+  c.train.epochs = 1000.0
+  c.train.checkpoint_every_steps = 5000
+  c.train.eval_every_steps = 19500  # every 100 epochs
   return c

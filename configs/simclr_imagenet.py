@@ -15,30 +15,13 @@ in-memory sources of ssljax.data refuse that with a clear error. This config hol
 for the streaming TFDS source that comes with the TPU-pod launcher; it does not run yet.
 """
 
-from ssljax.config import default_config
+from ssljax.config import default_config, set_augment_preset, set_dataset
 
 
 def get_config():
   c = default_config()
-  c.data.source = "tfds"
-  c.data.name = "imagenet2012"
-  c.data.data_dir = ""
-  c.data.train_split = "train"
-  c.data.test_split = "validation"
-  c.data.image_size = 224
-  c.data.channels = 3
-  c.data.num_classes = 1000
-  c.data.mean = (0.485, 0.456, 0.406)
-  c.data.std = (0.229, 0.224, 0.225)
-
-  c.augment.policy = "simclr"
-  c.augment.crop_size = 224
-  c.augment.crop_scale = (0.08, 1.0)
-  c.augment.jitter = (0.8, 0.8, 0.8, 0.2)
-  c.augment.jitter_prob = 0.8
-  c.augment.grayscale_prob = 0.2
-  c.augment.blur_prob = 0.5
-  c.augment.blur_sigma = (0.1, 2.0)
+  set_dataset(c, "imagenet")
+  set_augment_preset(c, "symmetric")
 
   c.model.encoder = "resnet50"
   c.model.cifar_stem = False
