@@ -15,7 +15,10 @@ warms it over 2. Optimiser (SPEC 2.5): Adam lr 2e-3 per 256 images with coupled 
 decay 1e-6, warmup then cosine; one warmup epoch here (the ISSL run: 10 of 300). Deviation:
 the ISSL code also clips gradients by value at 2; ssljax only clips by norm (off here).
 
-Measured: see docs/results.md.
+Measured (2026-11-23, seed 0, 2-core AMD EPYC CPU, jax 0.10.2) with
+`--config.train.epochs=6` (`python benchmarks/fashion_mnist_table.py --epochs 6`): kNN
+top-1 0.7867 (k=200, t=0.1), linear probe 0.8541, 478 s wall for
+training + evaluation. The full 12 epochs were not run; all baselines: docs/results.md.
 """
 
 from ssljax.config import default_config, set_augment_preset, set_cpu_job, set_dataset

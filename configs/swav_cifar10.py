@@ -19,9 +19,9 @@ ssljax's LARS does not clip, and this config computes in float32. Prototypes fol
 official SwAV code (re-normalised after every step) where solo-learn uses a weight-normalised
 layer (gradient through the normalisation); crops of one resolution share one forward (BN
 over both views) where solo-learn forwards each crop alone; solo-learn fills the queue from
-step 0 and uses it at epoch 50, ssljax starts filling it at epoch 50 (used 15 steps later). SPEC 6.4 notes from the
-SwAV issues that a lower eps (0.01-0.03) and colour-jitter strength 0.5 helped on CIFAR; the
-recipe here keeps solo-learn's values.
+step 0 and uses it at epoch 50, ssljax starts filling it at epoch 50 (used 15 steps
+later). SPEC 6.4 notes from the SwAV issues that a lower eps (0.01-0.03) and colour-jitter
+strength 0.5 helped on CIFAR; the recipe here keeps solo-learn's values.
 
 Published (not measured by ssljax): 89.17% linear top-1 on CIFAR-10 after 1000 epochs,
 solo-learn README (SPEC 6 table). Hardware / time: one GPU suffices (solo-learn's config runs

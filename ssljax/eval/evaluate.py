@@ -87,7 +87,8 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
                      num_classes=config.data.num_classes, k=ec.knn_k, temperature=ec.knn_t,
                      chunk_size=ec.knn_chunk_size)
   results["knn/top1"], results["knn/top5"] = knn["top1"], knn["top5"]
-  results["knn/protocol"] = f"weighted kNN k={ec.knn_k} t={ec.knn_t} on L2-normalised encoder features"
+  results["knn/protocol"] = (f"weighted kNN k={ec.knn_k} t={ec.knn_t} on L2-normalised "
+                             f"encoder features")
   log.info("kNN top-1 %.4f", knn["top1"])
   if ec.linear_probe:
     probe = linear_probe(train_features, train.labels, test_features, test.labels,

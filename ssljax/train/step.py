@@ -13,8 +13,9 @@ the same views whatever the number of devices, so a run is reproducible across d
 
 Non-finite guard: if the loss, the gradient or the updated parameters are not finite, the
 step leaves the state as it was and records the step in ``nonfinite_step``; every later
-step is then a no-op. The host reads ``nonfinite_step`` at its logging and checkpoint points, so detection needs no
-per-step synchronisation and a checkpoint of a non-finite state is never written.
+step is then a no-op. The host reads ``nonfinite_step`` at its logging and checkpoint points,
+so detection needs no per-step synchronisation and a checkpoint of a non-finite state is never
+written.
 """
 
 from __future__ import annotations
