@@ -71,25 +71,31 @@ def tiny_config(directory: str, **dataset_kwargs) -> ml_collections.ConfigDict:
 
 
 def init_with_numpy_kernels(init_fn, *args, seed: int = 0):
-  """``init_fn(*args)``, except that kernels (rank >= 2) come from NumPy, He-normal.
+  """``init_fn(*args)``, except that weight kernels come from NumPy, He-normal.
 
-  The real initialisers give every rank <= 1 variable (BN scales and offsets, running stats,
-  biases). Sampling conv kernels with XLA costs seconds of compilation per kernel on the CPU
-  build of jax (most with partitionable threefry, jax's default); the jitted init returns only
-  the small variables, so XLA drops the kernel sampling and the tests stay fast.
+  Only leaves named ``kernel`` (conv and dense weights) are replaced; everything else
+  (BN variables, biases, prototypes, queues, memory banks) is what `init_fn` makes. Sampling
+  conv kernels with XLA costs seconds of compilation per kernel on the CPU build of jax (most
+  with partitionable threefry, jax's default); the jitted init returns placeholders for the
+  kernels, so XLA drops their sampling and the tests stay fast. Kernels of EMA copies in the
+  returned state are drawn independently of the online ones.
   """
   import jax
   import jax.numpy as jnp
 
+  def is_kernel(path) -> bool:
+    last = path[-1] if path else None
+    return getattr(last, "key", None) == "kernel"
+
   shapes = jax.eval_shape(init_fn, *args)
-  small = jax.jit(lambda *a: jax.tree.map(lambda x: x if x.ndim <= 1 else jnp.zeros(()),
-                                          init_fn(*a)))(*args)
+  small = jax.jit(lambda *a: jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.zeros(()) if is_kernel(path) else x, init_fn(*a)))(*args)
   rng = np.random.default_rng(seed)
 
-  def fill(shape, value):
-    if shape.ndim <= 1:
+  def fill(path, shape, value):
+    if not is_kernel(path):
       return value
     fan_in = int(np.prod(shape.shape[:-1]))
     return jnp.asarray(rng.normal(scale=np.sqrt(2.0 / fan_in), size=shape.shape), jnp.float32)
 
-  return jax.tree.map(fill, shapes, small)
+  return jax.tree_util.tree_map_with_path(fill, shapes, small)

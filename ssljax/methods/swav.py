@@ -66,7 +66,7 @@ import ml_collections
 from ssljax.losses import gather_rows, l2_normalize, sinkhorn, swav as swav_loss
 from ssljax.methods.base import (Method, Metrics, RunInfo, apply_module, init_module,
                                  online_encoder_variables, register)
-from ssljax.methods.common import check_queue_length, fifo_enqueue
+from ssljax.methods.common import apply_to_views, check_queue_length, fifo_enqueue
 from ssljax.models import MLPHead, build_encoder, compute_dtype
 
 ViewWeightFn = Callable[[tuple[jax.Array, ...], jax.Array, str | None],
@@ -76,16 +76,6 @@ ViewWeightFn = Callable[[tuple[jax.Array, ...], jax.Array, str | None],
 def init_prototypes(key: jax.Array, num_prototypes: int, dim: int) -> jax.Array:
   """``[num_prototypes, dim]`` Gaussian rows scaled to unit norm."""
   return l2_normalize(jax.random.normal(key, (num_prototypes, dim), jnp.float32))
-
-
-def resolution_groups(views: tuple[jax.Array, ...]) -> list[tuple[int, int]]:
-  """``[(start, end), ...]``: runs of consecutive views with the same shape."""
-  groups, start = [], 0
-  for i in range(1, len(views) + 1):
-    if i == len(views) or views[i].shape != views[start].shape:
-      groups.append((start, i))
-      start = i
-  return groups
 
 
 def check_swav_config(hp: ml_collections.ConfigDict, global_batch: int) -> None:
@@ -158,11 +148,8 @@ def build_swav(config: ml_collections.ConfigDict, axis_name: str | None, run: Ru
 
   def project(params, stats, views):
     """Normalised projections of every view and the new BN statistics."""
-    enc_stats, features = stats["encoder"], []
-    for start, end in resolution_groups(views):
-      h, enc_stats = apply_module(encoder, params["encoder"], enc_stats,
-                                  jnp.concatenate(views[start:end], axis=0))
-      features.append(h)
+    features, enc_stats = apply_to_views(encoder, params["encoder"], stats["encoder"], views,
+                                         per_view=False)
     z, proj_stats = apply_module(projector, params["projector"], stats["projector"],
                                  jnp.concatenate(features, axis=0))
     z = l2_normalize(z.astype(jnp.float32))

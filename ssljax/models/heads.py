@@ -20,6 +20,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssljax.losses.contrastive import l2_normalize
+
 
 class MLPHead(nn.Module):
   """``num_layers`` linear layers; BN + ReLU after every hidden layer.
@@ -71,9 +73,7 @@ class MLPHead(nn.Module):
 
 def _l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
   """Row-wise x / max(||x||, 1e-12) in float32 (torch.nn.functional.normalize)."""
-  x32 = x.astype(jnp.float32)
-  norm = jnp.linalg.norm(x32, axis=-1, keepdims=True)
-  return (x32 / jnp.maximum(norm, 1e-12)).astype(x.dtype)
+  return l2_normalize(x.astype(jnp.float32)).astype(x.dtype)
 
 
 class UnitNormDense(nn.Module):
