@@ -195,11 +195,8 @@ def load_average() -> list[float]:
 
 def load_config(path: str):
   """``get_config()`` of a config file, as ``ssljax train --config`` would load it."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("benchmark_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from ssljax.config import load_config_module
+  return load_config_module(path).get_config()
 
 
 # ---------------------------------------------------------------------------- JAX worker

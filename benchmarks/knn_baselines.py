@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -22,15 +21,9 @@ import jax
 import numpy as np
 
 from ssljax import data
+from ssljax.config import load_config_module
 from ssljax.eval import extract_features, knn_accuracy
 from ssljax.methods import RunInfo, build_method
-
-
-def _load_config(path: str):
-  spec = importlib.util.spec_from_file_location("config_module", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def main() -> None:
@@ -38,7 +31,7 @@ def main() -> None:
   parser.add_argument("--config", default="configs/simclr_fashion_mnist.py")
   parser.add_argument("--out", default="benchmarks/results/knn_baselines.json")
   args = parser.parse_args()
-  config = _load_config(args.config)
+  config = load_config_module(args.config).get_config()
   ec = config.eval
   train = data.build_source(config.data, config.data.train_split)
   test = data.build_source(config.data, config.data.test_split)

@@ -387,6 +387,24 @@ def set_cpu_job(c: ml_collections.ConfigDict) -> None:
   c.train.eval_every_steps = 234
 
 
+def load_config_module(path: str):
+  """Executes the config file `path` and returns it as a module (``.get_config()``, docs).
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+  """
+  import importlib.util
+  import os
+
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} not found (configs live in configs/)")
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Locks `config` so that setting an unknown key is an error."""
   config.lock()

@@ -99,3 +99,13 @@ def test_unknown_preset_name_lists_valid_names(apply, valid):
 def test_docstrings_list_every_preset(apply, names):
   for name in names:
     assert f"\n    {name} " in apply.__doc__
+
+
+def test_load_config_module_reads_a_file_and_names_a_missing_one(tmp_path):
+  from ssljax.config import load_config_module
+  path = tmp_path / "mine.py"
+  path.write_text('"""Doc."""\n\ndef get_config():\n  return 7\n')
+  module = load_config_module(str(path))
+  assert module.get_config() == 7 and module.__doc__ == "Doc."
+  with pytest.raises(FileNotFoundError, match=r"config file '.*nope.py' not found"):
+    load_config_module(str(tmp_path / "nope.py"))

@@ -1,7 +1,6 @@
 """Every shipped config loads, fits the schema, and builds its model and policy."""
 
 import glob
-import importlib.util
 import os
 
 import jax
@@ -9,18 +8,11 @@ import jax.numpy as jnp
 import pytest
 
 from ssljax import augment
-from ssljax.config import config_from_json, config_to_json
+from ssljax.config import config_from_json, config_to_json, load_config_module
 from ssljax.methods import RunInfo, build_method
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
-
-
-def _load(path):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_configs_exist():
@@ -29,7 +21,7 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_fits_schema_and_builds(path):
-  module = _load(path)
+  module = load_config_module(path)
   assert "Command" in module.__doc__ and "ssljax" in module.__doc__
   config = module.get_config()
   rebuilt = config_from_json(config_to_json(config))  # raises on a key the schema lacks
