@@ -74,8 +74,8 @@ def scale_by_adam_per_leaf(b1: float = 0.9, b2: float = 0.999,
   that a method freezes for a while (``Method.update_mask``): the train step keeps their
   whole optimiser state, count included, so when they start training their bias correction
   starts at step 1, as PyTorch's Adam does (its state is created at a parameter's first
-  gradient). With one global count the first updates of such a layer would be several times
-  too large.
+  gradient). With one global count the first updates of such a layer would be mis-scaled
+  (about 1.4x too large one epoch of 234 steps after the start, 0.58x after 4 steps).
   """
 
   def init(params):
