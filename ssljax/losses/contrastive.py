@@ -11,6 +11,8 @@ rows. Tests compare both against the single-device computation.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -53,6 +55,8 @@ def nt_xent(
       l(i) = -log exp(s_ip / t) / sum_{k != i} exp(s_ik / t),   s = cosine similarity,
       L = mean over all 2N anchors.
 
+  This is `multiview_nt_xent` with two views.
+
   Args:
     z_a: ``[n, d]`` projections of the first view (this device's rows).
     z_b: ``[n, d]`` projections of the second view, row-aligned with `z_a`.
@@ -67,31 +71,71 @@ def nt_xent(
   """
   chex.assert_rank([z_a, z_b], 2)
   chex.assert_equal_shape([z_a, z_b])
+  return multiview_nt_xent([z_a, z_b], temperature=temperature, axis_name=axis_name)
+
+
+def multiview_nt_xent(
+    views: Sequence[jnp.ndarray],
+    *,
+    temperature: float,
+    axis_name: str | None = None,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """NT-Xent over V >= 2 views per image: every other view of the same image is a positive.
+
+  The V * N projections are L2-normalised; each is an anchor i with positives P(i) (the V - 1
+  other views of its image) and candidates every projection but itself:
+
+      l(i) = -1/(V-1) sum_{p in P(i)} log exp(s_ip / t) / sum_{k != i} exp(s_ik / t),
+      L = mean over all V * N anchors.
+
+  With V = 2 this is exactly `nt_xent`. Views may come from crops of different resolutions
+  (multi-crop SimCLR): they are interchangeable here, each an anchor and each a candidate, as in
+  solo-learn's multi-crop SimCLR; the positives of an anchor weigh equally.
+
+  Args:
+    views: V arrays ``[n, d]`` of projections, row i of each from image i (this device's rows).
+    temperature: t > 0.
+    axis_name: if given, negatives come from every device's projections on this axis and the
+      returned loss is this device's mean over its V * n anchors (the package's convention:
+      the mean over devices is the global loss, and so is the mean of the gradients).
+
+  Returns:
+    ``(loss, metrics)``: the scalar float32 loss and ``pos_sim`` (mean cosine of positive
+    pairs), ``neg_sim`` (mean cosine to the other images' projections) and ``accuracy``
+    (share of anchors whose most similar candidate is one of their positives).
+  """
+  views = list(views)
+  if len(views) < 2:
+    raise ValueError(f"NT-Xent needs at least 2 views per image, got {len(views)}")
+  chex.assert_rank(views, 2)
+  chex.assert_equal_shape(views)
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
-  z_a = l2_normalize(z_a.astype(jnp.float32))
-  z_b = l2_normalize(z_b.astype(jnp.float32))
-  n = z_a.shape[0]
-  all_a, offset = gather_rows(z_a, axis_name)
-  all_b, _ = gather_rows(z_b, axis_name)
-  n_global = all_a.shape[0]
+  num_views = len(views)
+  zs = [l2_normalize(z.astype(jnp.float32)) for z in views]
+  n = zs[0].shape[0]
+  gathered = [gather_rows(z, axis_name) for z in zs]
+  offset = gathered[0][1]
+  n_global = gathered[0][0].shape[0]
 
-  anchors = jnp.concatenate([z_a, z_b], axis=0)  # [2n, d]
-  candidates = jnp.concatenate([all_a, all_b], axis=0)  # [2N, d]
-  sims = anchors @ candidates.T  # [2n, 2N]
-  rows = jnp.arange(n) + offset
-  self_index = jnp.concatenate([rows, rows + n_global])
-  pos_index = jnp.concatenate([rows + n_global, rows])
-  is_self = jax.nn.one_hot(self_index, 2 * n_global, dtype=jnp.bool_)
+  anchors = jnp.concatenate(zs, axis=0)  # [V n, d], view-major
+  candidates = jnp.concatenate([g for g, _ in gathered], axis=0)  # [V N, d], view-major
+  sims = anchors @ candidates.T  # [V n, V N]
+  anchor_image = jnp.tile(jnp.arange(n) + offset, num_views)
+  anchor_column = jnp.repeat(jnp.arange(num_views), n) * n_global + anchor_image
+  candidate_image = jnp.tile(jnp.arange(n_global), num_views)
+  same_image = anchor_image[:, None] == candidate_image[None, :]
+  is_self = jax.nn.one_hot(anchor_column, num_views * n_global, dtype=jnp.bool_)
+  is_pos = same_image & ~is_self
   logits = jnp.where(is_self, -jnp.inf, sims / temperature)
-  pos_logit = jnp.take_along_axis(logits, pos_index[:, None], axis=1)[:, 0]
+  pos_logit = jnp.sum(jnp.where(is_pos, logits, 0.0), axis=1) / (num_views - 1)
   loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos_logit)
 
-  pos_sim = jnp.take_along_axis(sims, pos_index[:, None], axis=1)[:, 0]
-  is_pos = jax.nn.one_hot(pos_index, 2 * n_global, dtype=jnp.bool_)
-  num_neg = 2 * n_global - 2
-  neg_sim = jnp.sum(jnp.where(is_self | is_pos, 0.0, sims), axis=1) / max(num_neg, 1)
-  accuracy = jnp.mean(jnp.argmax(logits, axis=1) == pos_index)
+  pos_sim = jnp.sum(jnp.where(is_pos, sims, 0.0), axis=1) / (num_views - 1)
+  num_neg = num_views * (n_global - 1)
+  neg_sim = jnp.sum(jnp.where(same_image, 0.0, sims), axis=1) / max(num_neg, 1)
+  top = jnp.argmax(logits, axis=1)
+  accuracy = jnp.mean(jnp.take_along_axis(is_pos, top[:, None], axis=1)[:, 0])
   metrics = {"pos_sim": jnp.mean(pos_sim), "neg_sim": jnp.mean(neg_sim),
              "accuracy": accuracy.astype(jnp.float32)}
   return loss, metrics

@@ -5,6 +5,12 @@ two views together (SPEC 8.5; the original SimCLR and the ISSL code do this). Wi
 ``axis_name`` set, BN statistics and the NT-Xent negatives span the global batch (SimCLR's
 cross-replica BN and negatives).
 
+More than two views (``augment.num_views > 2``, or the ``'multicrop'`` policy's small crops):
+every view the policy makes is used, the loss is `multiview_nt_xent` (each other view of the
+same image is a positive), the encoder runs once per resolution on the concatenated views of
+that resolution and the projector once on all of them (as solo-learn's multi-crop SimCLR).
+With two views this is exactly the two-view method above.
+
 Config: ``method.simclr.{temperature, proj_hidden_dim, proj_dim, proj_layers, proj_last_bn}``.
 """
 
@@ -14,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ssljax.losses import nt_xent
+from ssljax.losses import multiview_nt_xent
 from ssljax.methods.base import (Method, RunInfo, apply_module, init_module, keep_state,
                                  online_encoder_variables, register)
+from ssljax.methods.common import apply_to_views
 from ssljax.models import MLPHead, build_encoder, compute_dtype
 
 
@@ -46,13 +53,14 @@ def simclr(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInf
 
   def loss(params, method_state, batch, *, key, step, axis_name):
     del key, step
-    view_a, view_b = batch["views"][:2]
+    views = list(batch["views"])
     stats = method_state["batch_stats"]
-    x = jnp.concatenate([view_a, view_b], axis=0)
-    h, enc_stats = apply_module(encoder, params["encoder"], stats["encoder"], x)
-    z, proj_stats = apply_module(projector, params["projector"], stats["projector"], h)
-    z_a, z_b = jnp.split(z, 2, axis=0)
-    value, metrics = nt_xent(z_a, z_b, temperature=hp.temperature, axis_name=axis_name)
+    h, enc_stats = apply_to_views(encoder, params["encoder"], stats["encoder"], views,
+                                  per_view=False)
+    z, proj_stats = apply_module(projector, params["projector"], stats["projector"],
+                                 jnp.concatenate(h, axis=0))
+    value, metrics = multiview_nt_xent(jnp.split(z, len(views), axis=0),
+                                       temperature=hp.temperature, axis_name=axis_name)
     new_state = {**method_state,
                  "batch_stats": {"encoder": enc_stats, "projector": proj_stats}}
     return value, (metrics, new_state)

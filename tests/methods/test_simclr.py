@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ssljax.losses import nt_xent
+from ssljax.losses import multiview_nt_xent, nt_xent
 from ssljax.methods import base, build_method, register, registered_methods
 from ssljax.models import MLPHead, ResNet
 from tests.util import init_with_numpy_kernels, tiny_config
@@ -110,11 +110,15 @@ def test_init_structure(simclr, tmp_path):
   assert set(state["batch_stats"]["projector"]) == {"bn1", "bn2", "bn3"}  # bn3: no affine
 
 
+def method_projector(config):
+  hp = config.method.simclr
+  return MLPHead(hidden_dim=hp.proj_hidden_dim, out_dim=hp.proj_dim, num_layers=hp.proj_layers,
+                 last_bn=hp.proj_last_bn)
+
+
 def _forward(method, config, params, state, x):
   """Encoder then projector in training mode, by hand; returns (z, new batch_stats)."""
-  hp = config.method.simclr
-  projector = MLPHead(hidden_dim=hp.proj_hidden_dim, out_dim=hp.proj_dim,
-                      num_layers=hp.proj_layers, last_bn=hp.proj_last_bn)
+  projector = method_projector(config)
   stats = state["batch_stats"]
   h, enc = method.encoder.apply({"params": params["encoder"], "batch_stats": stats["encoder"]},
                                 x, train=True, mutable=["batch_stats"])
@@ -142,6 +146,41 @@ def test_loss_is_nt_xent_of_one_concatenated_forward(simclr):
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
                new_state["batch_stats"], expected_stats)
 
+
+
+def test_multicrop_loss_uses_every_view_one_encoder_forward_per_resolution(simclr):
+  # Two 8x8 views and two 4x4 small crops: the encoder runs on each resolution's views
+  # concatenated, the projector on all four, and the loss is the four-view NT-Xent.
+  config, method, params, state, loss = simclr
+  view_a, view_b = _views(seed=11)
+  small_a, small_b = (v[:, 2:6, 2:6] for v in _views(seed=12))
+  views = (view_a, view_b, small_a, small_b)
+  value, (metrics, new_state) = loss(params, state, views)
+
+  @jax.jit
+  def by_hand(params, state):
+    variables = lambda stats: {"params": params["encoder"], "batch_stats": stats}
+    h_big, enc = method.encoder.apply(variables(state["batch_stats"]["encoder"]),
+                                      jnp.concatenate([view_a, view_b]), train=True,
+                                      mutable=["batch_stats"])
+    h_small, enc = method.encoder.apply(variables(enc["batch_stats"]),
+                                        jnp.concatenate([small_a, small_b]), train=True,
+                                        mutable=["batch_stats"])
+    projector = method_projector(config)
+    z, proj = projector.apply({"params": params["projector"],
+                               "batch_stats": state["batch_stats"]["projector"]},
+                              jnp.concatenate([h_big, h_small]), train=True,
+                              mutable=["batch_stats"])
+    value, _ = multiview_nt_xent(jnp.split(z, 4), temperature=config.method.simclr.temperature)
+    return value, {"encoder": enc["batch_stats"], "projector": proj["batch_stats"]}
+
+  expected, expected_stats = by_hand(params, state)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
+               new_state["batch_stats"], expected_stats)
+  # The small crops change the loss: dropping them gives the two-view value.
+  two_view, _ = loss(params, state, (view_a, view_b))
+  assert abs(float(two_view) - float(value)) > 1e-3
 
 
 def test_swapping_the_views_leaves_the_loss_unchanged(simclr):
