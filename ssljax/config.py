@@ -235,6 +235,10 @@ def default_config() -> ml_collections.ConfigDict:
   # The periodic monitor uses subsets to stay cheap (0 = all).
   c.eval.monitor_train_examples = 10000
   c.eval.monitor_test_examples = 2000
+  # > 0: before extracting features (final evaluation and monitor), replace the encoder's
+  # running BN statistics by statistics of this many clean train images (ssljax.eval.precise_bn;
+  # for views smaller than the images). 0: the running statistics of training.
+  c.eval.precise_bn_examples = 0
   c.eval.linear_probe = True
   c.eval.probe_epochs = 100
   c.eval.probe_batch_size = 512

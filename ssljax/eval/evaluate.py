@@ -1,7 +1,9 @@
 """Evaluation of a trained encoder: weighted kNN and an offline linear probe (DECISIONS.md).
 
 Features are the encoder's pooled output (pre-projector) in inference mode, on un-augmented
-images of the train and test splits. Protocols: kNN with ``eval.knn_k`` / ``eval.knn_t`` on
+images of the train and test splits. With ``eval.precise_bn_examples > 0`` the BatchNorm
+statistics are first re-estimated on that many clean training images (`precise_bn`), for
+encoders trained on views smaller than the images. Protocols: kNN with ``eval.knn_k`` / ``eval.knn_t`` on
 L2-normalised features (default k = 200, t = 0.1); linear probe on standardised frozen
 features, hyperparameters chosen on a held-out part of the train split.
 """
@@ -23,6 +25,7 @@ from ssljax import data
 from ssljax.eval.features import extract_features
 from ssljax.eval.knn import knn_accuracy
 from ssljax.eval.linear_probe import linear_probe
+from ssljax.eval.precise_bn import precise_batch_stats
 from ssljax.eval.plots import plot_training_curves
 from ssljax.methods.base import Method
 
@@ -33,20 +36,40 @@ def _encode_fn(method: Method):
   return lambda variables, x: method.encoder.apply(variables, x, train=False)
 
 
-def _subset(source, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  n = len(source)
+def _subset_index(n: int, count: int, seed: int) -> np.ndarray | None:
+  """Sorted indices of `count` of `n` rows drawn with `seed`; None for all of them."""
   if count <= 0 or count >= n:
+    return None
+  return np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
+
+
+def _subset(source, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  idx = _subset_index(len(source), count, seed)
+  if idx is None:
     return source.images, source.labels
-  idx = np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
   return source.images[idx], source.labels[idx]
 
 
-def _features(config, method: Method, state, images: np.ndarray, mesh) -> np.ndarray:
-  variables = method.eval_variables(state.params, state.method_state)
+def _batch_size(config, mesh) -> int:
   batch = config.eval.batch_size
-  batch -= batch % mesh.size
-  return extract_features(_encode_fn(method), variables, images, batch_size=max(batch, mesh.size),
-                          mesh=mesh)
+  return max(batch - batch % mesh.size, mesh.size)
+
+
+def _eval_variables(config, method: Method, state, mesh, train_images: np.ndarray) -> Any:
+  """The encoder's eval variables; BN statistics re-estimated if ``eval.precise_bn_examples``."""
+  variables = method.eval_variables(state.params, state.method_state)
+  count = config.eval.precise_bn_examples
+  if count <= 0:
+    return variables
+  idx = _subset_index(len(train_images), count, config.seed + 2)
+  images = train_images if idx is None else train_images[idx]
+  batch = min(_batch_size(config, mesh), images.shape[0] - images.shape[0] % mesh.size)
+  return precise_batch_stats(method.encoder, variables, images, batch_size=batch, mesh=mesh)
+
+
+def _features(config, variables, method: Method, images: np.ndarray, mesh) -> np.ndarray:
+  return extract_features(_encode_fn(method), variables, images,
+                          batch_size=_batch_size(config, mesh), mesh=mesh)
 
 
 class KnnMonitor:
@@ -63,8 +86,9 @@ class KnnMonitor:
 
   def __call__(self, state) -> dict[str, float]:
     ec = self._config.eval
-    bank = _features(self._config, self._method, state, self._bank[0], self._mesh)
-    queries = _features(self._config, self._method, state, self._queries[0], self._mesh)
+    variables = _eval_variables(self._config, self._method, state, self._mesh, self._bank[0])
+    bank = _features(self._config, variables, self._method, self._bank[0], self._mesh)
+    queries = _features(self._config, variables, self._method, self._queries[0], self._mesh)
     acc = knn_accuracy(bank, self._bank[1], queries, self._queries[1],
                        num_classes=self._config.data.num_classes, k=ec.knn_k,
                        temperature=ec.knn_t, chunk_size=ec.knn_chunk_size)
@@ -80,8 +104,9 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
   if not train.has_labels or not test.has_labels:
     raise ValueError("evaluation needs labelled train and test splits; the configured "
                      "source has no labels (set eval.linear_probe=False and skip `eval`)")
-  train_features = _features(config, method, state, train.images, mesh)
-  test_features = _features(config, method, state, test.images, mesh)
+  variables = _eval_variables(config, method, state, mesh, train.images)
+  train_features = _features(config, variables, method, train.images, mesh)
+  test_features = _features(config, variables, method, test.images, mesh)
   results: dict[str, Any] = {"feature_dim": int(train_features.shape[1])}
   knn = knn_accuracy(train_features, train.labels, test_features, test.labels,
                      num_classes=config.data.num_classes, k=ec.knn_k, temperature=ec.knn_t,
@@ -89,6 +114,9 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
   results["knn/top1"], results["knn/top5"] = knn["top1"], knn["top5"]
   results["knn/protocol"] = (f"weighted kNN k={ec.knn_k} t={ec.knn_t} on L2-normalised "
                              f"encoder features")
+  if ec.precise_bn_examples > 0:
+    results["knn/protocol"] += (f", BN statistics re-estimated on "
+                                f"{min(ec.precise_bn_examples, len(train))} clean train images")
   log.info("kNN top-1 %.4f", knn["top1"])
   if ec.linear_probe:
     probe = linear_probe(train_features, train.labels, test_features, test.labels,
