@@ -237,8 +237,10 @@ def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
         if monitor is not None and (done % tc.eval_every_steps == 0):
           jax.block_until_ready(state)  # steps in flight count as training time
           monitor_start = time.time()
-          writer.write(done, monitor(state))
-          window_excluded += time.time() - monitor_start  # keep evaluation out of images/s
+          record = monitor(state)
+          monitor_seconds = time.time() - monitor_start
+          writer.write(done, {**record, "monitor/seconds": monitor_seconds})
+          window_excluded += monitor_seconds  # keep evaluation out of images/s
         if stop.requested:
           log.warning("SIGTERM received: checkpointing step %d and stopping", done)
           save(done)

@@ -58,6 +58,7 @@ def test_cli_trains_checkpoints_resumes_and_evaluates(tmp_path, capsys):
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6]
   assert [r["step"] for r in records if "monitor/knn_top1" in r] == [3, 6]
+  assert all(r["monitor/seconds"] > 0 for r in records if "monitor/knn_top1" in r)
   assert sorted(Checkpointer(str(workdir)).all_steps()) == [3, 6]
   assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
 
