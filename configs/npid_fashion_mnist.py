@@ -16,6 +16,9 @@ Measured (2026-11-23, seed 0, 2-core AMD EPYC CPU, jax 0.10.2) with
 `--config.train.epochs=6` (`python benchmarks/fashion_mnist_table.py --epochs 6`): kNN
 top-1 0.6599 (k=200, t=0.1), linear probe 0.7780, 419 s wall for
 training + evaluation. The full 12 epochs were not run; all baselines: docs/results.md.
+
+The shared settings are the first recipe of the SimCLR job (28x28 views, 12 epochs); that
+job has since moved to 20x20 views for 26 epochs (README), which was not tried here.
 """
 
 from ssljax.config import default_config, set_augment_preset, set_cpu_job, set_dataset

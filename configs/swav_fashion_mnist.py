@@ -18,6 +18,9 @@ recipe has none either). Multi-crop, SwAV's other ingredient, costs about 25% mo
 per step with two 14x14 crops: add it with --config.augment.policy=multicrop
 --config.augment.num_small_crops=2 (small crops of 14 px, area 5-40%).
 Hardware / time: 2 CPU cores, roughly the SimCLR job's time (the Sinkhorn step is small).
+
+The shared settings are the first recipe of the SimCLR job (28x28 views, 12 epochs); that
+job has since moved to 20x20 views for 26 epochs (README), which was not tried here.
 """
 
 from ssljax.config import default_config, set_augment_preset, set_cpu_job, set_dataset
