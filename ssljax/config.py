@@ -237,7 +237,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.monitor_test_examples = 2000
   # > 0: before extracting features (final evaluation and monitor), replace the encoder's
   # running BN statistics by statistics of this many clean train images (ssljax.eval.precise_bn;
-  # for views smaller than the images). 0: the running statistics of training.
+  # for views smaller than the images), rounded down to whole eval.batch_size batches; the
+  # monitor draws them from its bank. 0: the running statistics of training.
   c.eval.precise_bn_examples = 0
   c.eval.linear_probe = True
   c.eval.probe_epochs = 100

@@ -55,15 +55,24 @@ def _batch_size(config, mesh) -> int:
   return max(batch - batch % mesh.size, mesh.size)
 
 
+def _precise_bn_plan(config, mesh, num_images: int) -> tuple[int, int]:
+  """(images drawn, batch size) for ``eval.precise_bn_examples``; whole batches are used."""
+  count = min(config.eval.precise_bn_examples, num_images)
+  if count < mesh.size:
+    raise ValueError(f"eval.precise_bn_examples = {config.eval.precise_bn_examples} gives "
+                     f"{count} images, fewer than the {mesh.size} devices; set it to at least "
+                     f"{mesh.size} (or 0 to keep the running BN statistics)")
+  return count, min(_batch_size(config, mesh), count - count % mesh.size)
+
+
 def _eval_variables(config, method: Method, state, mesh, train_images: np.ndarray) -> Any:
   """The encoder's eval variables; BN statistics re-estimated if ``eval.precise_bn_examples``."""
   variables = method.eval_variables(state.params, state.method_state)
-  count = config.eval.precise_bn_examples
-  if count <= 0:
+  if config.eval.precise_bn_examples <= 0:
     return variables
+  count, batch = _precise_bn_plan(config, mesh, len(train_images))
   idx = _subset_index(len(train_images), count, config.seed + 2)
   images = train_images if idx is None else train_images[idx]
-  batch = min(_batch_size(config, mesh), images.shape[0] - images.shape[0] % mesh.size)
   return precise_batch_stats(method.encoder, variables, images, batch_size=batch, mesh=mesh)
 
 
@@ -115,8 +124,9 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
   results["knn/protocol"] = (f"weighted kNN k={ec.knn_k} t={ec.knn_t} on L2-normalised "
                              f"encoder features")
   if ec.precise_bn_examples > 0:
-    results["knn/protocol"] += (f", BN statistics re-estimated on "
-                                f"{min(ec.precise_bn_examples, len(train))} clean train images")
+    count, batch = _precise_bn_plan(config, mesh, len(train))
+    results["knn/protocol"] += (f", BN statistics re-estimated on {count // batch * batch} "
+                                f"clean train images")
   log.info("kNN top-1 %.4f", knn["top1"])
   if ec.linear_probe:
     probe = linear_probe(train_features, train.labels, test_features, test.labels,

@@ -115,3 +115,15 @@ def test_evaluation_uses_reestimated_statistics_when_configured(tmp_path, num_de
                recalibrated["batch_stats"], expected["batch_stats"])
   changed = jax.tree.map(lambda a, b: not np.allclose(a, b), recalibrated["batch_stats"], stats)
   assert all(jax.tree.leaves(changed))
+
+
+def test_evaluation_rejects_fewer_examples_than_devices(tmp_path, num_devices):
+  config = tiny_config(str(tmp_path))
+  method = build_method(config)
+  params, method_state = method.init(jax.random.key(0), [jnp.zeros((4, 8, 8, 1))] * 2)
+  state = types.SimpleNamespace(params=params, method_state=method_state)
+  config.eval.precise_bn_examples = 4
+  images = np.zeros((40, 8, 8, 1), np.uint8)
+  with pytest.raises(ValueError, match="eval.precise_bn_examples = 4 gives 4 images, fewer "
+                     "than the 8 devices"):
+    evaluate._eval_variables(config, method, state, make_mesh(), images)
