@@ -3,9 +3,9 @@
 Features are the encoder's pooled output (pre-projector) in inference mode, on un-augmented
 images of the train and test splits. With ``eval.precise_bn_examples > 0`` the BatchNorm
 statistics are first re-estimated on that many clean training images (`precise_bn`), for
-encoders trained on views smaller than the images. Protocols: kNN with ``eval.knn_k`` / ``eval.knn_t`` on
-L2-normalised features (default k = 200, t = 0.1); linear probe on standardised frozen
-features, hyperparameters chosen on a held-out part of the train split.
+encoders trained on views smaller than the images. Protocols: kNN with ``eval.knn_k`` /
+``eval.knn_t`` on L2-normalised features (default k = 200, t = 0.1); linear probe on
+standardised frozen features, hyperparameters chosen on a held-out part of the train split.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from ssljax import data
 from ssljax.eval.features import extract_features
 from ssljax.eval.knn import knn_accuracy
 from ssljax.eval.linear_probe import linear_probe
-from ssljax.eval.precise_bn import precise_batch_stats
 from ssljax.eval.plots import plot_training_curves
+from ssljax.eval.precise_bn import precise_batch_stats
 from ssljax.methods.base import Method
 
 log = logging.getLogger(__name__)

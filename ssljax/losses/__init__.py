@@ -3,7 +3,8 @@
 Importable on their own (``from ssljax.losses import nt_xent``); no Flax, no hidden state.
 One module per family:
 
-  contrastive   nt_xent / multiview_nt_xent (SimCLR), moco_infonce (MoCo), npid / npid_softmax / npid_nce (NPID)
+  contrastive   nt_xent / multiview_nt_xent (SimCLR), moco_infonce (MoCo),
+                npid / npid_softmax / npid_nce (NPID)
   redundancy    barlow_twins
   clustering    sinkhorn, swav (SwAV; per-view terms for view weighting)
   distillation  byol_regression (BYOL), dino (DINO) and its centre update
