@@ -50,7 +50,8 @@ def _subset(source, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   return source.images[idx], source.labels[idx]
 
 
-def _batch_size(config, mesh) -> int:
+def eval_batch_size(config, mesh) -> int:
+  """``eval.batch_size`` rounded down to a multiple of the mesh size (at least one per device)."""
   batch = config.eval.batch_size
   return max(batch - batch % mesh.size, mesh.size)
 
@@ -62,10 +63,10 @@ def _precise_bn_plan(config, mesh, num_images: int) -> tuple[int, int]:
     raise ValueError(f"eval.precise_bn_examples = {config.eval.precise_bn_examples} gives "
                      f"{count} images, fewer than the {mesh.size} devices; set it to at least "
                      f"{mesh.size} (or 0 to keep the running BN statistics)")
-  return count, min(_batch_size(config, mesh), count - count % mesh.size)
+  return count, min(eval_batch_size(config, mesh), count - count % mesh.size)
 
 
-def _eval_variables(config, method: Method, state, mesh, train_images: np.ndarray) -> Any:
+def encoder_variables(config, method: Method, state, mesh, train_images: np.ndarray) -> Any:
   """The encoder's eval variables; BN statistics re-estimated if ``eval.precise_bn_examples``."""
   variables = method.eval_variables(state.params, state.method_state)
   if config.eval.precise_bn_examples <= 0:
@@ -78,7 +79,7 @@ def _eval_variables(config, method: Method, state, mesh, train_images: np.ndarra
 
 def _features(config, variables, method: Method, images: np.ndarray, mesh) -> np.ndarray:
   return extract_features(_encode_fn(method), variables, images,
-                          batch_size=_batch_size(config, mesh), mesh=mesh)
+                          batch_size=eval_batch_size(config, mesh), mesh=mesh)
 
 
 class KnnMonitor:
@@ -95,7 +96,7 @@ class KnnMonitor:
 
   def __call__(self, state) -> dict[str, float]:
     ec = self._config.eval
-    variables = _eval_variables(self._config, self._method, state, self._mesh, self._bank[0])
+    variables = encoder_variables(self._config, self._method, state, self._mesh, self._bank[0])
     bank = _features(self._config, variables, self._method, self._bank[0], self._mesh)
     queries = _features(self._config, variables, self._method, self._queries[0], self._mesh)
     acc = knn_accuracy(bank, self._bank[1], queries, self._queries[1],
@@ -113,7 +114,7 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
   if not train.has_labels or not test.has_labels:
     raise ValueError("evaluation needs labelled train and test splits; the configured "
                      "source has no labels (set eval.linear_probe=False and skip `eval`)")
-  variables = _eval_variables(config, method, state, mesh, train.images)
+  variables = encoder_variables(config, method, state, mesh, train.images)
   train_features = _features(config, variables, method, train.images, mesh)
   test_features = _features(config, variables, method, test.images, mesh)
   results: dict[str, Any] = {"feature_dim": int(train_features.shape[1])}

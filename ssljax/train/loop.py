@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -258,9 +258,25 @@ def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
   return state
 
 
-def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None
-                     ) -> dict[str, Any]:
-  """Restores the latest checkpoint of `workdir` and evaluates it (``ssljax eval``)."""
+class RestoredRun(NamedTuple):
+  """A workdir's latest checkpoint, restored with everything needed to evaluate it."""
+
+  config: ml_collections.ConfigDict
+  mesh: Any
+  method: Any
+  state: Any
+  train_source: Any
+  step: int
+  steps_per_epoch: int
+
+
+def restore_latest(workdir: str, config: ml_collections.ConfigDict | None = None
+                   ) -> RestoredRun:
+  """Restores the latest checkpoint of `workdir` (the workdir's saved config by default).
+
+  Raises:
+    FileNotFoundError: the workdir has no checkpoint yet.
+  """
   config = config or load_workdir_config(workdir)
   mesh = make_mesh()
   train_source = data.build_source(config.data, config.data.train_split)
@@ -274,7 +290,15 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
                             f"`ssljax train --config ... --workdir {workdir}`")
   state, _ = ckpt.restore(latest, jax.eval_shape(init))
   ckpt.close()
-  results = evaluate.evaluate_state(config, method, state, mesh, train_source=train_source)
-  results.update({"steps": latest, "epochs": latest / steps_per_epoch})
-  evaluate.write_results(config, workdir, results)
+  return RestoredRun(config, mesh, method, state, train_source, latest, steps_per_epoch)
+
+
+def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None
+                     ) -> dict[str, Any]:
+  """Restores the latest checkpoint of `workdir` and evaluates it (``ssljax eval``)."""
+  run = restore_latest(workdir, config)
+  results = evaluate.evaluate_state(run.config, run.method, run.state, run.mesh,
+                                    train_source=run.train_source)
+  results.update({"steps": run.step, "epochs": run.step / run.steps_per_epoch})
+  evaluate.write_results(run.config, workdir, results)
   return results

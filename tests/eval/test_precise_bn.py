@@ -102,12 +102,12 @@ def test_evaluation_uses_reestimated_statistics_when_configured(tmp_path, num_de
   mesh = make_mesh()
   stats = method.eval_variables(params, method_state)["batch_stats"]
   assert config.eval.precise_bn_examples == 0  # off by default: the running statistics
-  running = evaluate._eval_variables(config, method, state, mesh, images)
+  running = evaluate.encoder_variables(config, method, state, mesh, images)
   jax.tree.map(np.testing.assert_array_equal, running["batch_stats"], stats)
 
   config.eval.precise_bn_examples = 32
   config.eval.batch_size = 16
-  recalibrated = evaluate._eval_variables(config, method, state, mesh, images)
+  recalibrated = evaluate.encoder_variables(config, method, state, mesh, images)
   expected = precise_batch_stats(
       method.encoder, method.eval_variables(params, method_state),
       images[evaluate._subset_index(len(images), 32, config.seed + 2)], batch_size=16)
@@ -126,4 +126,4 @@ def test_evaluation_rejects_fewer_examples_than_devices(tmp_path, num_devices):
   images = np.zeros((40, 8, 8, 1), np.uint8)
   with pytest.raises(ValueError, match="eval.precise_bn_examples = 4 gives 4 images, fewer "
                      "than the 8 devices"):
-    evaluate._eval_variables(config, method, state, make_mesh(), images)
+    evaluate.encoder_variables(config, method, state, make_mesh(), images)
