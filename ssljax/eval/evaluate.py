@@ -11,6 +11,7 @@ standardised frozen features, hyperparameters chosen on a held-out part of the t
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import os
@@ -32,8 +33,22 @@ from ssljax.methods.base import Method
 log = logging.getLogger(__name__)
 
 
+def _apply_eval(encoder, variables, x):
+  return encoder.apply(variables, x, train=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_encode_fn(encoder):
+  return functools.partial(_apply_eval, encoder)
+
+
 def _encode_fn(method: Method):
-  return lambda variables, x: method.encoder.apply(variables, x, train=False)
+  """The encoder's eval-mode apply; one object per (equal) encoder module, so that
+  `extract_features` reuses its compiled function across monitor calls."""
+  try:
+    return _cached_encode_fn(method.encoder)
+  except TypeError:  # an encoder with unhashable fields
+    return functools.partial(_apply_eval, method.encoder)
 
 
 def _subset_index(n: int, count: int, seed: int) -> np.ndarray | None:

@@ -12,10 +12,14 @@ size; the last batch is zero-padded and the padded rows are dropped. With a mesh
 is split over its ``data`` axis and the variables are replicated. A mesh may span several
 processes (multi-host): every process then passes the same images, copies only the rows of its
 own devices, and receives all features back (an all-gather over processes).
+
+The compiled function is cached per ``(apply_fn, mesh)``: a training run's periodic kNN
+monitor, which passes the same ``apply_fn`` each time, compiles once rather than at every call.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +49,33 @@ def _to_host(features: jax.Array) -> np.ndarray:
   if features.is_fully_addressable:
     return np.asarray(features)
   return np.asarray(multihost_utils.process_allgather(features, tiled=True))
+
+
+def _build_features_fn(apply_fn: ApplyFn, mesh: Mesh | None) -> Callable[..., jax.Array]:
+  """``jit`` of ``(variables, uint8 batch) -> float32 features`` for `apply_fn` on `mesh`."""
+  variables_sharding, batch_sharding = _batch_shardings(mesh)
+
+  def features_of_batch(variables: Any, batch: jax.Array) -> jax.Array:
+    out = apply_fn(variables, batch.astype(jnp.float32) / 255.0)
+    chex.assert_rank(out, 2)
+    chex.assert_axis_dimension(out, 0, batch.shape[0])
+    return out.astype(jnp.float32)
+
+  if mesh is None:
+    return jax.jit(features_of_batch)
+  return jax.jit(features_of_batch, in_shardings=(variables_sharding, batch_sharding),
+                 out_shardings=batch_sharding)
+
+
+_cached_features_fn = functools.lru_cache(maxsize=16)(_build_features_fn)
+
+
+def _compiled_features(apply_fn: ApplyFn, mesh: Mesh | None) -> Callable[..., jax.Array]:
+  """`_build_features_fn`, reused while `apply_fn` and `mesh` are the same (hashable) objects."""
+  try:
+    return _cached_features_fn(apply_fn, mesh)
+  except TypeError:  # an unhashable callable: compile for this call only
+    return _build_features_fn(apply_fn, mesh)
 
 
 def extract_features(apply_fn: ApplyFn, variables: Any, images: np.ndarray, *,
@@ -80,17 +111,7 @@ def extract_features(apply_fn: ApplyFn, variables: Any, images: np.ndarray, *,
     raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices of "
                      "the mesh's 'data' axis")
 
-  def features_of_batch(variables: Any, batch: jax.Array) -> jax.Array:
-    out = apply_fn(variables, batch.astype(jnp.float32) / 255.0)
-    chex.assert_rank(out, 2)
-    chex.assert_axis_dimension(out, 0, batch.shape[0])
-    return out.astype(jnp.float32)
-
-  if mesh is None:
-    compiled = jax.jit(features_of_batch)
-  else:
-    compiled = jax.jit(features_of_batch, in_shardings=(variables_sharding, batch_sharding),
-                       out_shardings=batch_sharding)
+  compiled = _compiled_features(apply_fn, mesh)
   variables = jax.device_put(variables, variables_sharding)
 
   results: list[np.ndarray] = []

@@ -12,6 +12,8 @@ should come from the training split.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import chex
@@ -21,6 +23,32 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+
+def _build_statistics_fn(module: nn.Module, mesh: Mesh | None) -> Callable[..., Any]:
+  """``jit`` of ``(variables, uint8 batch) -> this batch's BN statistics`` for `module`."""
+
+  def batch_statistics(variables: Any, batch: jax.Array) -> Any:
+    _, updated = module.apply(variables, batch.astype(jnp.float32) / 255.0, train=True,
+                              mutable=["batch_stats"])
+    return updated["batch_stats"]
+
+  if mesh is None:
+    return jax.jit(batch_statistics)
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  return jax.jit(batch_statistics, in_shardings=(replicated, split), out_shardings=replicated)
+
+
+_cached_statistics_fn = functools.lru_cache(maxsize=16)(_build_statistics_fn)
+
+
+def _compiled_statistics(module: nn.Module, mesh: Mesh | None) -> Callable[..., Any]:
+  """`_build_statistics_fn`, compiled once per equal (hashable) module and mesh: a training
+  run's periodic kNN monitor re-estimates the statistics without recompiling."""
+  try:
+    return _cached_statistics_fn(module, mesh)
+  except TypeError:  # a module with unhashable fields
+    return _build_statistics_fn(module, mesh)
 
 
 def precise_batch_stats(module: nn.Module, variables: Any, images: np.ndarray, *,
@@ -56,20 +84,13 @@ def precise_batch_stats(module: nn.Module, variables: Any, images: np.ndarray, *
   # Momentum 0: the "running" statistics an apply returns are exactly this batch's. No axis
   # name: under jit the batch mean over a sharded batch is already the global mean.
   recalibrating = module.clone(bn_momentum=0.0, axis_name=None)
-
-  def batch_statistics(variables: Any, batch: jax.Array) -> Any:
-    _, updated = recalibrating.apply(variables, batch.astype(jnp.float32) / 255.0, train=True,
-                                     mutable=["batch_stats"])
-    return updated["batch_stats"]
-
+  if mesh is not None and batch_size % mesh.size:
+    raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices")
+  compiled = _compiled_statistics(recalibrating, mesh)
   if mesh is None:
-    compiled, put = jax.jit(batch_statistics), jnp.asarray
+    put = jnp.asarray
   else:
-    if batch_size % mesh.size:
-      raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices")
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    compiled = jax.jit(batch_statistics, in_shardings=(replicated, split),
-                       out_shardings=replicated)
     variables = jax.device_put(variables, replicated)
     put = lambda batch: jax.device_put(batch, split)
   num_batches = images.shape[0] // batch_size

@@ -96,6 +96,25 @@ def test_traces_once_for_all_batches(problem):
   assert traces == [(16, 6, 6, 3)]
 
 
+
+def test_later_calls_with_the_same_apply_fn_reuse_the_compiled_function(problem):
+  # The training loop's kNN monitor calls extract_features every few epochs with new
+  # variables; it must not recompile, and must not reuse the old variables either.
+  variables, images = problem
+  traces = []
+
+  def counting_apply(variables, x):
+    traces.append(x.shape)
+    return _pool_and_project(variables, x)
+
+  first = extract_features(counting_apply, variables, images, batch_size=16)
+  moved = {"w": variables["w"] * 2.0, "b": variables["b"] - 1.0}
+  second = extract_features(counting_apply, moved, images[:20], batch_size=16)
+  assert traces == [(16, 6, 6, 3)]
+  np.testing.assert_allclose(first, _reference(variables, images), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(second, _reference(moved, images[:20]), rtol=1e-5, atol=1e-5)
+
+
 _TWO_PROCESS_WORKER = textwrap.dedent("""
     import sys
     import jax

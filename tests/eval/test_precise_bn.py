@@ -31,6 +31,19 @@ class _PoolDenseBN(nn.Module):
                         axis_name=self.axis_name if train else None, name="bn")(h)
 
 
+
+_TRACES: list[tuple[int, ...]] = []
+
+
+class _CountingPoolDenseBN(_PoolDenseBN):
+  """`_PoolDenseBN` that records each trace (Python code runs only while jit traces)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    _TRACES.append(x.shape)
+    return super().__call__(x, train)
+
+
 @pytest.fixture(name="problem")
 def _problem():
   rng = np.random.default_rng(0)
@@ -127,3 +140,24 @@ def test_evaluation_rejects_fewer_examples_than_devices(tmp_path, num_devices):
   with pytest.raises(ValueError, match="eval.precise_bn_examples = 4 gives 4 images, fewer "
                      "than the 8 devices"):
     evaluate.encoder_variables(config, method, state, make_mesh(), images)
+
+
+def test_repeated_calls_compile_once_and_use_the_new_variables(problem):
+  # The kNN monitor re-estimates the statistics every few epochs with new parameters.
+  _, variables, images = problem
+  module = _CountingPoolDenseBN()
+  _TRACES.clear()
+  first = precise_batch_stats(module, variables, images, batch_size=16)
+  moved = {**variables, "params": jax.tree.map(lambda p: p * 3.0, variables["params"])}
+  second = precise_batch_stats(module, moved, images, batch_size=16)
+  assert _TRACES == [(16, 5, 5, 3)]
+  for new, source in ((first, variables), (second, moved)):
+    mean, var = _by_hand(source, images, 16)
+    np.testing.assert_allclose(new["batch_stats"]["bn"]["mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["batch_stats"]["bn"]["var"], var, rtol=1e-4, atol=1e-6)
+
+
+def test_encode_fn_is_one_object_per_encoder(tmp_path):
+  # extract_features caches its compiled function per apply_fn object.
+  method = build_method(tiny_config(str(tmp_path)))
+  assert evaluate._encode_fn(method) is evaluate._encode_fn(method)
