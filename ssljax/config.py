@@ -83,6 +83,8 @@ def default_config() -> ml_collections.ConfigDict:
   # > 0: a 1x1 conv + BN + ReLU to this many channels before pooling (wide representation
   # for the small CPU presets at little cost).
   c.model.expand_features = 0
+  # BN without scale/bias on the pooled representation (standardised, centred features).
+  c.model.output_bn = False
   c.model.sync_batchnorm = True  # BN statistics over the global batch (all devices).
   c.model.bn_momentum = 0.9  # Flax convention: decay of running stats (PyTorch 0.1).
 

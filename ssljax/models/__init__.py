@@ -46,6 +46,7 @@ def build_encoder(config: ml_collections.ConfigDict, *, axis_name: str | None = 
       stem_stride=preset.stem_stride,
       zero_init_residual=config.model.zero_init_residual,
       expand_features=config.model.expand_features,
+      output_bn=config.model.output_bn,
       bn_momentum=config.model.bn_momentum,
       axis_name=axis_name if config.model.sync_batchnorm else None,
       dtype=compute_dtype(config.train.compute_dtype),

@@ -106,6 +106,11 @@ class ResNet(nn.Module):
     zero_init_residual: zero-init the last BN scale in each block.
     expand_features: if > 0, a 1x1 convolution + BN + ReLU to this many channels before the
       pooling (a cheap way to a wide representation for the small presets; 0 = none).
+    output_bn: if True, a BatchNorm without scale or bias on the pooled output: each feature is
+      standardised (batch statistics in training, running or re-estimated ones in eval), so
+      the representation is centred rather than all-positive after the ReLU, which spreads
+      its cosine similarities (a per-feature affine map: a linear probe sees the same
+      information).
     bn_momentum: Flax BN decay of running statistics.
     axis_name: named axis for synchronised BN statistics (None: per-device batch).
     dtype: computation dtype (parameters stay float32).
@@ -121,6 +126,7 @@ class ResNet(nn.Module):
   stem_stride: int = 1
   zero_init_residual: bool = False
   expand_features: int = 0
+  output_bn: bool = False
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Any = jnp.float32
@@ -171,7 +177,10 @@ class ResNet(nn.Module):
     if self.expand_features:
       x = conv(self.expand_features, (1, 1), name="expand_conv")(x)
       x = nn.relu(norm(name="expand_bn")(x))
-    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    x = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    if self.output_bn:
+      x = norm(name="output_bn", use_scale=False, use_bias=False, dtype=jnp.float32)(x)
+    return x
 
 
 @dataclasses.dataclass(frozen=True)

@@ -259,13 +259,13 @@ def test_rejects_images_without_a_batch_axis():
 
 def test_build_encoder_reads_the_config():
   config = _encoder_config("resnet_small", width=0.5, zero_init_residual=True,
-                           bn_momentum=0.99, sync_batchnorm=True)
+                           bn_momentum=0.99, sync_batchnorm=True, output_bn=True)
   config.train.compute_dtype = "bfloat16"
   encoder = build_encoder(config, axis_name="data")
   assert (encoder.stage_sizes, encoder.stage_widths, encoder.stem_stride) == (
       (1, 1, 1), (32, 64, 128), 2)
   assert encoder.num_features == 64
-  assert encoder.zero_init_residual and encoder.bn_momentum == 0.99
+  assert encoder.zero_init_residual and encoder.bn_momentum == 0.99 and encoder.output_bn
   assert encoder.axis_name == "data" and encoder.dtype == jnp.bfloat16
   assert encoder.input_mean == tuple(config.data.mean)
   assert encoder.input_std == tuple(config.data.std)
@@ -327,3 +327,28 @@ def test_expand_features_adds_a_wide_1x1_layer_before_pooling():
   assert out.shape == (2, 96)
   plain = _abstract_variables(_preset_resnet("resnet_tiny"), (2, 28, 28, 1))
   assert _num_params(params) - _num_params(plain["params"]) == 64 * 96 + 2 * 96
+
+
+def test_output_bn_standardises_each_feature_without_parameters():
+  model = _preset_resnet("resnet_tiny", expand_features=32, output_bn=True)
+  plain = _preset_resnet("resnet_tiny", expand_features=32)
+  x = jax.random.uniform(jax.random.key(0), (64, 12, 12, 1))
+  variables = model.init(jax.random.key(1), x, train=False)
+  # No scale or bias: the same parameters as without it, one more set of statistics.
+  plain_vars = plain.init(jax.random.key(1), x, train=False)
+  assert jax.tree.structure(variables["params"]) == jax.tree.structure(plain_vars["params"])
+  assert variables["batch_stats"]["output_bn"]["mean"].shape == (32,)
+  # Training mode: the pooled features standardised over the batch, by hand.
+  pooled = plain.apply(plain_vars, x, train=True, mutable=["batch_stats"])[0]
+  out, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  expected = (pooled - pooled.mean(0)) / jnp.sqrt(pooled.var(0) + 1e-5)
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+  assert bool(jnp.any(out < 0))  # centred, unlike the ReLU'd pooled features
+  # Eval mode uses the (updated) running statistics, not the batch's.
+  stats = updated["batch_stats"]["output_bn"]
+  eval_out = model.apply({**variables, "batch_stats": updated["batch_stats"]}, x, train=False)
+  eval_pooled = plain.apply({**plain_vars, "batch_stats": {
+      k: v for k, v in updated["batch_stats"].items() if k != "output_bn"}}, x, train=False)
+  np.testing.assert_allclose(
+      eval_out, (eval_pooled - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-5),
+      rtol=1e-4, atol=1e-4)
