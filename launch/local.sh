@@ -28,12 +28,33 @@ check_python() {
 }
 
 install() {  # install ssljax (editable) with the given extras into $PY's environment
-  local spec=".${1:+[$1]}"
-  if "$PY" -m pip install --quiet --disable-pip-version-check -e "$spec"; then
+  # Launches started together (two runs in parallel) would otherwise race on the same
+  # console-script files; the second waits for the first's install. The lock is released
+  # before ssljax itself runs.
+  if command -v flock >/dev/null; then
+    exec 9>"${TMPDIR:-/tmp}/ssljax-install-$(id -u).lock"
+    flock 9
+  fi
+  install_unlocked "$1"
+  exec 9>&-
+}
+
+install_unlocked() {
+  local spec=".${1:+[$1]}" log
+  log=$(mktemp)
+  if "$PY" -m pip install --quiet --disable-pip-version-check -e "$spec" 2>"$log"; then
+    cat "$log" >&2; rm -f "$log"
     return
   fi
-  [ "$PY" = .venv/bin/python ] && die "pip install into .venv failed (see above)"
-  echo "launch/local.sh: '$PY' does not accept pip installs; creating .venv" >&2
+  cat "$log" >&2
+  # Only a PEP 668 "externally managed" interpreter is a reason to make a virtualenv; any
+  # other failure (network, disk, a broken package) is reported as it is.
+  if [ "$PY" = .venv/bin/python ] || ! grep -q "externally-managed-environment" "$log"; then
+    rm -f "$log"
+    die "pip install -e '$spec' with '$PY' failed (see pip's message above)"
+  fi
+  rm -f "$log"
+  echo "launch/local.sh: '$PY' does not accept pip installs (PEP 668); creating .venv" >&2
   "$PY" -m venv .venv || die "could not create .venv: install python3-venv (apt-get install python3-venv)"
   PY=.venv/bin/python
   "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip
