@@ -6,9 +6,14 @@ Restores the latest checkpoint of a workdir and, on the full train split (bank) 
   k            weighted kNN top-1 for each ``--ks`` value (the configured k is the protocol;
                a small k shows how good the nearest neighbours are on their own);
   per class    top-1 of each class under the configured k and t;
-  offset       the protocol, then the same with features centred, and standardised, per
-               dimension with train-split statistics before the L2 normalisation (diagnostic
-               only: the protocol of DECISIONS.md is plain L2-normalised features);
+  offset       the protocol, then the same with features centred, standardised per
+               dimension, and PCA-whitened (``--whiten-eps`` values) with train-split
+               statistics before the L2 normalisation (diagnostic only: the protocol of
+               DECISIONS.md is plain L2-normalised features);
+  geometry     of the train-split features: effective rank (Roy & Vetterli, on singular
+               values), principal components for 90% / 99% of the variance, and the mean
+               cosine similarity of 10k random pairs of test images (how much of the cosine
+               range the protocol's t has to work with);
   layers       kNN on the spatially pooled output of every residual block, next to the
                encoder's output (how much each stage, and the 1x1 expansion, adds);
   resolution   train and test images resized (bilinear, antialiased) to each ``--sizes``
@@ -20,7 +25,7 @@ Every number uses the workdir's saved config (precise BN included), so the "k" r
 configured k reproduces ``knn/top1`` of its ``results.json``.
 
   python benchmarks/knn_diagnostics.py --workdir runs/simclr_fashion_mnist \
-      [--ks 20 200] [--sizes 24 32] [--out WORKDIR/knn_diagnostics.json]
+      [--ks 20 200] [--sizes 24 32] [--whiten-eps 1e-3 1] [--out WORKDIR/knn_diagnostics.json]
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ssljax import data  # noqa: E402
-from ssljax.eval import evaluate, extract_features, knn_predict  # noqa: E402
+from ssljax.eval import evaluate, extract_features, geometry, knn_predict  # noqa: E402
 from ssljax.train.loop import restore_latest  # noqa: E402
 
 _BLOCK = re.compile(r"stage(\d+)_block(\d+)$")
@@ -97,6 +102,8 @@ def main() -> None:
                       help="k values besides the configured eval.knn_k")
   parser.add_argument("--sizes", type=int, nargs="*", default=[],
                       help="image sizes to evaluate at besides the native one")
+  parser.add_argument("--whiten-eps", type=float, nargs="*", default=[1e-3],
+                      help="eps values (relative to the mean eigenvalue) for PCA-whitened rows")
   parser.add_argument("--out", default=None, help="JSON file (default WORKDIR/knn_diagnostics"
                                                   ".json)")
   args = parser.parse_args()
@@ -137,6 +144,18 @@ def main() -> None:
       {"features": "centred, then L2-normalised", "top1": acc(knn(train_f - mu, test_f - mu))},
       {"features": "standardised, then L2-normalised",
        "top1": acc(knn((train_f - mu) / sd, (test_f - mu) / sd))}]
+  for eps in args.whiten_eps:
+    mean, w = geometry.pca_whitening(train_f, eps)
+    white = lambda f: ((f - mean) @ w).astype(np.float32)
+    record["offset"].append({"features": f"PCA-whitened (eps {eps:g}), then L2-normalised",
+                             "top1": acc(knn(white(train_f), white(test_f)))})
+  pairs = np.random.default_rng(0).integers(0, len(test_f), (10000, 2))
+  unit = test_f / np.maximum(np.linalg.norm(test_f, axis=1, keepdims=True), 1e-12)
+  record["geometry"] = {
+      "dim": int(dim), "effective_rank": geometry.effective_rank(train_f),
+      "components_90": geometry.components_for(train_f, 0.9),
+      "components_99": geometry.components_for(train_f, 0.99),
+      "random_pair_cosine": float(np.mean(np.sum(unit[pairs[:, 0]] * unit[pairs[:, 1]], 1)))}
   record["layers"], offset = [], 0
   for name, width in blocks:
     cols = slice(offset, offset + width)
@@ -174,7 +193,11 @@ def _print(record: dict[str, Any]) -> None:
   print(f"per class (k={k}): " + "  ".join(f"{r['class']}:{r['top1']:.3f}"
                                           for r in record["per_class"]))
   for row in record["offset"]:
-    print(f"  {row['features']:36s} {row['top1']:.4f}")
+    print(f"  {row['features']:44s} {row['top1']:.4f}")
+  g = record["geometry"]
+  print(f"  {g['dim']}-d features: effective rank {g['effective_rank']:.1f}, "
+        f"{g['components_90']} / {g['components_99']} components for 90% / 99% of the "
+        f"variance, random-pair cosine {g['random_pair_cosine']:.3f}")
   for row in record["layers"]:
     print(f"  {row['layer']:20s} {row['dim']:5d}-d {row['top1']:.4f}")
   for row in record["resolution"]:
