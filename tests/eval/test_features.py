@@ -53,7 +53,10 @@ def test_eight_device_mesh_equals_single_device(problem, num_devices):
   sharded = extract_features(_pool_and_project, variables, images, batch_size=16, mesh=mesh)
   single = extract_features(_pool_and_project, variables, images, batch_size=16)
   assert sharded.shape == (37, _DIM)
-  np.testing.assert_array_equal(sharded, single)
+  # Each device computes 2 rows of a 16-row batch; XLA's CPU kernels may round a 2-row and a
+  # 16-row matmul differently (seen on AVX-512 Xeons: 1-ulp differences), so float32
+  # rounding, not bit equality, is the contract.
+  np.testing.assert_allclose(sharded, single, rtol=1e-6, atol=1e-6)
 
 
 def test_apply_fn_sees_unit_interval_floats():
@@ -84,17 +87,21 @@ def test_non_uint8_images_are_rejected(problem):
     extract_features(_pool_and_project, variables, images.astype(np.float32), batch_size=8)
 
 
-def test_traces_once_for_all_batches(problem):
-  variables, images = problem
-  traces = []
+def _counting_apply(traces: list):
+  """_pool_and_project that appends its input shape to `traces` each time it is traced."""
 
-  def counting_apply(variables, x):
+  def apply(variables, x):
     traces.append(x.shape)
     return _pool_and_project(variables, x)
 
-  extract_features(counting_apply, variables, images, batch_size=16)
-  assert traces == [(16, 6, 6, 3)]
+  return apply
 
+
+def test_traces_once_for_all_batches(problem):
+  variables, images = problem
+  traces = []
+  extract_features(_counting_apply(traces), variables, images, batch_size=16)
+  assert traces == [(16, 6, 6, 3)]
 
 
 def test_later_calls_with_the_same_apply_fn_reuse_the_compiled_function(problem):
@@ -102,10 +109,7 @@ def test_later_calls_with_the_same_apply_fn_reuse_the_compiled_function(problem)
   # variables; it must not recompile, and must not reuse the old variables either.
   variables, images = problem
   traces = []
-
-  def counting_apply(variables, x):
-    traces.append(x.shape)
-    return _pool_and_project(variables, x)
+  counting_apply = _counting_apply(traces)
 
   first = extract_features(counting_apply, variables, images, batch_size=16)
   moved = {"w": variables["w"] * 2.0, "b": variables["b"] - 1.0}
