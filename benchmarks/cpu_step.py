@@ -814,6 +814,20 @@ def run_worker(kind: str, xla_flags: str | None, args) -> dict[str, Any]:
   return result
 
 
+def vector_isa() -> list[str]:
+  """The x86 vector extensions XLA:CPU and PyTorch pick kernels by (AVX2, AVX-512, AMX).
+
+  Two CPUs sold under one model name can differ here, and with them the step's speed and
+  even its rounding, so results name them.
+  """
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return []
+  return [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if name in flags]
+
+
 def device_description() -> dict[str, Any]:
   """CPU, versions, date and load, for the JSON header."""
   from importlib import metadata
@@ -835,7 +849,8 @@ def device_description() -> dict[str, Any]:
   except OSError:
     uptime = ""
   return {"processor": platform.processor(), "cpu_model": model_name,
-          "cpu_count": os.cpu_count(), "machine": platform.machine(),
+          "cpu_vector_isa": vector_isa(), "cpu_count": os.cpu_count(),
+          "machine": platform.machine(),
           "python": platform.python_version(), "versions": versions,
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "load_average_at_start": load_average(), "uptime_at_start": uptime.strip()}
