@@ -6,10 +6,13 @@ so the tests see which failures make the launcher fall back to a virtualenv (onl
 """
 
 import os
+import shutil
 import stat
 import subprocess
 
 import pytest
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +36,6 @@ def _launch(tmp_path, pip_error: str) -> subprocess.CompletedProcess:
                         env=env, capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.skipif(not os.path.exists("/bin/bash"), reason="needs bash")
 def test_a_failed_install_is_reported_not_mistaken_for_pep_668(tmp_path):
   result = _launch(tmp_path, "ERROR: Could not install packages due to an OSError: disk full")
   assert result.returncode != 0
@@ -42,7 +44,6 @@ def test_a_failed_install_is_reported_not_mistaken_for_pep_668(tmp_path):
   assert "creating .venv" not in result.stderr
 
 
-@pytest.mark.skipif(not os.path.exists("/bin/bash"), reason="needs bash")
 def test_an_externally_managed_python_gets_a_virtualenv(tmp_path):
   result = _launch(tmp_path, "error: externally-managed-environment")
   assert result.returncode != 0
