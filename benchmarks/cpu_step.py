@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-  python benchmarks/cpu_step.py [--config configs/simclr_fashion_mnist.py] [--steps N]
+  python benchmarks/cpu_step.py [--config configs/simclr.py:fashion_mnist] [--steps N]
       [--out benchmarks/results/cpu_step.json] [--sweep-flags] [--breakdown]
 
 What one run measures, on the config's model and global batch (the default job: 256 images,
@@ -54,7 +54,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
-DEFAULT_CONFIG = os.path.join("configs", "simclr_fashion_mnist.py")
+DEFAULT_CONFIG = os.path.join("configs", "simclr.py") + ":fashion_mnist"
 DEFAULT_OUT = os.path.join("benchmarks", "results", "cpu_step.json")
 AUG_SHARE_TARGET = 0.15
 PIPELINE_RATIO_TARGET = 5.0
@@ -193,10 +193,10 @@ def load_average() -> list[float]:
   return [round(v, 2) for v in os.getloadavg()]
 
 
-def load_config(path: str):
-  """``get_config()`` of a config file, as ``ssljax train --config`` would load it."""
-  from ssljax.config import load_config_module
-  return load_config_module(path).get_config()
+def load_config(spec: str):
+  """The config of ``path[:arg]``, as ``ssljax train --config`` would load it."""
+  from ssljax import config
+  return config.load_config(spec)
 
 
 # ---------------------------------------------------------------------------- JAX worker
@@ -1204,7 +1204,7 @@ def main_worker(args) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   """Command-line options (``--worker`` and ``--worker-out`` are internal)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default=DEFAULT_CONFIG, help="ml_collections config file")
+  parser.add_argument("--config", default=DEFAULT_CONFIG, help="ml_collections config file, path[:dataset]")
   parser.add_argument("--steps", type=int, default=20,
                       help="timed calls per variant (after 2 warm-up calls)")
   parser.add_argument("--out", default=DEFAULT_OUT, help="JSON file to write")

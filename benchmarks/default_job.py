@@ -13,7 +13,7 @@ also beat raw pixels (benchmarks/knn_baselines.py writes those; read from --base
 the file exists). Runs one seed after the other: two at once share the cores and time
 neither.
 
-  python benchmarks/default_job.py [--config configs/simclr_fashion_mnist.py] [--seeds 0 1 2]
+  python benchmarks/default_job.py [--config configs/simclr.py:fashion_mnist] [--seeds 0 1 2]
       [--root /tmp/ssljax_default_job] [--fresh] [--baselines benchmarks/results/knn_baselines.json]
       [--out benchmarks/results/default_job.json] [-- --config.key=value ...]
 
@@ -180,8 +180,8 @@ def print_report(record: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default=os.path.join(REPO_ROOT, "configs",
-                                                       "simclr_fashion_mnist.py"))
+  parser.add_argument("--config", default=os.path.join(REPO_ROOT, "configs", "simclr.py")
+                      + ":fashion_mnist")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0])
   parser.add_argument("--root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                                      "ssljax_default_job"),

@@ -1,6 +1,6 @@
 """Pretrains every baseline on Fashion-MNIST with one budget and tabulates kNN and probe.
 
-Each method runs from its ``configs/<method>_fashion_mnist.py`` (same backbone, batch, seed
+Each method runs from its ``configs/<method>.py:fashion_mnist`` (same backbone, batch, seed
 and epochs for all; the budget is overridden with ``--epochs``) through the ``ssljax train``
 command, one after the other so that the runs do not share the cores, and its
 ``results.json`` (weighted kNN k=200 t=0.1 on the encoder's L2-normalised features, offline
@@ -41,10 +41,11 @@ def _cpu_name() -> str:
 
 def _train(method: str, workdir: str, epochs: float, seed: int) -> float:
   """Runs ``ssljax train`` for `method`; returns the wall time in seconds."""
-  config = os.path.join("configs", f"{method}_fashion_mnist.py")
-  if not os.path.exists(config):
-    raise FileNotFoundError(f"{config} not found: every method in --methods needs a "
-                            f"Fashion-MNIST config")
+  path = os.path.join("configs", f"{method}.py")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: every method in --methods needs a config "
+                            f"with a Fashion-MNIST recipe")
+  config = f"{path}:fashion_mnist"
   command = [sys.executable, "-m", "ssljax.cli", "train", "--config", config,
              "--workdir", workdir, f"--config.train.epochs={epochs}", f"--config.seed={seed}",
              "--config.train.progress_bar=False"]
@@ -87,7 +88,7 @@ def main() -> None:
         wall = json.load(f)["wall_seconds"]
     rows.append({
         "method": method,
-        "config": f"configs/{method}_fashion_mnist.py",
+        "config": f"configs/{method}.py:fashion_mnist",
         "epochs": results.get("epochs"),
         "seed": results.get("seed"),
         "knn_top1": results.get("knn/top1"),

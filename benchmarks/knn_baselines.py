@@ -7,7 +7,7 @@ and PCA-whitened (train-split statistics; `ssljax.eval.geometry.pca_whitening`, 
 the pixel-space counterparts of the feature transforms `benchmarks/knn_diagnostics.py` tries
 on an encoder, which change the metric rather than the representation.
 
-  python benchmarks/knn_baselines.py [--config configs/simclr_fashion_mnist.py] \
+  python benchmarks/knn_baselines.py [--config configs/simclr.py:fashion_mnist] \
       [--out benchmarks/results/knn_baselines.json]
 """
 
@@ -24,17 +24,17 @@ import jax
 import numpy as np
 
 from ssljax import data
-from ssljax.config import load_config_module
+from ssljax.config import load_config
 from ssljax.eval import extract_features, geometry, knn_accuracy
 from ssljax.methods import RunInfo, build_method
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="configs/simclr_fashion_mnist.py")
+  parser.add_argument("--config", default="configs/simclr.py:fashion_mnist")
   parser.add_argument("--out", default="benchmarks/results/knn_baselines.json")
   args = parser.parse_args()
-  config = load_config_module(args.config).get_config()
+  config = load_config(args.config)
   ec = config.eval
   train = data.build_source(config.data, config.data.train_split)
   test = data.build_source(config.data, config.data.test_split)

@@ -5,7 +5,7 @@ Run from the repository root:
   python benchmarks/method_step.py [--methods simclr,barlow_twins,...] [--batch-size N]
       [--steps N] [--rounds N] [--json benchmarks/results/method_step.json]
 
-Each method is built from its CPU config ``configs/<method>_fashion_mnist.py`` exactly as
+Each method is built from its CPU config ``configs/<method>.py:fashion_mnist`` exactly as
 ``ssljax train`` builds it (``ssljax.train.loop.build_state_and_step``: the method with the
 real `RunInfo` of a Fashion-MNIST run, its augmentation policy, optimiser and schedule, and
 ``compile_train_step`` of ``make_per_device_step`` on the mesh), with two things made equal
@@ -42,19 +42,25 @@ for path in (REPO_ROOT, BENCHMARKS_DIR):
 import cpu_step  # noqa: E402  (shared timing and reporting helpers; imports no JAX)
 
 REFERENCE = "simclr"
-CONFIG_PATTERN = os.path.join("configs", "{method}_fashion_mnist.py")
+CONFIG_PATTERN = os.path.join("configs", "{method}.py")
+DATASET = "fashion_mnist"
 DEFAULT_JSON = os.path.join("benchmarks", "results", "method_step.json")
 NUM_EXAMPLES = 60000  # Fashion-MNIST's training split: sizes the RunInfo of every method.
 WARMUP_STEPS = 2
 
 
 def config_path(method: str) -> str:
+  """The config file of `method`; ``config_spec`` adds the dataset argument."""
   return CONFIG_PATTERN.format(method=method)
 
 
+def config_spec(method: str) -> str:
+  return f"{config_path(method)}:{DATASET}"
+
+
 def method_config(method: str, reference, batch_size: int):
-  """``configs/<method>_fashion_mnist.py`` with the reference backbone and `batch_size`."""
-  config = cpu_step.load_config(config_path(method))
+  """``configs/<method>.py:fashion_mnist`` with the reference backbone and `batch_size`."""
+  config = cpu_step.load_config(config_spec(method))
   if config.method.name != method:
     raise ValueError(f"{config_path(method)} trains {config.method.name!r}, not {method!r}")
   config.model.update(reference.model.to_dict())
@@ -114,7 +120,7 @@ class MethodBench:
     timing = cpu_step.summarize(self.wall, self.cpu)
     median = timing["median_s"]
     return {
-        "config": config_path(self.name), "run_info": self.run_info,
+        "config": config_spec(self.name), "run_info": self.run_info,
         "views": self.num_views, "param_count": self.param_count,
         "init_s": round(self.init_s, 2), "compile_s": round(self.compile_s, 2),
         "median_ms": 1000 * median, "mean_ms": 1000 * timing["mean_s"],
@@ -167,7 +173,7 @@ def main(args: argparse.Namespace) -> None:
   from ssljax.parallel import make_mesh
 
   names, skipped = select_methods(args.methods)
-  reference = cpu_step.load_config(config_path(REFERENCE))
+  reference = cpu_step.load_config(config_spec(REFERENCE))
   batch_size = args.batch_size or reference.train.batch_size
   reference.train.batch_size = batch_size
   report: dict[str, Any] = {
@@ -223,7 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--methods", default=None,
                       help="comma-separated method names (default: every registered method "
-                           "with a configs/<method>_fashion_mnist.py); simclr is always timed")
+                           "with a configs/<method>.py); simclr is always timed")
   parser.add_argument("--batch-size", type=int, default=0,
                       help="global batch for every method (default: SimCLR config's)")
   parser.add_argument("--steps", type=int, default=10, help="timed steps per method per round")

@@ -9,9 +9,12 @@
 #
 # Python: uses $PYTHON (default python3, >= 3.11). If that interpreter refuses pip installs
 # (PEP 668 "externally managed" system Python), a virtualenv is made in .venv and used.
-# Data: the default config reads Fashion-MNIST from /usr/share/datasets/fashion-mnist; if the
-# files are missing, `apt-get install dataset-fashion-mnist` is run when root or sudo allows,
-# otherwise the script says how to point ssljax at the four files.
+# CONFIG is a config file with its optional argument, e.g. configs/swav.py:cifar100 (default
+# configs/simclr.py:fashion_mnist).
+# Data: when the resolved config reads Fashion-MNIST's IDX files (data.source
+# fashion_mnist_idx) and data.data_dir lacks them: for the default directory
+# /usr/share/datasets/fashion-mnist, `apt-get install dataset-fashion-mnist` is run when root or
+# sudo allows; otherwise the script says how to point ssljax at the four files.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -61,20 +64,31 @@ install_unlocked() {
   "$PY" -m pip install --quiet --disable-pip-version-check -e "$spec"
 }
 
-ensure_fashion_mnist() {
-  local missing=0
+config_data() {  # prints the resolved config's data.source and data.data_dir, one a line
+  "$PY" -c '
+import sys
+from ssljax.config import load_config
+config = load_config(sys.argv[1])
+print(config.data.source)
+print(config.data.data_dir)' "$1"
+}
+
+ensure_fashion_mnist() {  # DIR: the config's data.data_dir
+  local dir=$1 missing=0
   for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
-    [ -e "$FMNIST_DIR/$f.gz" ] || [ -e "$FMNIST_DIR/$f" ] || missing=1
+    [ -e "$dir/$f.gz" ] || [ -e "$dir/$f" ] || missing=1
   done
   [ "$missing" = 0 ] && return
   local sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo -n"
-  if command -v apt-get >/dev/null && $sudo true 2>/dev/null; then
+  if [ "$dir" = "$FMNIST_DIR" ] && command -v apt-get >/dev/null && $sudo true 2>/dev/null; then
     echo "launch/local.sh: installing dataset-fashion-mnist with apt-get" >&2
     $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist && return
   fi
-  die "Fashion-MNIST is not in $FMNIST_DIR and apt-get could not install it.
-  Either run:  sudo apt-get install dataset-fashion-mnist
+  local how="apt-get could not install it"
+  [ "$dir" = "$FMNIST_DIR" ] || how="apt-get installs it only into $FMNIST_DIR"
+  die "Fashion-MNIST is not in $dir and $how.
+  Either run:  sudo apt-get install dataset-fashion-mnist  (files in $FMNIST_DIR)
   or download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz
   and t10k-labels-idx1-ubyte.gz (github.com/zalandoresearch/fashion-mnist, data/fashion) into a
   directory DIR and add:  --config.data.data_dir=DIR"
@@ -85,12 +99,16 @@ command=${1:-train}
 check_python
 case "$command" in
   train)
-    config=${1:-configs/simclr_fashion_mnist.py}
+    config=${1:-configs/simclr.py:fashion_mnist}
     workdir=${2:-runs/simclr_fashion_mnist}
     [ $# -ge 2 ] && shift 2 || set --
     install ""
-    if grep -q fashion_mnist_idx "$config" && ! printf '%s\n' "$@" | grep -q 'data.data_dir'; then
-      ensure_fashion_mnist
+    if ! printf '%s\n' "$@" | grep -q 'data.data_dir'; then
+      # A config that cannot be loaded is left to ssljax, which names the problem.
+      data=$(config_data "$config" 2>/dev/null) || data=""
+      if [ "$(sed -n 1p <<<"$data")" = fashion_mnist_idx ]; then
+        ensure_fashion_mnist "$(sed -n 2p <<<"$data")"
+      fi
     fi
     exec "$PY" -m ssljax.cli train --config "$config" --workdir "$workdir" "$@"
     ;;

@@ -1,13 +1,20 @@
 """Command line: ``ssljax train`` and ``ssljax eval``.
 
-  ssljax train --config configs/simclr_fashion_mnist.py --workdir runs/simclr \
+  ssljax train --config configs/simclr.py:fashion_mnist --workdir runs/simclr \
       [--config.optim.lr=0.3 ...]
   ssljax eval --workdir runs/simclr [--config.eval.knn_k=20 ...]
 
-Configs are ml_collections files whose ``get_config()`` returns a locked ConfigDict; any key
-can be overridden with ``--config.<key>=<value>``, and a key that does not exist is an error.
-``train`` on an existing workdir resumes from its latest checkpoint. ``eval`` restores the
-latest checkpoint with the config saved in the workdir (``--config.eval.*`` overrides apply).
+Configs are ml_collections files whose ``get_config(arg)`` returns a ConfigDict; the text after
+``:`` in ``--config path:arg`` is the argument (the dataset for ``configs/<method>.py``; none:
+the file's default). Any key of the loaded config can be overridden with
+``--config.<key>=<value>``, and a key that does not exist is an error naming the valid keys. A
+config runs the method its file builds (``method.<name>`` is its only method section): to run
+another method, use that method's config file. Add-ons are named in ``method.addons``; on the
+command line ``--config.method.addons=cld`` (or ``"('cld', 'uota')"``) adds their sections with
+their defaults before the other overrides apply, so ``--config.method.cld.<key>=...`` can
+follow. ``train`` on an existing workdir resumes from its latest checkpoint. ``eval`` restores
+the latest checkpoint with the config saved in the workdir (``--config.eval.*`` overrides
+apply).
 """
 
 from __future__ import annotations
@@ -43,31 +50,59 @@ def _parse(argv: list[str], command: str):
                       flag_values=fv)
   flags.DEFINE_string("log_level", "INFO", "Python logging level.", flag_values=fv)
   if command == "train":
-    config_flags.DEFINE_config_file("config", None, "Config file (.py with get_config()).",
-                                    flag_values=fv, lock_config=True, sys_argv=argv)
+    config = _load_train_config(argv)
+    where = "this config"
   else:
     from ssljax.train.loop import load_workdir_config
     workdir = _peek_flag(argv, "workdir")
     if workdir is None:
       raise SystemExit("ssljax eval: --workdir is required")
-    config_flags.DEFINE_config_dict("config", load_workdir_config(workdir),
-                                    "Config saved in the workdir.", flag_values=fv,
-                                    lock_config=True, sys_argv=argv)
-  _check_override_keys(argv)
-  if command == "train":
-    path = _peek_flag(argv, "config")
-    if path is not None and not os.path.exists(path.split(":", 1)[0]):
-      raise SystemExit(f"ssljax train: config file {path!r} not found (configs live in "
-                       f"configs/, e.g. configs/simclr_fashion_mnist.py)")
+    config = load_workdir_config(workdir)
+    where = "this workdir's config"
+  _check_override_keys(argv, config, where)
+  # The config is loaded above; the flag holds it and applies the --config.<key> overrides.
+  argv = [arg for arg in argv if not arg.startswith("--config=")]
+  config_flags.DEFINE_config_dict("config", config, "The run's config.", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
   try:
     fv(argv)
   except (flags.Error, OSError) as e:
     raise SystemExit(f"ssljax {command}: {e}") from None
   if fv.workdir is None:
     raise SystemExit(f"ssljax {command}: --workdir is required")
-  if command == "train" and fv.config is None:
-    raise SystemExit("ssljax train: --config is required (e.g. configs/simclr_fashion_mnist.py)")
+  from ssljax.config import check_method_sections
+  try:
+    check_method_sections(fv.config)
+  except ValueError as e:
+    raise SystemExit(f"ssljax {command}: {e}") from None
   return fv
+
+
+def _load_train_config(argv: list[str]):
+  """The config of ``--config path[:arg]``, with the sections of add-ons named on the command
+  line (``--config.method.addons=...``) added."""
+  from ml_collections.config_flags import tuple_parser
+
+  from ssljax.config import load_config, with_method
+  spec = _peek_flag(argv, "config")
+  if spec is None:
+    raise SystemExit("ssljax train: --config is required (e.g. configs/simclr.py:fashion_mnist)")
+  path = spec.partition(":")[0]
+  if not os.path.exists(path):
+    raise SystemExit(f"ssljax train: config file {path!r} not found (configs live in "
+                     f"configs/, e.g. configs/simclr.py:fashion_mnist)")
+  try:
+    config = load_config(spec)
+  except (TypeError, ValueError, KeyError) as e:
+    raise SystemExit(f"ssljax train: config {spec!r}: {e}") from None
+  addons = [v for a in argv if a.startswith("--config.method.addons=")
+            for v in tuple_parser.TupleParser().parse(a.split("=", 1)[1])]
+  if addons and tuple(addons) != tuple(config.method.get("addons", ())):
+    try:
+      config = with_method(config, config.method.name, addons)
+    except ValueError as e:
+      raise SystemExit(f"ssljax train: {e}") from None
+  return config
 
 
 def _join_config_value(argv: list[str]) -> list[str]:
@@ -93,22 +128,45 @@ def _peek_flag(argv: list[str], name: str) -> str | None:
   return None
 
 
-def _check_override_keys(argv: list[str]) -> None:
-  """Rejects ``--config.<key>`` overrides whose key is not in the schema, naming valid keys."""
-  from ssljax.config import default_config
-  schema = default_config()
+def _check_override_keys(argv: list[str], config, where: str) -> None:
+  """Rejects ``--config.<key>`` overrides whose key is not in `config`, naming valid keys.
+
+  A key under another method's or an add-on's section says how to get that section.
+  """
+  from ssljax.methods import base
   for arg in argv:
     if not arg.startswith("--config."):
       continue
     key = arg[len("--config."):].split("=", 1)[0]
-    node, parts = schema, key.split(".")
+    node, parts = config, key.split(".")
     for depth, part in enumerate(parts):
       if not hasattr(node, "keys") or part not in node:
-        where = "config." + ".".join(parts[:depth]) if depth else "config"
+        if depth == 1 and parts[0] == "method":
+          _explain_method_section(key, part, config, where, base)
+        where_key = "config." + ".".join(parts[:depth]) if depth else "config"
         valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
-        raise SystemExit(f"unknown config key {key!r}: {where} has no key {part!r}. "
-                         f"Valid keys of {where}: {valid}")
+        raise SystemExit(f"unknown config key {key!r}: {where_key} has no key {part!r}. "
+                         f"Valid keys of {where_key}: {valid}")
       node = node[part]
+
+
+def _explain_method_section(key: str, section: str, config, where: str, base) -> None:
+  """Raises SystemExit if `section` is another method's or an add-on's config section."""
+  from ssljax.config import DATASETS
+  name = config.method.name
+  addons = tuple(config.method.get("addons", ()))
+  if section in base.registered_methods():
+    raise SystemExit(
+        f"config key {key!r} belongs to method {section!r}, but {where} runs method {name!r} "
+        f"and holds only its section, method.{name}. A config runs the method it was built "
+        f"for: to run {section}, use --config configs/{section}.py:<dataset> (datasets: "
+        f"{', '.join(DATASETS)}) and override method.{section}.* there")
+  if section in base.registered_addons():
+    raise SystemExit(
+        f"config key {key!r} belongs to add-on {section!r}, which is not in method.addons "
+        f"{addons} of {where}. Add it first with --config.method.addons="
+        f"\"{addons + (section,)!r}\": its section method.{section} then joins the config "
+        f"with its defaults, and --config.method.{section}.* overrides apply")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,18 +1,23 @@
-"""The complete ssljax configuration schema, with its defaults.
+"""The ssljax configuration schema, with its defaults.
 
-Every key any part of ssljax reads is declared here, so a config file can show every setting
-and nothing is defaulted out of sight. ``configs/<method>_<dataset>.py`` files start from
-``default_config()``, apply the named presets below for the blocks they share (``set_dataset``,
-``set_augment_preset``, ``set_cpu_job``; each docstring lists the values it sets) and override
-what their recipe changes; the command line overrides further (``--config.optim.lr=0.3``). The
-returned config is locked: assigning a key that does not exist raises an error naming the key,
-which is how typos are caught.
+Every key any part of ssljax reads is declared here or in the config section its method or
+add-on registers, so a config file can show every setting and nothing is defaulted out of
+sight. ``configs/<method>.py`` files start from ``default_config(method)``, apply the named
+presets below for the blocks they share (``set_dataset``, ``set_augment_preset``,
+``set_cpu_job``; each docstring lists the values it sets) and override what their recipe
+changes, per dataset (the file's argument: ``configs/swav.py:cifar100``); the command line
+overrides further (``--config.optim.lr=0.3``). The config is locked when used: assigning a key
+that does not exist raises an error naming the key, which is how typos are caught.
 
 Sections:
   data     where images come from and what they look like
   augment  the view policy (see ``ssljax.augment``)
   model    the encoder backbone (see ``ssljax.models``)
-  method   which self-supervised method, and its hyperparameters under ``method.<name>``
+  method   ``name``, ``addons`` (applied in order) and one section per component used:
+           ``method.<name>`` and ``method.<addon>`` for each add-on, with the defaults their
+           modules register (``ssljax.methods.base.register``/``register_addon``). Other
+           methods' sections are not part of the config, so a run's ``config.json`` holds only
+           what it uses.
   optim    optimizer and learning-rate schedule
   train    batch, length, precision, logging, checkpointing
   eval     kNN and linear-probe protocols
@@ -20,15 +25,30 @@ Sections:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """Returns the full schema with defaults (SimCLR on Fashion-MNIST, small ResNet)."""
+def default_config(method: str = "simclr",
+                   addons: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Returns the schema with defaults for `method` wrapped by `addons` (in order).
+
+  Base sections: Fashion-MNIST, a small ResNet, LARS; ``method.<method>`` and
+  ``method.<addon>`` hold the registered defaults of the method and of each add-on.
+
+  Raises:
+    ValueError: `method` or an add-on is not registered (the message lists the registered
+      names), or an add-on is named twice.
+  """
+  import ssljax.methods  # noqa: F401  (registers every built-in method and add-on)
+  from ssljax.methods import base
+
+  addons = tuple(addons)
+  if len(set(addons)) != len(addons):
+    raise ValueError(f"method.addons names an add-on twice: {addons}")
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -89,110 +109,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.bn_momentum = 0.9  # Flax convention: decay of running stats (PyTorch 0.1).
 
   # ---------------------------------------------------------------- method
+  # The method's and add-ons' own sections, `method.<name>`, come from their registrations
+  # (ssljax/methods/<name>.py, `default_section`).
   c.method = ml_collections.ConfigDict()
-  c.method.name = "simclr"
-  c.method.simclr = ml_collections.ConfigDict()
-  c.method.simclr.temperature = 0.2
-  c.method.simclr.proj_hidden_dim = 512
-  c.method.simclr.proj_dim = 128
-  c.method.simclr.proj_layers = 2  # Linear layers in the projector (>= 1).
-  c.method.simclr.proj_last_bn = False  # BN (non-affine) after the last projector layer.
-
-  # MoCo v2 (SPEC 6.2). Defaults: solo-learn's MoCo V2+ CIFAR recipe, smaller queue.
-  c.method.moco = ml_collections.ConfigDict()
-  c.method.moco.temperature = 0.2
-  c.method.moco.queue_size = 4096  # Keys kept; a multiple of the global batch.
-  # EMA momentum of the key encoder, cosine-increased from `ema_momentum` to
-  # `ema_momentum_final` over the run (equal values: constant, as in MoCo v2's 0.999).
-  c.method.moco.ema_momentum = 0.99
-  c.method.moco.ema_momentum_final = 0.999
-  c.method.moco.symmetric = True  # Also swap the two views' roles and average.
-  c.method.moco.proj_hidden_dim = 512
-  c.method.moco.proj_dim = 128
-  c.method.moco.proj_layers = 2  # 1: the linear head of MoCo v1 / the CIFAR demo.
-  # 2: query view 0, key view 1 (and the reverse if `symmetric`). 3: CLD's three-view MoCo
-  # (SPEC 5.5): queries of views 0 and 1 against the key of view 2; needs
-  # augment.num_views >= 3 and symmetric = False.
-  c.method.moco.num_views = 2
-
-  # BYOL (SPEC 6.3). Defaults: solo-learn CIFAR (projector 4096 -> 256, predictor 4096).
-  c.method.byol = ml_collections.ConfigDict()
-  c.method.byol.proj_hidden_dim = 4096
-  c.method.byol.proj_dim = 256
-  c.method.byol.pred_hidden_dim = 4096
-  # Target EMA momentum: cosine from `ema_momentum` to `ema_momentum_final` over the run.
-  c.method.byol.ema_momentum = 0.99
-  c.method.byol.ema_momentum_final = 1.0
-  # True: each view goes through the networks on its own, so BN statistics are per view (the
-  # DeepMind and solo-learn code); False: one forward of both views concatenated.
-  c.method.byol.per_view_forward = True
-
-  # SwAV (SPEC 6.4). Defaults: solo-learn CIFAR (no multi-crop there; use the 'multicrop'
-  # augment policy for 2 global + V local crops).
-  c.method.swav = ml_collections.ConfigDict()
-  c.method.swav.temperature = 0.1
-  c.method.swav.epsilon = 0.05  # Sinkhorn entropy regularisation.
-  c.method.swav.sinkhorn_iters = 3
-  c.method.swav.num_prototypes = 3000
-  c.method.swav.proj_hidden_dim = 2048
-  c.method.swav.proj_dim = 128
-  c.method.swav.queue_size = 3840  # 0: no queue. A multiple of the global batch.
-  c.method.swav.queue_start_epoch = 50.0  # The queue joins the codes from this epoch.
-  c.method.swav.freeze_prototypes_epochs = 2.0  # Prototypes get no update before this.
-  c.method.swav.crops_for_assign = (0, 1)  # Views whose codes are predicted (global crops).
-
-  # Barlow Twins (SPEC 6.5). Defaults: the official ImageNet loss; solo-learn CIFAR sizes.
-  c.method.barlow_twins = ml_collections.ConfigDict()
-  c.method.barlow_twins.lambda_offdiag = 0.0051
-  c.method.barlow_twins.scale_loss = 1.0  # Multiplies the loss (solo-learn CIFAR: 0.1).
-  c.method.barlow_twins.unbiased_std = False  # MetaMask's standardisation (SPEC 4.3).
-  c.method.barlow_twins.proj_hidden_dim = 2048
-  c.method.barlow_twins.proj_dim = 2048
-  c.method.barlow_twins.proj_layers = 3
-  # Biases in the projector's linear layers (official code: none; solo-learn CIFAR: yes).
-  c.method.barlow_twins.proj_bias = False
-
-  # NPID / InstDisc (SPEC 6.6). Defaults: CLD's CIFAR setting.
-  c.method.npid = ml_collections.ConfigDict()
-  c.method.npid.temperature = 0.1  # Original paper: 0.07.
-  c.method.npid.proj_dim = 128
-  c.method.npid.bank_size = 0  # Memory-bank rows; 0 = the training-set size (must equal it).
-  c.method.npid.bank_momentum = 0.5
-  # 0: full softmax over the bank (CLD's nce_k = 0); > 0: NCE with this many noise samples
-  # and a normalising constant Z estimated on the first batch, then fixed (original NPID).
-  c.method.npid.nce_negatives = 0
-  # Views per image in the loss: 1 (NPID), or 2 (CLD's --two-imgs: the loss averages both
-  # views against the same bank, and each view's embedding is written into it in turn).
-  c.method.npid.num_views = 1
-
-  # DINO as in the DISSL/CISSL repository (SPEC 2.3b).
-  c.method.dino = ml_collections.ConfigDict()
-  c.method.dino.proj_hidden_dim = 1024
-  c.method.dino.bottleneck_dim = 256
-  c.method.dino.out_dim = 1000  # Outputs of the weight-normalised last layer.
-  c.method.dino.student_temperature = 0.1
-  c.method.dino.teacher_temperature = 0.07
-  c.method.dino.teacher_temperature_warmup = 0.04  # Linear warm-up from this value ...
-  c.method.dino.teacher_temperature_warmup_epochs = 50.0  # ... over these epochs.
-  c.method.dino.center_momentum = 0.9
-  c.method.dino.ema_momentum = 0.996
-  c.method.dino.ema_momentum_final = 1.0
-  c.method.dino.freeze_last_layer_epochs = 1.0
-  # Head layout (DINOHead); defaults: the ISSL code, SPEC 2.3b. Official DINO / solo-learn:
-  # proj_layers 3, proj_bn False, proj_bias True, normalize_before_bottleneck False.
-  c.method.dino.proj_layers = 2  # Linear layers before the unit-norm one, bottleneck included.
-  c.method.dino.proj_bn = True  # BN after each hidden linear layer.
-  c.method.dino.proj_bias = False  # Biases in the hidden and bottleneck linear layers.
-  c.method.dino.normalize_before_bottleneck = True  # ISSL: L2-normalise before the bottleneck.
-  # True (ISSL code): the centre is updated after each of the two view pairs, so the second
-  # pair is centred with the centre already moved by the first pair's teacher batch mean.
-  # False (official DINO): one update per step with the mean over both global views.
-  c.method.dino.sequential_center = True
-  # True: one forward per view (solo-learn); False: views of equal resolution concatenated in
-  # one forward, the head applied once to all views (official DINO, ISSL code).
-  c.method.dino.per_view_forward = False
-  # Evaluate the teacher encoder (official DINO) instead of the student (ISSL, solo-learn).
-  c.method.dino.eval_teacher = False
+  c.method.name = method
+  c.method.addons = tuple(addons)
+  c.method[method] = base.method_section(method)
+  for addon in addons:
+    c.method[addon] = base.addon_section(addon)
 
   # ---------------------------------------------------------------- optim
   c.optim = ml_collections.ConfigDict()
@@ -253,8 +177,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # ---------------------------------------------------------------- presets
-# Blocks that several configs/<method>_<dataset>.py files share. A preset assigns exactly the
-# keys listed in its docstring and leaves every other key as it was.
+# Blocks that several configs/<method>.py recipes share. A preset assigns exactly the keys
+# listed in its docstring and leaves every other key as it was.
 
 DATASETS: dict[str, dict[str, Any]] = {
     "fashion_mnist": dict(
@@ -395,6 +319,98 @@ def set_cpu_job(c: ml_collections.ConfigDict) -> None:
   c.train.eval_every_steps = 234
 
 
+def config_dataset(arg: str | None) -> str:
+  """The dataset a ``configs/<method>.py`` file is asked for (its ``get_config`` argument).
+
+  None (no ``:arg`` after the path) is 'fashion_mnist', the CPU-sized job.
+
+  Raises:
+    ValueError: `arg` is not one of `DATASETS` (the message lists them).
+  """
+  if arg is None or arg == "":
+    return "fashion_mnist"
+  if arg not in DATASETS:
+    raise ValueError(f"unknown dataset {arg!r} in the config argument (configs/<method>.py:"
+                     f"<dataset>); valid datasets: {', '.join(DATASETS)}")
+  return arg
+
+
+def with_method(config: ml_collections.ConfigDict, name: str,
+                addons: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """A copy of `config` that runs method `name` wrapped by `addons`.
+
+  The method section and add-on sections become those of `name` and `addons`: a section the
+  old config also had keeps its values (e.g. the same method with an add-on added), the others
+  get their registered defaults. Every other section keeps its values. The copy is locked if
+  `config` was.
+
+  Raises:
+    ValueError: `name` or an add-on is not registered.
+  """
+  new = default_config(name, addons)
+
+  def copy(src: ml_collections.ConfigDict, dst: ml_collections.ConfigDict) -> None:
+    for key in src.keys():
+      if key not in dst:
+        continue
+      if isinstance(src[key], ml_collections.ConfigDict):
+        copy(src[key], dst[key])
+      else:
+        with dst.ignore_type():
+          dst[key] = src[key]
+
+  for key in config.keys():
+    if key == "method" or key not in new:
+      continue
+    if isinstance(config[key], ml_collections.ConfigDict):
+      copy(config[key], new[key])
+    else:
+      new[key] = config[key]
+  for key in (name, *addons):
+    if key in config.method:
+      copy(config.method[key], new.method[key])
+  if config.is_locked:
+    new.lock()
+  return new
+
+
+def check_method_sections(config: ml_collections.ConfigDict) -> None:
+  """Checks that ``config.method`` holds the sections of its method and add-ons, no others.
+
+  Raises:
+    ValueError: naming the missing or extra section and how to get a consistent config (the
+      method is chosen by the config file, ``configs/<method>.py``; an add-on's section is
+      added by naming it in ``method.addons``, see `ssljax.cli`).
+  """
+  import ssljax.methods  # noqa: F401
+  from ssljax.methods import base
+
+  name, addons = config.method.name, tuple(config.method.get("addons", ()))
+  if name not in base.registered_methods():
+    raise ValueError(f"method.name must be one of {base.registered_methods()}, got {name!r}")
+  for addon in addons:
+    if addon not in base.registered_addons():
+      raise ValueError(f"method.addons: unknown add-on {addon!r}; registered add-ons: "
+                       f"{base.registered_addons()}")
+  sections = [k for k in config.method.keys() if k not in ("name", "addons")]
+  if name not in sections:
+    held = [k for k in sections if k in base.registered_methods()]
+    raise ValueError(
+        f"method.name is {name!r} but the config has no method.{name} section (it holds "
+        f"{', '.join('method.' + k for k in held) or 'no method section'}): a config runs the "
+        f"method it was built for; to run {name}, use configs/{name}.py (e.g. --config "
+        f"configs/{name}.py:fashion_mnist) or ssljax.config.default_config({name!r})")
+  for addon in addons:
+    if addon not in sections:
+      raise ValueError(f"add-on {addon!r} is in method.addons but the config has no "
+                       f"method.{addon} section; build the config with "
+                       f"ssljax.config.with_method(config, {name!r}, addons={addons!r})")
+  extra = [k for k in sections if k != name and k not in addons]
+  if extra:
+    raise ValueError(f"config sections {', '.join('method.' + k for k in extra)} belong to "
+                     f"neither method {name!r} nor the add-ons {addons}")
+
+
 def load_config_module(path: str):
   """Executes the config file `path` and returns it as a module (``.get_config()``, docs).
 
@@ -411,6 +427,21 @@ def load_config_module(path: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The config of ``path[:arg]`` as ``ssljax train --config`` loads it (before overrides).
+
+  The text after the first ':' is passed to the file's ``get_config`` (the dataset for
+  ``configs/<method>.py``); without it ``get_config()`` is called with no argument.
+
+  Raises:
+    FileNotFoundError: the file does not exist.
+    ValueError: the file rejects the argument (e.g. an unknown dataset).
+  """
+  path, has_arg, arg = spec.partition(":")
+  module = load_config_module(path)
+  return module.get_config(arg) if has_arg else module.get_config()
 
 
 def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -435,19 +466,32 @@ def _tuples(value):
 def config_from_json(text: str) -> ml_collections.ConfigDict:
   """Rebuilds a locked config from `config_to_json` output, checked against the schema.
 
-  Keys the schema does not know are an error (the workdir was made by another ssljax
-  version, or the file was edited by hand).
+  The schema is ``default_config(method.name, method.addons)`` of the stored values. Keys it
+  does not know are an error (the workdir was made by another ssljax version, or the file was
+  edited by hand), except in a ``config.json`` written before configs held only the sections
+  they use: its sections of other registered methods are dropped (and a missing
+  ``method.addons`` means none).
   """
   import json
 
-  config = lock(default_config())
+  import ssljax.methods  # noqa: F401
+  from ssljax.methods import base
+
   values = _tuples(json.loads(text))
+  method = values.get("method", {})
+  name = method.get("name", "simclr")
+  addons = tuple(method.get("addons", ()))
+  config = lock(default_config(name, addons))
+  for other in base.registered_methods():
+    if other != name:
+      method.pop(other, None)
 
   def update(node: ml_collections.ConfigDict, items: dict, prefix: str) -> None:
     for key, value in items.items():
       if key not in node:
         raise KeyError(f"config key {prefix}{key} is not part of the ssljax config schema "
-                       f"(see ssljax/config.py)")
+                       f"for method {name!r} with add-ons {addons} (see ssljax/config.py and "
+                       f"ssljax/methods/)")
       if isinstance(value, dict):
         update(node[key], value, f"{prefix}{key}.")
       else:

@@ -1,43 +1,134 @@
-"""Every shipped config loads, fits the schema, and builds its model and policy."""
+"""Every shipped config loads for every dataset, holds only its method's section, fits the
+schema, and builds its model and policy; the command line loads ``path:dataset``."""
 
-import glob
+import json
 import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
-from ssljax import augment
-from ssljax.config import config_from_json, config_to_json, load_config_module
-from ssljax.methods import RunInfo, build_method
+from ssljax import augment, cli
+from ssljax.config import DATASETS, config_from_json, config_to_json, load_config_module
+from ssljax.methods import RunInfo, base, build_method, registered_methods
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+METHODS = registered_methods()
+CASES = [(m, d) for m in METHODS for d in DATASETS]
 
 
-def test_configs_exist():
-  assert any(path.endswith("simclr_fashion_mnist.py") for path in CONFIGS)
+def _path(method: str) -> str:
+  return os.path.join(CONFIG_DIR, f"{method}.py")
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_config_fits_schema_and_builds(path):
-  module = load_config_module(path)
-  assert "Command" in module.__doc__ and "ssljax" in module.__doc__
-  config = module.get_config()
+def test_one_config_file_per_method():
+  assert sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py")) == METHODS
+
+
+@pytest.mark.parametrize("method, dataset", CASES, ids=[f"{m}:{d}" for m, d in CASES])
+def test_config_fits_schema_and_builds(method, dataset):
+  module = load_config_module(_path(method))
+  assert f"ssljax train --config configs/{method}.py:{dataset}" in module.__doc__
+  config = module.get_config(dataset)
+  assert config.method.name == method and tuple(config.method.addons) == ()
+  assert set(config.method.keys()) == {"name", "addons", method}
+  stored = json.loads(config_to_json(config))
+  assert set(stored["method"]) == {"name", "addons", method}
   rebuilt = config_from_json(config_to_json(config))  # raises on a key the schema lacks
   assert config_to_json(rebuilt) == config_to_json(config)
   policy = augment.build_policy(config.augment)
   # A dataset-sized run (NPID sizes its memory bank by the training set).
-  method = build_method(config, run=RunInfo(steps_per_epoch=10, total_steps=100,
-                                            num_examples=1000))
-  assert policy.num_views >= method.num_views
+  method_ = build_method(config, run=RunInfo(steps_per_epoch=10, total_steps=100,
+                                             num_examples=1000))
+  assert policy.num_views >= method_.num_views
   size, channels = config.augment.crop_size, config.data.channels
   views = tuple(jax.ShapeDtypeStruct((2, s, s, channels), jnp.float32)
                 for s in policy.view_sizes)
-  params, method_state = jax.eval_shape(method.init, jax.random.PRNGKey(0), views)
+  params, method_state = jax.eval_shape(method_.init, jax.random.PRNGKey(0), views)
   assert "encoder" in params
   features = jax.eval_shape(
-      lambda v, x: method.encoder.apply(v, x, train=False),
-      method.eval_variables(params, method_state),
+      lambda v, x: method_.encoder.apply(v, x, train=False),
+      method_.eval_variables(params, method_state),
       jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32))
-  assert features.shape == (2, method.encoder.num_features)
+  assert features.shape == (2, method_.encoder.num_features)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_default_argument_is_fashion_mnist_and_unknown_dataset_lists_valid_ones(method):
+  module = load_config_module(_path(method))
+  assert config_to_json(module.get_config()) == config_to_json(module.get_config("fashion_mnist"))
+  with pytest.raises(ValueError, match="unknown dataset 'cifar-10'") as error:
+    module.get_config("cifar-10")
+  for name in DATASETS:
+    assert name in str(error.value)
+
+
+def _parse(*args):
+  return cli._parse(["ssljax", *args, "--workdir", "unused"], "train")
+
+
+def test_cli_loads_path_with_dataset_argument_and_applies_overrides():
+  fv = _parse("--config", f"{CONFIG_DIR}/swav.py:cifar100", "--config.optim.lr=0.1",
+              "--config.method.swav.queue_size=0")
+  assert (fv.config.data.name, fv.config.method.name) == ("cifar100", "swav")
+  assert (fv.config.optim.lr, fv.config.method.swav.queue_size) == (0.1, 0)
+  assert fv.config.is_locked
+  assert _parse(f"--config={CONFIG_DIR}/swav.py").config.data.name == "fashion_mnist"
+
+
+def test_cli_names_a_missing_file_and_an_unknown_dataset():
+  with pytest.raises(SystemExit, match=r"config file '.*nope\.py' not found"):
+    _parse("--config", f"{CONFIG_DIR}/nope.py:cifar10")
+  with pytest.raises(SystemExit, match=r"unknown dataset 'cifar'.*cifar10, cifar100"):
+    _parse("--config", f"{CONFIG_DIR}/swav.py:cifar")
+
+
+def test_cli_override_of_another_methods_key_says_how_to_switch():
+  with pytest.raises(SystemExit, match=r"'method\.moco\.queue_size' belongs to method 'moco', "
+                     r"but this config runs method 'swav'.*configs/moco\.py:<dataset>"):
+    _parse("--config", f"{CONFIG_DIR}/swav.py:cifar10", "--config.method.moco.queue_size=8")
+  with pytest.raises(SystemExit, match=r"method\.name is 'moco' but the config has no "
+                     r"method\.moco section.*configs/moco\.py"):
+    _parse("--config", f"{CONFIG_DIR}/swav.py:cifar10", "--config.method.name=moco")
+  with pytest.raises(SystemExit, match=r"config\.method\.swav has no key 'bogus'.*Valid keys "
+                     r"of config\.method\.swav: .*num_prototypes"):
+    _parse("--config", f"{CONFIG_DIR}/swav.py:cifar10", "--config.method.swav.bogus=1")
+
+
+def _toy_section():
+  section = ml_collections.ConfigDict()
+  section.weight = 0.5
+  return section
+
+
+@pytest.fixture
+def toy_addon(monkeypatch):
+  """A throwaway add-on 'toy' (section ``weight``) that renames the method it wraps."""
+  import dataclasses
+
+  def build(method, config, axis_name, run):
+    del axis_name, run
+    return dataclasses.replace(method, name=f"{method.name}+toy{config.method.toy.weight}")
+
+  monkeypatch.setitem(base._ADDONS, "toy", base._Entry(build, _toy_section))
+
+
+def test_cli_adds_an_addon_section_from_the_command_line(toy_addon):
+  fv = _parse("--config", f"{CONFIG_DIR}/simclr.py:cifar10", "--config.method.addons=toy",
+              "--config.method.toy.weight=2.0")
+  assert tuple(fv.config.method.addons) == ("toy",)
+  assert fv.config.method.toy.weight == 2.0
+  assert fv.config.method.simclr.proj_dim == 256  # the file's values are kept
+  assert build_method(fv.config).name == "simclr+toy2.0"
+
+
+def test_cli_addon_key_without_the_addon_says_how_to_add_it(toy_addon):
+  with pytest.raises(SystemExit, match=r"belongs to add-on 'toy', which is not in "
+                     r"method\.addons.*--config\.method\.addons="):
+    _parse("--config", f"{CONFIG_DIR}/simclr.py:cifar10", "--config.method.toy.weight=2.0")
+
+
+def test_cli_unknown_addon_is_a_clear_error():
+  with pytest.raises(SystemExit, match=r"unknown add-on 'nope'; registered add-ons"):
+    _parse("--config", f"{CONFIG_DIR}/simclr.py:cifar10", "--config.method.addons=nope")

@@ -50,3 +50,69 @@ def test_an_externally_managed_python_gets_a_virtualenv(tmp_path):
   assert "does not accept pip installs (PEP 668); creating .venv" in result.stderr
   # The stand-in refuses `-m venv`, and the launcher says what to install.
   assert "could not create .venv: install python3-venv" in result.stderr
+
+
+# A stand-in interpreter for `train`: the real Python answers `-c` (the version check and the
+# query of the config's data source), installs succeed without doing anything, and ssljax's
+# CLI only prints its arguments.
+_FAKE_PYTHON_TRAIN = """#!/usr/bin/env bash
+case "$1 $2" in
+  "-m pip") exit 0 ;;
+  "-m ssljax.cli") shift 2; echo "RUN $*"; exit 0 ;;
+esac
+exec "$REAL_PYTHON" "$@"
+"""
+
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+              "t10k-labels-idx1-ubyte")
+
+# A config reading Fashion-MNIST's IDX files from the directory given as its argument.
+_IDX_CONFIG = """
+from ssljax.config import default_config
+
+def get_config(arg=None):
+  c = default_config()
+  c.data.data_dir = arg
+  return c
+"""
+
+
+def _launch_train(tmp_path, *args) -> subprocess.CompletedProcess:
+  import sys
+  fake = tmp_path / "python-train-fake"
+  fake.write_text(_FAKE_PYTHON_TRAIN)
+  fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+  env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable,
+         "TMPDIR": str(tmp_path)}
+  return subprocess.run(["bash", os.path.join(_REPO, "launch", "local.sh"), "train", *args],
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_train_checks_the_resolved_configs_fashion_mnist_directory(tmp_path):
+  config = tmp_path / "idx_config.py"
+  config.write_text(_IDX_CONFIG)
+  data_dir = tmp_path / "fmnist"
+  data_dir.mkdir()
+  spec = f"{config}:{data_dir}"
+
+  missing = _launch_train(tmp_path, spec, "W")
+  assert missing.returncode != 0
+  assert f"Fashion-MNIST is not in {data_dir}" in missing.stderr
+  assert "RUN" not in missing.stdout
+
+  for name in _IDX_FILES:
+    (data_dir / f"{name}.gz").write_bytes(b"")
+  present = _launch_train(tmp_path, spec, "W")
+  assert present.returncode == 0, present.stderr
+  assert f"RUN train --config {spec} --workdir W" in present.stdout
+
+  # An explicit data directory on the command line is the user's to get right.
+  (data_dir / f"{_IDX_FILES[0]}.gz").unlink()
+  given = _launch_train(tmp_path, spec, "W", "--config.data.data_dir=ELSEWHERE")
+  assert given.returncode == 0 and "--config.data.data_dir=ELSEWHERE" in given.stdout
+
+
+def test_train_with_a_dataset_argument_that_needs_no_local_files(tmp_path):
+  result = _launch_train(tmp_path, "configs/swav.py:cifar100", "W")
+  assert result.returncode == 0, result.stderr
+  assert "RUN train --config configs/swav.py:cifar100 --workdir W" in result.stdout

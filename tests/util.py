@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import ml_collections
 import numpy as np
@@ -36,12 +37,18 @@ def write_tiny_dataset(directory: str, *, num_train: int = 64, num_test: int = 3
   return paths[0], paths[1]
 
 
-def tiny_config(directory: str, **dataset_kwargs) -> ml_collections.ConfigDict:
-  """A complete, locked config for a tiny SimCLR run on `write_tiny_dataset` data."""
+def tiny_config(directory: str, method: str = "simclr", addons: Sequence[str] = (),
+                **dataset_kwargs) -> ml_collections.ConfigDict:
+  """A complete, locked config for a tiny run of `method` (wrapped by `addons`) on
+  `write_tiny_dataset` data.
+
+  The config holds only `method`'s and the add-ons' sections, with their defaults; SimCLR's
+  projector is shrunk to 16-8, other methods' sections are left for the caller to size.
+  """
   write_tiny_dataset(directory, **dataset_kwargs)
   size = dataset_kwargs.get("size", 16)
   channels = dataset_kwargs.get("channels", 1)
-  c = default_config()
+  c = default_config(method, addons)
   c.data.source = "arrays"
   c.data.name = "tiny"
   c.data.data_dir = directory
@@ -54,8 +61,9 @@ def tiny_config(directory: str, **dataset_kwargs) -> ml_collections.ConfigDict:
   c.data.std = (0.3,) * channels
   c.augment.crop_size = size
   c.model.width = 0.25
-  c.method.simclr.proj_hidden_dim = 16
-  c.method.simclr.proj_dim = 8
+  if method == "simclr":
+    c.method.simclr.proj_hidden_dim = 16
+    c.method.simclr.proj_dim = 8
   c.optim.lr = 0.1
   c.train.batch_size = 16
   c.train.num_steps = 6

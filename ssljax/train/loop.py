@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from ssljax import augment, data
-from ssljax.config import config_from_json, config_to_json
+from ssljax.config import check_method_sections, config_from_json, config_to_json
 from ssljax.eval import evaluate
 from ssljax.methods import RunInfo, build_method
 from ssljax.parallel import (DATA_AXIS, check_batch_divisible, data_sharded, make_mesh,
@@ -51,13 +51,21 @@ def run_length(config: ml_collections.ConfigDict, num_examples: int) -> tuple[in
   return steps_per_epoch, total
 
 
+def _upgraded(text: str) -> str:
+  """A stored config.json as this version writes it (older ones hold every method's section)."""
+  try:
+    return config_to_json(config_from_json(text))
+  except (KeyError, ValueError, TypeError):
+    return text
+
+
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   text = config_to_json(config)
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       previous = f.read()
-    if previous != text:
+    if previous != text and _upgraded(previous) != text:
       log.warning("config differs from the one this workdir was started with; the saved "
                   "%s is kept as config.previous.json", path)
       with open(os.path.join(workdir, "config.previous.json"), "w", encoding="utf-8") as f:
@@ -129,6 +137,7 @@ def _raise_nonfinite(step: int, ckpt: Checkpointer) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pretrains, checkpoints, evaluates; returns the evaluation results."""
+  check_method_sections(config)
   os.makedirs(workdir, exist_ok=True)
   _save_config(config, workdir)
   started = time.time()

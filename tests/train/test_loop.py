@@ -76,8 +76,7 @@ def test_cli_trains_checkpoints_resumes_and_evaluates(tmp_path, capsys):
 
 def _method_config(directory: str, method: str):
   """The tiny config running `method`, with its state sized for 16-image batches."""
-  config = tiny_config(directory)
-  config.method.name = method
+  config = tiny_config(directory, method=method)
   if method == "moco":  # EMA key encoder + a queue of 4 symmetric steps
     config.method.moco.queue_size = 128
     config.method.moco.proj_hidden_dim, config.method.moco.proj_dim = 16, 8
