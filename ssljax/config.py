@@ -139,6 +139,8 @@ def default_config(method: str = "simclr",
   c.optim.warmup_init_fraction = 0.0  # Warmup starts at lr * this.
   c.optim.final_lr_fraction = 0.0  # Cosine ends at lr * this.
   c.optim.grad_clip_norm = 0.0  # 0 disables.
+  # > 0: clip every gradient entry to [-v, v] first (PyTorch clip_grad_value_, ISSL code).
+  c.optim.grad_clip_value = 0.0
 
   # ---------------------------------------------------------------- train
   c.train = ml_collections.ConfigDict()

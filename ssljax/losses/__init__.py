@@ -6,20 +6,28 @@ One module per family:
   contrastive   nt_xent / multiview_nt_xent (SimCLR), moco_infonce (MoCo),
                 npid / npid_softmax / npid_nce (NPID)
   redundancy    barlow_twins
-  clustering    sinkhorn, swav (SwAV; per-view terms for view weighting)
+  clustering    sinkhorn, swav (SwAV)
   distillation  byol_regression (BYOL), dino (DINO) and its centre update
+
+Per-(view, image) terms, for add-ons that weight them (UOTA): ``multiview_nt_xent_terms``,
+``moco_infonce_terms``, ``npid_terms``, ``swav_terms``, ``byol_terms``, ``dino_terms``, each
+the named loss before its reduction. ``barlow_twins`` does not decompose (its loss is a
+function of batch statistics).
 """
 
 from ssljax.losses.clustering import sinkhorn, swav, swav_terms
 from ssljax.losses.contrastive import (gather_rows, l2_normalize, moco_infonce,
-                                       multiview_nt_xent, npid, npid_nce, npid_nce_log_z,
-                                       npid_softmax, nt_xent)
-from ssljax.losses.distillation import byol_regression, dino, dino_center_update
+                                       moco_infonce_terms, multiview_nt_xent,
+                                       multiview_nt_xent_terms, npid, npid_nce, npid_nce_log_z,
+                                       npid_softmax, npid_terms, nt_xent)
+from ssljax.losses.distillation import (byol_regression, byol_terms, dino, dino_center_update,
+                                        dino_terms)
 from ssljax.losses.redundancy import barlow_twins, batch_standardize
 
 __all__ = [
-    "barlow_twins", "batch_standardize", "byol_regression", "dino", "dino_center_update",
-    "gather_rows", "l2_normalize", "moco_infonce", "multiview_nt_xent",
-    "npid", "npid_nce", "npid_nce_log_z",
-    "npid_softmax", "nt_xent", "sinkhorn", "swav", "swav_terms",
+    "barlow_twins", "batch_standardize", "byol_regression", "byol_terms", "dino",
+    "dino_center_update", "dino_terms", "gather_rows", "l2_normalize", "moco_infonce",
+    "moco_infonce_terms", "multiview_nt_xent", "multiview_nt_xent_terms", "npid", "npid_nce",
+    "npid_nce_log_z", "npid_softmax", "npid_terms", "nt_xent", "sinkhorn", "swav",
+    "swav_terms",
 ]

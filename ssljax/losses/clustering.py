@@ -10,7 +10,11 @@ gets the rows of the codes the single-device computation would give its samples.
 per-device losses (and of their gradients) is the loss (gradient) of the global batch.
 
 UOTA (SPEC 1.3) reweights SwAV per (image, predicted crop). ``swav_terms`` returns those
-per-sample, per-crop terms and ``swav`` takes the weights as ``view_weights``.
+per-sample, per-crop terms and ``swav`` takes the weights as ``view_weights``; the SwAV method
+exposes the terms to add-ons through its objective (``ssljax.methods.addons.weight_terms``).
+
+Scope of the convention: ``pmap`` or ``shard_map(check_vma=False)``, as stated in
+``ssljax.losses.contrastive``.
 """
 
 from __future__ import annotations

@@ -7,6 +7,13 @@ anchors. Averaging that value over devices gives the loss of the concatenated gl
 so does averaging the per-device gradients (``lax.pmean(grads, axis_name)``), because the
 transpose of ``all_gather`` sums the cotangents each device's loss sends to the other devices'
 rows. Tests compare both against the single-device computation.
+
+Scope: this convention holds where the per-device function runs under ``pmap`` or under
+``jax.shard_map(..., check_vma=False)``, as ``ssljax.train.step`` runs it. Under
+``check_vma=True`` JAX differentiates replicated parameters with varying-axis types and sums
+their cotangents over devices itself, so the gradient of a replicated parameter through a
+gathered loss comes out multiplied by the device count (measured on 8 CPU devices: 8.0x for
+``nt_xent``, 1.0x for ``barlow_twins``); the train step refuses to be traced there.
 """
 
 from __future__ import annotations
@@ -104,6 +111,36 @@ def multiview_nt_xent(
     pairs), ``neg_sim`` (mean cosine to the other images' projections) and ``accuracy``
     (share of anchors whose most similar candidate is one of their positives).
   """
+  per_anchor, metrics = _nt_xent_anchor_losses(views, temperature, axis_name)
+  return jnp.mean(per_anchor), metrics
+
+
+def multiview_nt_xent_terms(
+    views: Sequence[jnp.ndarray],
+    *,
+    temperature: float,
+    axis_name: str | None = None,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """`multiview_nt_xent` before its reduction: per-(view, image) terms ``[V, n]``.
+
+  ``terms[v, i] = l(anchor (v, i)) / V``, so that ``sum_v mean_i terms[v, i]`` is the loss of
+  `multiview_nt_xent` (the mean over the V n anchors). A weight on ``terms[v, i]`` weights view
+  v of image i as an anchor (its negatives and positives are unchanged), which is how UOTA
+  weights SimCLR (UOTA paper, Sec. 3; its official code weights SwAV's terms the same way).
+
+  Args and metrics: as `multiview_nt_xent`.
+
+  Returns:
+    ``(terms, metrics)`` with float32 ``terms`` of shape ``[V, n]`` (this device's rows).
+  """
+  per_anchor, metrics = _nt_xent_anchor_losses(views, temperature, axis_name)
+  num_views = len(views)
+  return per_anchor.reshape(num_views, -1) / num_views, metrics
+
+
+def _nt_xent_anchor_losses(views: Sequence[jnp.ndarray], temperature: float,
+                           axis_name: str | None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """Per-anchor losses ``[V n]`` (view-major) and metrics of `multiview_nt_xent`."""
   views = list(views)
   if len(views) < 2:
     raise ValueError(f"NT-Xent needs at least 2 views per image, got {len(views)}")
@@ -129,7 +166,7 @@ def multiview_nt_xent(
   is_pos = same_image & ~is_self
   logits = jnp.where(is_self, -jnp.inf, sims / temperature)
   pos_logit = jnp.sum(jnp.where(is_pos, logits, 0.0), axis=1) / (num_views - 1)
-  loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos_logit)
+  per_anchor = jax.nn.logsumexp(logits, axis=1) - pos_logit  # [V n], view-major
 
   pos_sim = jnp.sum(jnp.where(is_pos, sims, 0.0), axis=1) / (num_views - 1)
   num_neg = num_views * (n_global - 1)
@@ -138,7 +175,7 @@ def multiview_nt_xent(
   accuracy = jnp.mean(jnp.take_along_axis(is_pos, top[:, None], axis=1)[:, 0])
   metrics = {"pos_sim": jnp.mean(pos_sim), "neg_sim": jnp.mean(neg_sim),
              "accuracy": accuracy.astype(jnp.float32)}
-  return loss, metrics
+  return per_anchor, metrics
 
 
 def moco_infonce(
@@ -178,7 +215,24 @@ def moco_infonce(
     cosine q.k), ``neg_sim`` (mean cosine of queries to queue rows) and ``accuracy`` (share of
     queries whose largest logit is their key's).
   """
-  del axis_name  # nothing to gather: see the docstring
+  per_row, metrics = moco_infonce_terms(q, k, queue, temperature=temperature,
+                                        axis_name=axis_name)
+  return jnp.mean(per_row), metrics
+
+
+def moco_infonce_terms(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    queue: jnp.ndarray,
+    *,
+    temperature: float,
+    axis_name: str | None = None,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """`moco_infonce` before its reduction: the per-query losses ``l_i``, float32 ``[n]``.
+
+  Arguments and metrics as `moco_infonce`, whose loss is ``mean_i l_i``.
+  """
+  del axis_name  # nothing to gather: see `moco_infonce`
   chex.assert_rank([q, k, queue], 2)
   chex.assert_equal_shape([q, k])
   chex.assert_axis_dimension(queue, 1, q.shape[1])
@@ -190,10 +244,10 @@ def moco_infonce(
   pos = jnp.sum(q * k, axis=1)  # [n]
   neg = q @ queue.T  # [n, K]
   logits = jnp.concatenate([pos[:, None], neg], axis=1) / temperature
-  loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
+  per_row = jax.nn.logsumexp(logits, axis=1) - logits[:, 0]
   metrics = {"pos_sim": jnp.mean(pos), "neg_sim": jnp.mean(neg),
              "accuracy": jnp.mean(jnp.argmax(logits, axis=1) == 0).astype(jnp.float32)}
-  return loss, metrics
+  return per_row, metrics
 
 
 def _check_npid_inputs(v: jnp.ndarray, bank: jnp.ndarray, index: jnp.ndarray,
@@ -239,18 +293,25 @@ def npid_softmax(
     other rows) and ``accuracy`` (share of rows whose most similar bank row is their own).
   """
   del axis_name  # nothing to gather: see the docstring
+  per_row, metrics = _npid_softmax_rows(v, bank, index, temperature)
+  return jnp.mean(per_row), metrics
+
+
+def _npid_softmax_rows(v: jnp.ndarray, bank: jnp.ndarray, index: jnp.ndarray,
+                       temperature: float) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """Per-row losses ``[n]`` and metrics of `npid_softmax`."""
   _check_npid_inputs(v, bank, index, temperature)
   v = l2_normalize(v.astype(jnp.float32))
   bank = jax.lax.stop_gradient(bank.astype(jnp.float32))
   sims = v @ bank.T  # [n, N]
   pos = jnp.take_along_axis(sims, index[:, None], axis=1)[:, 0]
   logits = sims / temperature
-  loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos / temperature)
+  per_row = jax.nn.logsumexp(logits, axis=1) - pos / temperature
   num_neg = max(bank.shape[0] - 1, 1)
   metrics = {"pos_sim": jnp.mean(pos),
              "neg_sim": jnp.mean((jnp.sum(sims, axis=1) - pos) / num_neg),
              "accuracy": jnp.mean(jnp.argmax(sims, axis=1) == index).astype(jnp.float32)}
-  return loss, metrics
+  return per_row, metrics
 
 
 def _npid_nce_scores(v: jnp.ndarray, bank: jnp.ndarray, index: jnp.ndarray,
@@ -339,6 +400,14 @@ def npid_nce(
     noise rows) and ``pos_prob`` (mean h of the positives).
   """
   del axis_name  # nothing to gather: see the docstring
+  per_row, metrics = _npid_nce_rows(v, bank, index, noise_index, temperature, log_z)
+  return jnp.mean(per_row), metrics
+
+
+def _npid_nce_rows(v: jnp.ndarray, bank: jnp.ndarray, index: jnp.ndarray,
+                   noise_index: jnp.ndarray, temperature: float, log_z: jnp.ndarray | float
+                   ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """Per-row losses ``[n]`` and metrics of `npid_nce`."""
   _check_npid_inputs(v, bank, index, temperature)
   logits = _npid_nce_scores(v, bank, index, noise_index, temperature)
   num_noise, size = noise_index.shape[1], bank.shape[0]
@@ -347,11 +416,11 @@ def npid_nce(
   log_denominator = jnp.logaddexp(log_p, log_noise)
   log_h_pos = log_p[:, 0] - log_denominator[:, 0]
   log_1mh_noise = log_noise - log_denominator[:, 1:]
-  loss = -jnp.mean(log_h_pos + jnp.sum(log_1mh_noise, axis=1))
+  per_row = -(log_h_pos + jnp.sum(log_1mh_noise, axis=1))
   sims = logits * temperature
   metrics = {"pos_sim": jnp.mean(sims[:, 0]), "neg_sim": jnp.mean(sims[:, 1:]),
              "pos_prob": jnp.mean(jnp.exp(log_h_pos))}
-  return loss, metrics
+  return per_row, metrics
 
 
 def npid(
@@ -369,12 +438,37 @@ def npid(
   The official code picks the same way (``nce_k = 0``: full softmax, ``LinearAverage``;
   ``nce_k > 0``: NCE, ``NCEAverage``). NCE needs both `noise_index` and `log_z`.
   """
+  _check_npid_mode(noise_index, log_z)
   if noise_index is None:
-    if log_z is not None:
-      raise ValueError("npid: log_z is only used by the NCE loss; pass noise_index too")
     return npid_softmax(v, bank, index, temperature=temperature, axis_name=axis_name)
-  if log_z is None:
-    raise ValueError("npid: the NCE loss (noise_index given) needs log_z; estimate it with "
-                     "npid_nce_log_z on the first batch")
   return npid_nce(v, bank, index, noise_index, temperature=temperature, log_z=log_z,
                   axis_name=axis_name)
+
+
+def npid_terms(
+    v: jnp.ndarray,
+    bank: jnp.ndarray,
+    index: jnp.ndarray,
+    *,
+    temperature: float,
+    noise_index: jnp.ndarray | None = None,
+    log_z: jnp.ndarray | float | None = None,
+    axis_name: str | None = None,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """`npid` before its reduction: the per-row losses, float32 ``[n]`` (their mean is `npid`).
+
+  Arguments and metrics as `npid` (full softmax, or NCE with `noise_index` and `log_z`).
+  """
+  del axis_name  # nothing to gather: see `npid_softmax` / `npid_nce`
+  _check_npid_mode(noise_index, log_z)
+  if noise_index is None:
+    return _npid_softmax_rows(v, bank, index, temperature)
+  return _npid_nce_rows(v, bank, index, noise_index, temperature, log_z)
+
+
+def _check_npid_mode(noise_index, log_z) -> None:
+  if noise_index is None and log_z is not None:
+    raise ValueError("npid: log_z is only used by the NCE loss; pass noise_index too")
+  if noise_index is not None and log_z is None:
+    raise ValueError("npid: the NCE loss (noise_index given) needs log_z; estimate it with "
+                     "npid_nce_log_z on the first batch")

@@ -12,6 +12,9 @@ over its own rows, and the mean over devices of the values (and of the per-devic
 is the value (gradient) of the concatenated global batch; nothing is gathered. The only
 cross-device reductions are ``pmean``s over `axis_name` for DINO's centre (the running mean of
 the teacher outputs over the global batch) and for the diagnostic marginal entropy.
+
+Scope of the convention: ``pmap`` or ``shard_map(check_vma=False)``, as stated in
+``ssljax.losses.contrastive``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,48 @@ def byol_regression(p: jnp.ndarray, target: jnp.ndarray
                    l2_normalize(target.astype(jnp.float32)), axis=-1)
   loss = jnp.mean(2.0 - 2.0 * cosine)
   return loss, {"cosine": jnp.mean(cosine)}
+
+
+def byol_terms(predictions, targets) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """BYOL's loss over every view, before the batch mean: per-(view, image) terms ``[V, n]``.
+
+  With V online predictions p_v and T <= V target projections t_g of the first T views (the
+  global crops):
+
+      terms[v, i] = sum_{g < T, g != v} (2 - 2 cos(p_{v,i}, t_{g,i})),
+
+  so ``sum_v mean_i terms[v, i]`` is the sum of `byol_regression` over every (target view g,
+  other view v) pair: ``L(p_1, t_2) + L(p_2, t_1)`` for two views, and solo-learn's multi-crop
+  BYOL (``byol.py``: every large crop's target against every other crop, summed) for more.
+  Targets are used as given (the caller stops their gradient).
+
+  Args:
+    predictions: V arrays ``[n, d]`` (online network, one per view).
+    targets: T arrays ``[n, d]``, 1 <= T <= V, the targets of views 0..T-1.
+
+  Returns:
+    ``(terms, metrics)``: float32 ``[V, n]`` and ``metrics['cosine']``, the mean cosine over
+    the pairs.
+  """
+  predictions, targets = list(predictions), list(targets)
+  if not 1 <= len(targets) <= len(predictions) or len(predictions) < 2:
+    raise ValueError(f"byol_terms needs V >= 2 predictions and 1 <= T <= V targets, got "
+                     f"V = {len(predictions)}, T = {len(targets)}")
+  chex.assert_rank(predictions + targets, 2)
+  chex.assert_equal_shape(predictions + targets)
+  p = [l2_normalize(x.astype(jnp.float32)) for x in predictions]
+  t = [l2_normalize(x.astype(jnp.float32)) for x in targets]
+  zero = jnp.zeros(p[0].shape[0], jnp.float32)
+  terms, cosines = [], []
+  for v, p_v in enumerate(p):
+    term = zero
+    for g, t_g in enumerate(t):
+      if g != v:
+        cosine = jnp.sum(p_v * t_g, axis=-1)
+        cosines.append(cosine)
+        term = term + (2.0 - 2.0 * cosine)
+    terms.append(term)
+  return jnp.stack(terms), {"cosine": jnp.mean(jnp.stack(cosines))}
 
 
 def _entropy(probs: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
@@ -109,6 +154,51 @@ def dino(
     distribution: near 0 when every image gets the same dominant class, log K when the
     teacher outputs are uniform -- DINO's two collapse modes).
   """
+  num_student, n, _ = _check_dino_inputs(student_logits, teacher_logits, center,
+                                         student_temperature, teacher_temperature)
+  num_teacher = teacher_logits.shape[0]
+
+  q, log_p, is_pair = _dino_distributions(student_logits, teacher_logits, center,
+                                          student_temperature, teacher_temperature)
+  cross = -jnp.einsum("tik,sik->ts", q, log_p) / n  # [T, S]: batch-mean cross-entropies
+  loss = jnp.sum(jnp.where(is_pair, cross, 0.0)) / (num_teacher * (num_student - 1))
+
+  teacher_entropy = jnp.mean(_entropy(q))
+  marginal = jnp.mean(q, axis=(0, 1))
+  if axis_name is not None:
+    marginal = jax.lax.pmean(marginal, axis_name)
+  metrics = {"teacher_entropy": teacher_entropy, "kl": loss - teacher_entropy,
+             "teacher_marginal_entropy": _entropy(marginal)}
+  return loss, metrics
+
+
+def dino_terms(
+    student_logits: jnp.ndarray,
+    teacher_logits: jnp.ndarray,
+    *,
+    center: jnp.ndarray,
+    student_temperature: float,
+    teacher_temperature: float | jnp.ndarray,
+) -> jnp.ndarray:
+  """`dino` before its reduction: per-(student view, image) terms, float32 ``[S, n]``.
+
+      terms[s, i] = (1/|P|) sum_{t < T, t != s} -sum_k q_{t,ik} log p_{s,ik},
+
+  so ``sum_s mean_i terms[s, i]`` is the loss of `dino` (same arguments; the student view is
+  the predicted side).
+  """
+  _check_dino_inputs(student_logits, teacher_logits, center, student_temperature,
+                     teacher_temperature)
+  num_student, num_teacher = student_logits.shape[0], teacher_logits.shape[0]
+  q, log_p, is_pair = _dino_distributions(student_logits, teacher_logits, center,
+                                          student_temperature, teacher_temperature)
+  cross = -jnp.einsum("tik,sik->tsi", q, log_p)  # [T, S, n]
+  per_pair = jnp.where(is_pair[:, :, None], cross, 0.0)
+  return jnp.sum(per_pair, axis=0) / (num_teacher * (num_student - 1))
+
+
+def _check_dino_inputs(student_logits, teacher_logits, center, student_temperature,
+                       teacher_temperature) -> tuple[int, int, int]:
   chex.assert_rank([student_logits, teacher_logits], 3)
   num_student, n, k = student_logits.shape
   num_teacher = teacher_logits.shape[0]
@@ -120,23 +210,20 @@ def dino(
   chex.assert_shape(center, (k,) if center.ndim == 1 else (num_teacher, k))
   _check_static_positive("student_temperature", student_temperature)
   _check_static_positive("teacher_temperature", teacher_temperature)
+  return num_student, n, k
 
+
+def _dino_distributions(student_logits, teacher_logits, center, student_temperature,
+                        teacher_temperature):
+  """(q [T, n, K] under stop-gradient, log p [S, n, K], is_pair [T, S]) of `dino`."""
+  num_student, num_teacher = student_logits.shape[0], teacher_logits.shape[0]
   centers = center if center.ndim == 2 else center[None]
   teacher = (teacher_logits.astype(jnp.float32) - centers[:, None, :].astype(jnp.float32))
   q = jax.lax.stop_gradient(jax.nn.softmax(teacher / teacher_temperature, axis=-1))
   log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temperature,
                              axis=-1)
-  cross = -jnp.einsum("tik,sik->ts", q, log_p) / n  # [T, S]: batch-mean cross-entropies
   is_pair = jnp.arange(num_teacher)[:, None] != jnp.arange(num_student)[None, :]
-  loss = jnp.sum(jnp.where(is_pair, cross, 0.0)) / (num_teacher * (num_student - 1))
-
-  teacher_entropy = jnp.mean(_entropy(q))
-  marginal = jnp.mean(q, axis=(0, 1))
-  if axis_name is not None:
-    marginal = jax.lax.pmean(marginal, axis_name)
-  metrics = {"teacher_entropy": teacher_entropy, "kl": loss - teacher_entropy,
-             "teacher_marginal_entropy": _entropy(marginal)}
-  return loss, metrics
+  return q, log_p, is_pair
 
 
 def dino_center_update(center: jnp.ndarray, teacher_logits: jnp.ndarray, *, momentum: float,

@@ -16,6 +16,11 @@ With ``model.sync_batchnorm`` and ``axis_name`` set, the network's BatchNorm sta
 the global batch too (the official code converts every BN to SyncBatchNorm). Evaluation uses
 the online encoder. No state beyond BatchNorm statistics.
 
+Stages: ``features`` of views 0 and 1, ``embed`` gives ``'projection'`` per view. The objective
+does not decompose into per-(view, image) terms (it is a function of the batch's
+cross-correlation matrix), so ``Method.decomposes`` is False and add-ons that weight terms
+refuse Barlow Twins.
+
 Config: ``method.barlow_twins.{lambda_offdiag, scale_loss, unbiased_std, proj_hidden_dim,
 proj_dim, proj_layers, proj_bias}``.
 """
@@ -26,7 +31,8 @@ import jax
 import ml_collections
 
 from ssljax.losses import barlow_twins as barlow_twins_loss
-from ssljax.methods.base import (Method, RunInfo, apply_module, init_module, keep_state,
+from ssljax.methods.base import (Method, Objective, RunInfo, apply_module, chain_head_layers,
+                                 encoder_features, init_module, keep_state,
                                  online_encoder_variables, register)
 from ssljax.models import MLPHead, build_encoder, compute_dtype
 
@@ -42,7 +48,22 @@ def build_projector(config: ml_collections.ConfigDict,
       dtype=compute_dtype(config.train.compute_dtype))
 
 
-@register("barlow_twins")
+def default_section() -> ml_collections.ConfigDict:
+  """``config.method.barlow_twins`` with its defaults."""
+  s = ml_collections.ConfigDict()
+  # Barlow Twins (SPEC 6.5). Defaults: the official ImageNet loss; solo-learn CIFAR sizes.
+  s.lambda_offdiag = 0.0051
+  s.scale_loss = 1.0  # Multiplies the loss (solo-learn CIFAR: 0.1).
+  s.unbiased_std = False  # MetaMask's standardisation (SPEC 4.3).
+  s.proj_hidden_dim = 2048
+  s.proj_dim = 2048
+  s.proj_layers = 3
+  # Biases in the projector's linear layers (official code: none; solo-learn CIFAR: yes).
+  s.proj_bias = False
+  return s
+
+
+@register("barlow_twins", config=default_section)
 def barlow_twins(config: ml_collections.ConfigDict, axis_name: str | None,
                  run: RunInfo) -> Method:
   """Builds Barlow Twins from ``config.method.barlow_twins``.
@@ -70,20 +91,28 @@ def barlow_twins(config: ml_collections.ConfigDict, axis_name: str | None,
     return ({"encoder": enc_params, "projector": proj_params},
             {"batch_stats": {"encoder": enc_stats, "projector": proj_stats}})
 
-  def loss(params, method_state, batch, *, key, step, axis_name):
-    del key, step
-    enc_stats = method_state["batch_stats"]["encoder"]
-    proj_stats = method_state["batch_stats"]["projector"]
+  def embed(params, method_state, features, views, *, step):
+    del views, step
+    stats = method_state["batch_stats"]["projector"]
     projections = []
-    for view in batch["views"][:2]:
-      h, enc_stats = apply_module(encoder, params["encoder"], enc_stats, view)
-      z, proj_stats = apply_module(projector, params["projector"], proj_stats, h)
+    for h in features:
+      z, stats = apply_module(projector, params["projector"], stats, h)
       projections.append(z)
-    value, metrics = barlow_twins_loss(*projections, lambda_offdiag=hp.lambda_offdiag,
-                                       unbiased_std=hp.unbiased_std, axis_name=axis_name)
     new_state = {**method_state,
-                 "batch_stats": {"encoder": enc_stats, "projector": proj_stats}}
-    return hp.scale_loss * value, (metrics, new_state)
+                 "batch_stats": {**method_state["batch_stats"], "projector": stats}}
+    return {"projection": tuple(projections)}, new_state
 
-  return Method(name="barlow_twins", encoder=encoder, init=init, loss=loss,
-                post_update=keep_state, eval_variables=online_encoder_variables, num_views=2)
+  def objective(params, method_state, outputs, batch, *, key, step, axis_name):
+    del params, batch, key, step
+    value, metrics = barlow_twins_loss(*outputs.embeddings["projection"],
+                                       lambda_offdiag=hp.lambda_offdiag,
+                                       unbiased_std=hp.unbiased_std, axis_name=axis_name)
+    return Objective(hp.scale_loss * value, None, metrics, method_state)
+
+  return Method(name="barlow_twins", encoder=encoder, init=init,
+                features=encoder_features(encoder, per_view=True,
+                                          views_used=lambda num_views: (0, 1)),
+                embed=embed, objective=objective,
+                head_layers=chain_head_layers([("projector", projector)]),
+                post_update=keep_state, eval_variables=online_encoder_variables, num_views=2,
+                decomposes=False)

@@ -25,6 +25,12 @@ Deliberate deviation: the DeepMind code initialises the target from its own rand
 comment: no significant difference); here, as in solo-learn, the target starts as a copy of
 the online network.
 
+More than two views (multi-crop): the online network sees every view and the target the first
+two; the loss sums ``byol_regression(p_v, t_g)`` over every target view g and every other view
+v, as solo-learn's multi-crop BYOL. Stages: ``features`` (online encoder), ``embed`` gives
+``'projection'``, ``'prediction'`` (per view) and ``'target'`` (first two views, stop-gradient);
+the terms are `ssljax.losses.byol_terms`.
+
 Evaluation uses the online encoder. Config: ``method.byol.{proj_hidden_dim, proj_dim,
 pred_hidden_dim, ema_momentum, ema_momentum_final, per_view_forward}``.
 """
@@ -35,15 +41,35 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ssljax.losses import byol_regression
-from ssljax.methods.base import (Method, RunInfo, init_module, online_encoder_variables,
+from ssljax.losses import byol_regression, byol_terms
+from ssljax.methods.base import (Method, Objective, RunInfo, chain_head_layers,
+                                 encoder_features, init_module, online_encoder_variables,
                                  register)
 from ssljax.methods.common import (apply_to_views, check_ema_momenta, cosine_ema_momentum,
                                    ema_update)
 from ssljax.models import MLPHead, build_encoder, compute_dtype
 
+# The target network sees the first two views (the global crops of a multi-crop policy).
+_NUM_TARGET_VIEWS = 2
 
-@register("byol")
+
+def default_section() -> ml_collections.ConfigDict:
+  """``config.method.byol`` with its defaults."""
+  s = ml_collections.ConfigDict()
+  # BYOL (SPEC 6.3). Defaults: solo-learn CIFAR (projector 4096 -> 256, predictor 4096).
+  s.proj_hidden_dim = 4096
+  s.proj_dim = 256
+  s.pred_hidden_dim = 4096
+  # Target EMA momentum: cosine from `ema_momentum` to `ema_momentum_final` over the run.
+  s.ema_momentum = 0.99
+  s.ema_momentum_final = 1.0
+  # True: each view goes through the networks on its own, so BN statistics are per view (the
+  # DeepMind and solo-learn code); False: one forward of both views concatenated.
+  s.per_view_forward = True
+  return s
+
+
+@register("byol", config=default_section)
 def byol(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo) -> Method:
   hp = config.method.byol
   check_ema_momenta("byol", hp.ema_momentum, hp.ema_momentum_final)
@@ -78,34 +104,42 @@ def byol(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo)
              "target_projector": jax.tree.map(jnp.copy, proj_stats)}
     return params, {"batch_stats": stats, "target": target}
 
-  def loss(params, method_state, batch, *, key, step, axis_name):
-    del key, axis_name  # per-row loss: each device's mean; BN syncs through the modules
-    views = list(batch["views"][:2])
-    stats, target = method_state["batch_stats"], method_state["target"]
+  def embed(params, method_state, features, views, *, step):
+    del step
+    stats = dict(method_state["batch_stats"])
+    target = method_state["target"]
     per_view = hp.per_view_forward
-    h, enc_stats = apply_to_views(encoder, params["encoder"], stats["encoder"], views,
-                                  per_view=per_view)
-    z, proj_stats = apply_to_views(projector, params["projector"], stats["projector"], h,
-                                   per_view=per_view)
-    p, pred_stats = apply_to_views(predictor, params["predictor"], stats["predictor"], z,
-                                   per_view=per_view)
-    th, target_enc_stats = apply_to_views(encoder, target["encoder"], stats["target_encoder"],
-                                          views, per_view=per_view)
-    t, target_proj_stats = apply_to_views(projector, target["projector"],
-                                          stats["target_projector"], th, per_view=per_view)
-    t = [jax.lax.stop_gradient(x) for x in t]
-    loss_12, metrics_12 = byol_regression(p[0], t[1])
-    loss_21, metrics_21 = byol_regression(p[1], t[0])
-    metrics = {"cosine": 0.5 * (metrics_12["cosine"] + metrics_21["cosine"]),
+    z, stats["projector"] = apply_to_views(projector, params["projector"], stats["projector"],
+                                           features, per_view=per_view)
+    p, stats["predictor"] = apply_to_views(predictor, params["predictor"], stats["predictor"],
+                                           z, per_view=per_view)
+    th, stats["target_encoder"] = apply_to_views(
+        encoder, target["encoder"], stats["target_encoder"], views[:_NUM_TARGET_VIEWS],
+        per_view=per_view)
+    t, stats["target_projector"] = apply_to_views(
+        projector, target["projector"], stats["target_projector"], th, per_view=per_view)
+    t = tuple(jax.lax.stop_gradient(x) for x in t)
+    embeddings = {"projection": tuple(z), "prediction": tuple(p), "target": t}
+    return embeddings, {**method_state, "batch_stats": stats}
+
+  def objective(params, method_state, outputs, batch, *, key, step, axis_name):
+    del params, batch, key, axis_name  # per-row loss: each device's mean
+    p, t = outputs.embeddings["prediction"], outputs.embeddings["target"]
+    pairs = [byol_regression(p[v], t[g]) for v in range(len(p)) for g in range(len(t))
+             if g != v]
+    value = sum(loss for loss, _ in pairs)
+    metrics = {"cosine": sum(m["cosine"] for _, m in pairs) / len(pairs),
                "ema_momentum": momentum(step)}
-    new_stats = {"encoder": enc_stats, "projector": proj_stats, "predictor": pred_stats,
-                 "target_encoder": target_enc_stats, "target_projector": target_proj_stats}
-    return loss_12 + loss_21, (metrics, {**method_state, "batch_stats": new_stats})
+    return Objective(value, lambda: byol_terms(p, t)[0], metrics, method_state)
 
   def post_update(params, method_state, *, step):
     online = {"encoder": params["encoder"], "projector": params["projector"]}
     target = ema_update(method_state["target"], online, momentum(step))
     return params, {**method_state, "target": target}
 
-  return Method(name="byol", encoder=encoder, init=init, loss=loss, post_update=post_update,
-                eval_variables=online_encoder_variables, num_views=2)
+  return Method(name="byol", encoder=encoder, init=init,
+                features=encoder_features(encoder, per_view=hp.per_view_forward),
+                embed=embed, objective=objective,
+                head_layers=chain_head_layers([("projector", projector),
+                                               ("predictor", predictor)]),
+                post_update=post_update, eval_variables=online_encoder_variables, num_views=2)

@@ -48,8 +48,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from ssljax.losses import dino as dino_loss
-from ssljax.losses import dino_center_update
-from ssljax.methods.base import (Method, RunInfo, init_module, online_encoder_variables,
+from ssljax.losses import dino_center_update, dino_terms
+from ssljax.methods.base import (Method, Objective, RunInfo, chain_head_layers,
+                                 encoder_features, init_module, online_encoder_variables,
                                  register)
 from ssljax.methods.common import (apply_to_views, check_ema_momenta, cosine_ema_momentum,
                                    ema_update)
@@ -91,7 +92,40 @@ def _check_config(hp: ml_collections.ConfigDict) -> None:
       raise ValueError(f"method.dino.{key} must be >= 1, got {hp[key]}")
 
 
-@register("dino")
+def default_section() -> ml_collections.ConfigDict:
+  """``config.method.dino`` with its defaults."""
+  s = ml_collections.ConfigDict()
+  # DINO as in the DISSL/CISSL repository (SPEC 2.3b).
+  s.proj_hidden_dim = 1024
+  s.bottleneck_dim = 256
+  s.out_dim = 1000  # Outputs of the weight-normalised last layer.
+  s.student_temperature = 0.1
+  s.teacher_temperature = 0.07
+  s.teacher_temperature_warmup = 0.04  # Linear warm-up from this value ...
+  s.teacher_temperature_warmup_epochs = 50.0  # ... over these epochs.
+  s.center_momentum = 0.9
+  s.ema_momentum = 0.996
+  s.ema_momentum_final = 1.0
+  s.freeze_last_layer_epochs = 1.0
+  # Head layout (DINOHead); defaults: the ISSL code, SPEC 2.3b. Official DINO / solo-learn:
+  # proj_layers 3, proj_bn False, proj_bias True, normalize_before_bottleneck False.
+  s.proj_layers = 2  # Linear layers before the unit-norm one, bottleneck included.
+  s.proj_bn = True  # BN after each hidden linear layer.
+  s.proj_bias = False  # Biases in the hidden and bottleneck linear layers.
+  s.normalize_before_bottleneck = True  # ISSL: L2-normalise before the bottleneck.
+  # True (ISSL code): the centre is updated after each of the two view pairs, so the second
+  # pair is centred with the centre already moved by the first pair's teacher batch mean.
+  # False (official DINO): one update per step with the mean over both global views.
+  s.sequential_center = True
+  # True: one forward per view (solo-learn); False: views of equal resolution concatenated in
+  # one forward, the head applied once to all views (official DINO, ISSL code).
+  s.per_view_forward = False
+  # Evaluate the teacher encoder (official DINO) instead of the student (ISSL, solo-learn).
+  s.eval_teacher = False
+  return s
+
+
+@register("dino", config=default_section)
 def dino(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo) -> Method:
   hp = config.method.dino
   _check_config(hp)
@@ -126,22 +160,27 @@ def dino(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo)
     return params, {"batch_stats": stats, "teacher": copy(params),
                     "center": jnp.zeros((hp.out_dim,), jnp.float32)}
 
-  def loss(params, method_state, batch, *, key, step, axis_name):
-    del key
-    views = list(batch["views"])
+  def embed(params, method_state, features, views, *, step):
+    del step
     if len(views) < 2:
       raise ValueError(f"dino needs at least 2 views (2 global crops), got {len(views)}")
-    stats, teacher = method_state["batch_stats"], method_state["teacher"]
+    stats = dict(method_state["batch_stats"])
+    teacher = method_state["teacher"]
     per_view = hp.per_view_forward
-    h, enc_stats = apply_to_views(encoder, params["encoder"], stats["encoder"], views,
-                                  per_view=per_view)
-    s, head_stats = apply_to_views(head, params["head"], stats["head"], h, per_view=per_view)
-    th, teacher_enc_stats = apply_to_views(encoder, teacher["encoder"],
-                                           stats["teacher_encoder"], views[:2],
-                                           per_view=per_view)
-    g, teacher_head_stats = apply_to_views(head, teacher["head"], stats["teacher_head"], th,
-                                           per_view=per_view)
-    g = jax.lax.stop_gradient(jnp.stack(g))
+    s, stats["head"] = apply_to_views(head, params["head"], stats["head"], features,
+                                      per_view=per_view)
+    th, stats["teacher_encoder"] = apply_to_views(encoder, teacher["encoder"],
+                                                  stats["teacher_encoder"], views[:2],
+                                                  per_view=per_view)
+    g, stats["teacher_head"] = apply_to_views(head, teacher["head"], stats["teacher_head"], th,
+                                              per_view=per_view)
+    g = tuple(jax.lax.stop_gradient(x) for x in g)
+    return {"student": tuple(s), "teacher": g}, {**method_state, "batch_stats": stats}
+
+  def objective(params, method_state, outputs, batch, *, key, step, axis_name):
+    del params, batch, key
+    s = jnp.stack(outputs.embeddings["student"])
+    g = jnp.stack(outputs.embeddings["teacher"])
     center = method_state["center"]
     if hp.sequential_center:
       moved = dino_center_update(center, g[1], momentum=hp.center_momentum,
@@ -154,13 +193,13 @@ def dino(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo)
       new_center = dino_center_update(center, g, momentum=hp.center_momentum,
                                       axis_name=axis_name)
     tau_t = temperature(step)
-    value, metrics = dino_loss(jnp.stack(s), g, center=centers,
-                               student_temperature=hp.student_temperature,
+    value, metrics = dino_loss(s, g, center=centers, student_temperature=hp.student_temperature,
                                teacher_temperature=tau_t, axis_name=axis_name)
+    terms = lambda: dino_terms(s, g, center=centers,
+                               student_temperature=hp.student_temperature,
+                               teacher_temperature=tau_t)
     metrics = {**metrics, "teacher_temperature": tau_t, "ema_momentum": momentum(step)}
-    new_stats = {"encoder": enc_stats, "head": head_stats,
-                 "teacher_encoder": teacher_enc_stats, "teacher_head": teacher_head_stats}
-    return value, (metrics, {**method_state, "batch_stats": new_stats, "center": new_center})
+    return Objective(value, terms, metrics, {**method_state, "center": new_center})
 
   def post_update(params, method_state, *, step):
     online = {"encoder": params["encoder"], "head": params["head"]}
@@ -179,6 +218,9 @@ def dino(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo)
     return {"params": method_state["teacher"]["encoder"],
             "batch_stats": method_state["batch_stats"]["teacher_encoder"]}
 
-  return Method(name="dino", encoder=encoder, init=init, loss=loss, post_update=post_update,
+  return Method(name="dino", encoder=encoder, init=init,
+                features=encoder_features(encoder, per_view=hp.per_view_forward),
+                embed=embed, objective=objective,
+                head_layers=chain_head_layers([("head", head)]), post_update=post_update,
                 eval_variables=eval_variables, num_views=2,
                 update_mask=update_mask if frozen_steps > 0 else None)

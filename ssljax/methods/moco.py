@@ -39,9 +39,11 @@ Deliberate deviations, each a choice where the sources differ or cannot be copie
     solo-learn's head (`MocoProjector`); ``proj_layers = 1`` is MoCo v1's / the CIFAR demo's
     linear head.
 
-Evaluation uses the query encoder. CLD wraps MoCo through `build_moco_parts`: ``forward``
-returns the backbone features of the query views next to the queries and keys, and
-``contrast`` turns them into the instance loss and the new queue.
+Stages: ``features`` are the query encoder's outputs for the query views (in the order of the
+layout's query views); ``embed`` gives ``'query'`` (projector outputs, one per query view) and
+``'key'`` (normalised key-network outputs under stop-gradient, one per key view); the objective's
+terms put each query view's InfoNCE rows (divided by the number of pairs) at that view's index.
+Evaluation uses the query encoder.
 
 Config: ``method.moco.{temperature, queue_size, ema_momentum, ema_momentum_final, symmetric,
 proj_hidden_dim, proj_dim, proj_layers, num_views}``.
@@ -49,17 +51,17 @@ proj_hidden_dim, proj_dim, proj_layers, num_views}``.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ssljax.losses import gather_rows, l2_normalize, moco_infonce
-from ssljax.methods.base import (Method, RunInfo, apply_module, init_module,
-                                 online_encoder_variables, register)
+from ssljax.losses import gather_rows, l2_normalize, moco_infonce, moco_infonce_terms
+from ssljax.methods.base import (Method, Objective, RunInfo, apply_module, chain_head_layers,
+                                 encoder_features, init_module, online_encoder_variables,
+                                 register)
 from ssljax.methods.common import (check_ema_momenta, check_queue_length,
                                    cosine_ema_momentum, ema_update, fifo_enqueue)
 from ssljax.models import build_encoder, compute_dtype
@@ -96,53 +98,6 @@ class MocoProjector(nn.Module):
     return x.astype(jnp.float32)
 
 
-class MocoOutputs(NamedTuple):
-  """What one MoCo forward pass produces (see `MocoParts.forward`).
-
-  Attributes:
-    features: query-encoder backbone features, one ``[n, F]`` per query view (CLD forks its
-      group head from these).
-    queries: projector outputs (not normalised), one ``[n, proj_dim]`` per query view.
-    keys: L2-normalised key-encoder outputs under stop-gradient, one per key view.
-    batch_stats: the BN statistics after these forward passes (``encoder``, ``key_encoder``).
-  """
-
-  features: tuple[jax.Array, ...]
-  queries: tuple[jax.Array, ...]
-  keys: tuple[jax.Array, ...]
-  batch_stats: PyTree
-
-
-@dataclasses.dataclass(frozen=True)
-class MocoParts:
-  """MoCo's pieces, for the `Method` below and for wrappers such as CLD.
-
-  Attributes:
-    encoder: the backbone (query and key encoder share the module, not the weights).
-    projector: the projection head.
-    query_views: views forwarded through the query networks, in order.
-    key_views: views forwarded through the key networks, in order.
-    pairs: ``(i, j)``: query ``queries[i]`` has the positive ``keys[j]``.
-    init: ``(key, views) -> (params, method_state)``.
-    forward: ``(params, method_state, views) -> MocoOutputs``.
-    contrast: ``(outputs, method_state, *, axis_name) -> (loss, metrics, method_state)``:
-      the mean InfoNCE over `pairs`, and the state with the new BN statistics and queue.
-    momentum: ``step -> m``, the EMA momentum of that step.
-    post_update: the EMA update of the key networks (`Method.post_update`).
-  """
-
-  encoder: nn.Module
-  projector: nn.Module
-  query_views: tuple[int, ...]
-  key_views: tuple[int, ...]
-  pairs: tuple[tuple[int, int], ...]
-  init: Callable[..., tuple[PyTree, PyTree]]
-  forward: Callable[..., MocoOutputs]
-  contrast: Callable[..., tuple[jax.Array, dict[str, jax.Array], PyTree]]
-  momentum: Callable[[jax.Array], jax.Array]
-  post_update: Callable[..., tuple[PyTree, PyTree]]
-
-
 def _view_layout(hp: ml_collections.ConfigDict):
   """(query_views, key_views, pairs) of the configured layout (see the module docstring)."""
   if hp.num_views == 2:
@@ -159,9 +114,9 @@ def _view_layout(hp: ml_collections.ConfigDict):
   raise ValueError(f"moco: method.moco.num_views must be 2 or 3, got {hp.num_views}")
 
 
-def build_moco_parts(config: ml_collections.ConfigDict, axis_name: str | None,
-                     run: RunInfo) -> MocoParts:
-  """Builds MoCo's pieces from ``config.method.moco`` (errors on an invalid setting)."""
+def build_moco(config: ml_collections.ConfigDict, axis_name: str | None,
+               run: RunInfo) -> Method:
+  """The MoCo method from ``config.method.moco`` (errors on an invalid setting)."""
   hp = config.method.moco
   query_views, key_views, pairs = _view_layout(hp)
   rows_per_image = len(key_views)
@@ -198,35 +153,43 @@ def build_moco_parts(config: ml_collections.ConfigDict, axis_name: str | None,
         "queue_pointer": jnp.zeros((), jnp.int32),
     }
 
-  def forward(params, method_state, views):
-    stats = dict(method_state["batch_stats"])
-    features, queries, keys = [], [], []
-    for v in query_views:
-      h, stats["encoder"] = apply_module(encoder, params["encoder"], stats["encoder"],
-                                         views[v])
-      features.append(h)
-      queries.append(projector.apply({"params": params["projector"]}, h))
+  def embed(params, method_state, features, views, *, step):
+    del step
+    queries = tuple(projector.apply({"params": params["projector"]}, h) for h in features)
     key_params = method_state["key_params"]
+    stats = method_state["batch_stats"]["key_encoder"]
+    keys = []
     for v in key_views:
-      h, stats["key_encoder"] = apply_module(encoder, key_params["encoder"],
-                                             stats["key_encoder"], views[v])
+      h, stats = apply_module(encoder, key_params["encoder"], stats, views[v])
       k = l2_normalize(projector.apply({"params": key_params["projector"]}, h))
       keys.append(jax.lax.stop_gradient(k))
-    return MocoOutputs(tuple(features), tuple(queries), tuple(keys), stats)
+    new_state = {**method_state,
+                 "batch_stats": {**method_state["batch_stats"], "key_encoder": stats}}
+    return {"query": queries, "key": tuple(keys)}, new_state
 
-  def contrast(outputs, method_state, *, axis_name):
-    terms = [moco_infonce(outputs.queries[i], outputs.keys[j], method_state["queue"],
-                          temperature=hp.temperature, axis_name=axis_name) for i, j in pairs]
+  def objective(params, method_state, outputs, batch, *, key, step, axis_name):
+    del params, key
+    queries, keys = outputs.embeddings["query"], outputs.embeddings["key"]
+    queue = method_state["queue"]
+    terms = [moco_infonce(queries[i], keys[j], queue, temperature=hp.temperature,
+                          axis_name=axis_name) for i, j in pairs]
     loss = sum(value for value, _ in terms) / len(terms)
     metrics = {name: sum(m[name] for _, m in terms) / len(terms) for name in terms[0][1]}
+    metrics["ema_momentum"] = momentum(step)
+
+    def per_view_terms():
+      per_view = jnp.zeros((len(batch["views"]), queries[0].shape[0]), jnp.float32)
+      for i, j in pairs:
+        rows, _ = moco_infonce_terms(queries[i], keys[j], queue, temperature=hp.temperature)
+        per_view = per_view.at[query_views[i]].add(rows / len(pairs))
+      return per_view
+
     # The keys of the whole global batch, view by view in view order.
     order = sorted(range(len(key_views)), key=lambda j: key_views[j])
-    new_keys = jnp.concatenate([gather_rows(outputs.keys[j], axis_name)[0] for j in order])
-    queue, pointer = fifo_enqueue(method_state["queue"], method_state["queue_pointer"],
-                                  new_keys)
-    new_state = {**method_state, "batch_stats": outputs.batch_stats, "queue": queue,
-                 "queue_pointer": pointer}
-    return loss, metrics, new_state
+    new_keys = jnp.concatenate([gather_rows(keys[j], axis_name)[0] for j in order])
+    new_queue, pointer = fifo_enqueue(queue, method_state["queue_pointer"], new_keys)
+    new_state = {**method_state, "queue": new_queue, "queue_pointer": pointer}
+    return Objective(loss, per_view_terms, metrics, new_state)
 
   def momentum(step):
     return cosine_ema_momentum(step, run.total_steps, hp.ema_momentum, hp.ema_momentum_final)
@@ -236,21 +199,36 @@ def build_moco_parts(config: ml_collections.ConfigDict, axis_name: str | None,
     key_params = ema_update(method_state["key_params"], online, momentum(step))
     return params, {**method_state, "key_params": key_params}
 
-  return MocoParts(encoder=encoder, projector=projector, query_views=query_views,
-                   key_views=key_views, pairs=pairs, init=init, forward=forward,
-                   contrast=contrast, momentum=momentum, post_update=post_update)
+  return Method(name="moco", encoder=encoder, init=init,
+                features=encoder_features(encoder, per_view=True,
+                                          views_used=lambda num_views: query_views),
+                embed=embed, objective=objective,
+                head_layers=chain_head_layers([("projector", projector)]),
+                post_update=post_update, eval_variables=online_encoder_variables,
+                num_views=hp.num_views)
 
 
-@register("moco")
+def default_section() -> ml_collections.ConfigDict:
+  """``config.method.moco`` with its defaults."""
+  s = ml_collections.ConfigDict()
+  # MoCo v2 (SPEC 6.2). Defaults: solo-learn's MoCo V2+ CIFAR recipe, smaller queue.
+  s.temperature = 0.2
+  s.queue_size = 4096  # Keys kept; a multiple of the global batch.
+  # EMA momentum of the key encoder, cosine-increased from `ema_momentum` to
+  # `ema_momentum_final` over the run (equal values: constant, as in MoCo v2's 0.999).
+  s.ema_momentum = 0.99
+  s.ema_momentum_final = 0.999
+  s.symmetric = True  # Also swap the two views' roles and average.
+  s.proj_hidden_dim = 512
+  s.proj_dim = 128
+  s.proj_layers = 2  # 1: the linear head of MoCo v1 / the CIFAR demo.
+  # 2: query view 0, key view 1 (and the reverse if `symmetric`). 3: CLD's three-view MoCo
+  # (SPEC 5.5): queries of views 0 and 1 against the key of view 2; needs
+  # augment.num_views >= 3 and symmetric = False.
+  s.num_views = 2
+  return s
+
+
+@register("moco", config=default_section)
 def moco(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo) -> Method:
-  parts = build_moco_parts(config, axis_name, run)
-
-  def loss(params, method_state, batch, *, key, step, axis_name):
-    del key  # MoCo draws no randomness of its own
-    outputs = parts.forward(params, method_state, batch["views"])
-    value, metrics, new_state = parts.contrast(outputs, method_state, axis_name=axis_name)
-    return value, ({**metrics, "ema_momentum": parts.momentum(step)}, new_state)
-
-  return Method(name="moco", encoder=parts.encoder, init=parts.init, loss=loss,
-                post_update=parts.post_update, eval_variables=online_encoder_variables,
-                num_views=config.method.moco.num_views)
+  return build_moco(config, axis_name, run)

@@ -29,8 +29,9 @@ Noise rows come from the loss key folded with the row's position in the global b
 row draws the same noise whatever the number of devices. The batch holds distinct dataset
 indices (one epoch is a permutation), so no row is written twice by one view's update.
 
-Evaluation uses the encoder. CLD wraps NPID through `build_npid_parts` (``forward`` returns
-the backbone features next to the embeddings; ``contrast`` the loss and new bank).
+Stages: ``features`` (one encoder forward per used view, in order), ``embed`` gives
+``'embedding'`` (normalised head outputs per view); the objective's terms are each view's
+per-row loss divided by the number of views. Evaluation uses the encoder.
 
 Config: ``method.npid.{temperature, proj_dim, bank_size, bank_momentum, nce_negatives,
 num_views}``.
@@ -38,21 +39,17 @@ num_views}``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ssljax.losses import gather_rows, l2_normalize, npid, npid_nce_log_z
-from ssljax.methods.base import (Method, RunInfo, apply_module, init_module, keep_state,
+from ssljax.losses import gather_rows, l2_normalize, npid, npid_nce_log_z, npid_terms
+from ssljax.methods.base import (Method, Objective, RunInfo, chain_head_layers,
+                                 encoder_features, init_module, keep_state,
                                  online_encoder_variables, register)
 from ssljax.models import MLPHead, build_encoder, compute_dtype
-
-PyTree = Any
 
 
 def update_memory_bank(bank: jax.Array, index: jax.Array, v: jax.Array, *, momentum: float,
@@ -88,31 +85,6 @@ def noise_indices(key: jax.Array, num_rows: int, num_noise: int, bank_size: int,
   return jax.vmap(draw)(offset + jnp.arange(num_rows))
 
 
-@dataclasses.dataclass(frozen=True)
-class NpidParts:
-  """NPID's pieces, for the `Method` below and for wrappers such as CLD.
-
-  Attributes:
-    encoder: the backbone.
-    head: the linear head to ``proj_dim``.
-    bank_size: rows of the memory bank.
-    init: ``(key, views) -> (params, method_state)``.
-    forward: ``(params, method_state, views) -> (features, embeddings, batch_stats)``: per
-      view, the backbone features ``[n, F]`` and the L2-normalised embeddings
-      ``[n, proj_dim]``, and the BN statistics after all views' forward passes.
-    contrast: ``(embeddings, method_state, index, *, key, axis_name) -> (loss, metrics,
-      method_state)``: the mean loss over the embeddings' views and the state with the
-      updated bank (and Z).
-  """
-
-  encoder: nn.Module
-  head: nn.Module
-  bank_size: int
-  init: Callable[..., tuple[PyTree, PyTree]]
-  forward: Callable[..., tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], PyTree]]
-  contrast: Callable[..., tuple[jax.Array, dict[str, jax.Array], PyTree]]
-
-
 def _bank_size(hp: ml_collections.ConfigDict, run: RunInfo) -> int:
   if hp.bank_size < 0:
     raise ValueError(f"npid: method.npid.bank_size must be >= 0, got {hp.bank_size}")
@@ -131,9 +103,9 @@ def _bank_size(hp: ml_collections.ConfigDict, run: RunInfo) -> int:
   return hp.bank_size
 
 
-def build_npid_parts(config: ml_collections.ConfigDict, axis_name: str | None,
-                     run: RunInfo) -> NpidParts:
-  """Builds NPID's pieces from ``config.method.npid`` (errors on an invalid setting)."""
+def build_npid(config: ml_collections.ConfigDict, axis_name: str | None,
+               run: RunInfo) -> Method:
+  """The NPID method from ``config.method.npid`` (errors on an invalid setting)."""
   hp = config.method.npid
   bank_size = _bank_size(hp, run)
   if hp.nce_negatives < 0:
@@ -141,6 +113,9 @@ def build_npid_parts(config: ml_collections.ConfigDict, axis_name: str | None,
   if not 0.0 <= hp.bank_momentum < 1.0:
     raise ValueError(f"npid: method.npid.bank_momentum must be in [0, 1), got "
                      f"{hp.bank_momentum}")
+  num_views = hp.num_views
+  if num_views not in (1, 2):
+    raise ValueError(f"npid: method.npid.num_views must be 1 or 2, got {num_views}")
   use_nce = hp.nce_negatives > 0
 
   encoder = build_encoder(config, axis_name=axis_name)
@@ -159,18 +134,18 @@ def build_npid_parts(config: ml_collections.ConfigDict, axis_name: str | None,
       state["nce_log_z"] = jnp.full((), -jnp.inf, jnp.float32)
     return {"encoder": enc_params, "head": head_params}, state
 
-  def forward(params, method_state, views):
-    stats = method_state["batch_stats"]["encoder"]
-    features, embeddings = [], []
-    for view in views:
-      h, stats = apply_module(encoder, params["encoder"], stats, view)
-      features.append(h)
-      embeddings.append(l2_normalize(head.apply({"params": params["head"]}, h)))
-    return tuple(features), tuple(embeddings), {**method_state["batch_stats"], "encoder": stats}
+  def embed(params, method_state, features, views, *, step):
+    del views, step
+    embeddings = tuple(l2_normalize(head.apply({"params": params["head"]}, h))
+                       for h in features)
+    return {"embedding": embeddings}, method_state
 
-  def contrast(embeddings, method_state, index, *, key, axis_name):
+  def objective(params, method_state, outputs, batch, *, key, step, axis_name):
+    del params, step
+    embeddings, index = outputs.embeddings["embedding"], batch["index"]
     bank = method_state["bank"]
     new_state = dict(method_state)
+    options = {}
     if use_nce:
       noise = [noise_indices(jax.random.fold_in(key, i), v.shape[0], hp.nce_negatives,
                              bank_size, axis_name=axis_name) for i, v in enumerate(embeddings)]
@@ -178,42 +153,54 @@ def build_npid_parts(config: ml_collections.ConfigDict, axis_name: str | None,
       estimate = npid_nce_log_z(embeddings[0], bank, index, noise[0],
                                 temperature=hp.temperature, axis_name=axis_name)
       new_state["nce_log_z"] = jnp.where(jnp.isneginf(stored), estimate, stored)
-      terms = [npid(v, bank, index, temperature=hp.temperature, noise_index=n,
-                    log_z=new_state["nce_log_z"], axis_name=axis_name)
-               for v, n in zip(embeddings, noise)]
+      options = [{"noise_index": n, "log_z": new_state["nce_log_z"]} for n in noise]
     else:
-      terms = [npid(v, bank, index, temperature=hp.temperature, axis_name=axis_name)
-               for v in embeddings]
-    loss = sum(value for value, _ in terms) / len(terms)
-    metrics = {name: sum(m[name] for _, m in terms) / len(terms) for name in terms[0][1]}
+      options = [{} for _ in embeddings]
+    losses = [npid(v, bank, index, temperature=hp.temperature, axis_name=axis_name, **o)
+              for v, o in zip(embeddings, options)]
+    loss = sum(value for value, _ in losses) / len(losses)
+    metrics = {name: sum(m[name] for _, m in losses) / len(losses) for name in losses[0][1]}
     if use_nce:
       metrics["nce_log_z"] = new_state["nce_log_z"]
+
+    def terms():
+      rows = [npid_terms(v, method_state["bank"], index, temperature=hp.temperature, **o)[0]
+              / len(embeddings) for v, o in zip(embeddings, options)]
+      extra = len(batch["views"]) - len(rows)
+      return jnp.stack(rows + [jnp.zeros_like(rows[0])] * extra)
+
     for v in embeddings:
       bank = update_memory_bank(bank, index, v, momentum=hp.bank_momentum,
                                 axis_name=axis_name)
     new_state["bank"] = bank
-    return loss, metrics, new_state
+    return Objective(loss, terms, metrics, new_state)
 
-  return NpidParts(encoder=encoder, head=head, bank_size=bank_size, init=init,
-                   forward=forward, contrast=contrast)
+  return Method(name="npid", encoder=encoder, init=init,
+                features=encoder_features(encoder, per_view=True,
+                                          views_used=lambda total: range(num_views)),
+                embed=embed, objective=objective,
+                head_layers=chain_head_layers([("head", head)]), post_update=keep_state,
+                eval_variables=online_encoder_variables, num_views=num_views)
 
 
-@register("npid")
+def default_section() -> ml_collections.ConfigDict:
+  """``config.method.npid`` with its defaults."""
+  s = ml_collections.ConfigDict()
+  # NPID / InstDisc (SPEC 6.6). Defaults: CLD's CIFAR setting.
+  s.temperature = 0.1  # Original paper: 0.07.
+  s.proj_dim = 128
+  s.bank_size = 0  # Memory-bank rows; 0 = the training-set size (must equal it).
+  s.bank_momentum = 0.5
+  # 0: full softmax over the bank (CLD's nce_k = 0); > 0: NCE with this many noise samples
+  # and a normalising constant Z estimated on the first batch, then fixed (original NPID).
+  s.nce_negatives = 0
+  # Views per image in the loss: 1 (NPID), or 2 (CLD's --two-imgs: the loss averages both
+  # views against the same bank, and each view's embedding is written into it in turn).
+  s.num_views = 1
+  return s
+
+
+@register("npid", config=default_section)
 def npid_method(config: ml_collections.ConfigDict, axis_name: str | None,
                 run: RunInfo) -> Method:
-  parts = build_npid_parts(config, axis_name, run)
-  num_views = config.method.npid.num_views
-  if num_views not in (1, 2):
-    raise ValueError(f"npid: method.npid.num_views must be 1 or 2, got {num_views}")
-
-  def loss(params, method_state, batch, *, key, step, axis_name):
-    del step  # NPID has no schedule of its own
-    _, embeddings, stats = parts.forward(params, method_state, batch["views"][:num_views])
-    value, metrics, new_state = parts.contrast(
-        embeddings, {**method_state, "batch_stats": stats}, batch["index"], key=key,
-        axis_name=axis_name)
-    return value, (metrics, new_state)
-
-  return Method(name="npid", encoder=parts.encoder, init=parts.init, loss=loss,
-                post_update=keep_state, eval_variables=online_encoder_variables,
-                num_views=num_views)
+  return build_npid(config, axis_name, run)

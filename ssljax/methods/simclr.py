@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ssljax.losses import multiview_nt_xent
-from ssljax.methods.base import (Method, RunInfo, apply_module, init_module, keep_state,
+from ssljax.losses import multiview_nt_xent, multiview_nt_xent_terms
+from ssljax.methods.base import (Method, Objective, RunInfo, apply_module, chain_head_layers,
+                                 encoder_features, init_module, keep_state,
                                  online_encoder_variables, register)
-from ssljax.methods.common import apply_to_views
 from ssljax.models import MLPHead, build_encoder, compute_dtype
 
 
@@ -36,7 +36,19 @@ def build_projector(config: ml_collections.ConfigDict, hp: ml_collections.Config
       dtype=compute_dtype(config.train.compute_dtype))
 
 
-@register("simclr")
+def default_section() -> ml_collections.ConfigDict:
+  """``config.method.simclr`` with its defaults."""
+  s = ml_collections.ConfigDict()
+  # ---------------------------------------------------------------- method
+  s.temperature = 0.2
+  s.proj_hidden_dim = 512
+  s.proj_dim = 128
+  s.proj_layers = 2  # Linear layers in the projector (>= 1).
+  s.proj_last_bn = False  # BN (non-affine) after the last projector layer.
+  return s
+
+
+@register("simclr", config=default_section)
 def simclr(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo) -> Method:
   del run  # SimCLR has no schedule of its own
   hp = config.method.simclr
@@ -51,19 +63,23 @@ def simclr(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInf
     return ({"encoder": enc_params, "projector": proj_params},
             {"batch_stats": {"encoder": enc_stats, "projector": proj_stats}})
 
-  def loss(params, method_state, batch, *, key, step, axis_name):
-    del key, step
-    views = list(batch["views"])
+  def embed(params, method_state, features, views, *, step):
+    del views, step
     stats = method_state["batch_stats"]
-    h, enc_stats = apply_to_views(encoder, params["encoder"], stats["encoder"], views,
-                                  per_view=False)
     z, proj_stats = apply_module(projector, params["projector"], stats["projector"],
-                                 jnp.concatenate(h, axis=0))
-    value, metrics = multiview_nt_xent(jnp.split(z, len(views), axis=0),
-                                       temperature=hp.temperature, axis_name=axis_name)
-    new_state = {**method_state,
-                 "batch_stats": {"encoder": enc_stats, "projector": proj_stats}}
-    return value, (metrics, new_state)
+                                 jnp.concatenate(features, axis=0))
+    new_state = {**method_state, "batch_stats": {**stats, "projector": proj_stats}}
+    return {"projection": tuple(jnp.split(z, len(features), axis=0))}, new_state
 
-  return Method(name="simclr", encoder=encoder, init=init, loss=loss, post_update=keep_state,
-                eval_variables=online_encoder_variables, num_views=2)
+  def objective(params, method_state, outputs, batch, *, key, step, axis_name):
+    del params, batch, key, step
+    z = outputs.embeddings["projection"]
+    value, metrics = multiview_nt_xent(z, temperature=hp.temperature, axis_name=axis_name)
+    terms = lambda: multiview_nt_xent_terms(z, temperature=hp.temperature,
+                                            axis_name=axis_name)[0]
+    return Objective(value, terms, metrics, method_state)
+
+  return Method(name="simclr", encoder=encoder, init=init,
+                features=encoder_features(encoder, per_view=False), embed=embed,
+                objective=objective, head_layers=chain_head_layers([("projector", projector)]),
+                post_update=keep_state, eval_variables=online_encoder_variables, num_views=2)

@@ -45,11 +45,11 @@ fewer than the prototypes: ``train.batch_size < num_prototypes`` without a queue
 (or while it fills) the codes come from the batch alone, softer when B < K; this is what the
 official code and solo-learn's CIFAR recipe (B = 256, K = 3000, queue from epoch 50) do.
 
-UOTA hook. ``build_swav(..., view_weights=fn)`` weights the loss per (predicted view, image):
-``fn(z_per_view, step, axis_name) -> (weights [V, n], metrics)`` receives the normalised
-projections of every view (stop-gradient, this device's rows) and returns weights for the
-terms of ``ssljax.losses.swav_terms`` (SPEC 1.3: weight on the predicted view, codes
-unweighted) and metrics to log.
+Stages: ``features`` (one encoder forward per run of equal-resolution views), ``embed`` gives
+``'projection'`` (normalised projections) and ``'scores'`` (prototype scores) per view; the
+objective's terms are `ssljax.losses.swav_terms` (view j as the predicted side, codes
+unweighted), the form the official UOTA code (``main_uota.py``) weights. ``head_layers``
+ends with the prototype scores.
 
 Config: ``method.swav.{temperature, epsilon, sinkhorn_iters, num_prototypes, proj_hidden_dim,
 proj_dim, queue_size, queue_start_epoch, freeze_prototypes_epochs, crops_for_assign}``.
@@ -57,21 +57,16 @@ proj_dim, queue_size, queue_start_epoch, freeze_prototypes_epochs, crops_for_ass
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ssljax.losses import gather_rows, l2_normalize, sinkhorn, swav as swav_loss
-from ssljax.methods.base import (Method, Metrics, RunInfo, apply_module, init_module,
-                                 online_encoder_variables, register)
-from ssljax.methods.common import apply_to_views, check_queue_length, fifo_enqueue
+from ssljax.losses import gather_rows, l2_normalize, sinkhorn, swav as swav_loss, swav_terms
+from ssljax.methods.base import (Method, Objective, RunInfo, apply_module, chain_head_layers,
+                                 encoder_features, init_module, online_encoder_variables,
+                                 register)
+from ssljax.methods.common import check_queue_length, fifo_enqueue
 from ssljax.models import MLPHead, build_encoder, compute_dtype
-
-ViewWeightFn = Callable[[tuple[jax.Array, ...], jax.Array, str | None],
-                        tuple[jax.Array, Metrics]]
-
 
 def init_prototypes(key: jax.Array, num_prototypes: int, dim: int) -> jax.Array:
   """``[num_prototypes, dim]`` Gaussian rows scaled to unit norm."""
@@ -118,9 +113,9 @@ def _local_rows(rows: jax.Array, axis_name: str | None) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(rows, jax.lax.axis_index(axis_name) * share, share)
 
 
-def build_swav(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo, *,
-               view_weights: ViewWeightFn | None = None, name: str = "swav") -> Method:
-  """The SwAV method record; `view_weights` and `name` let a wrapper (UOTA) reuse it."""
+def build_swav(config: ml_collections.ConfigDict, axis_name: str | None,
+               run: RunInfo) -> Method:
+  """The SwAV method from ``config.method.swav`` (errors on an invalid setting)."""
   hp = config.method.swav
   check_swav_config(hp, config.train.batch_size)
   crops = tuple(int(c) for c in hp.crops_for_assign)
@@ -146,14 +141,19 @@ def build_swav(config: ml_collections.ConfigDict, axis_name: str | None, run: Ru
       state["queue_pointer"] = jnp.zeros((), jnp.int32)
     return params, state
 
-  def project(params, stats, views):
-    """Normalised projections of every view and the new BN statistics."""
-    features, enc_stats = apply_to_views(encoder, params["encoder"], stats["encoder"], views,
-                                         per_view=False)
+  def embed(params, method_state, features, views, *, step):
+    """Normalised projections and prototype scores of every view."""
+    del step
+    if len(views) <= max(crops) or len(views) < 2:
+      raise ValueError(f"swav: method.swav.crops_for_assign = {crops} needs at least "
+                       f"{max(max(crops) + 1, 2)} views, got {len(views)}")
+    stats = method_state["batch_stats"]
     z, proj_stats = apply_module(projector, params["projector"], stats["projector"],
                                  jnp.concatenate(features, axis=0))
-    z = l2_normalize(z.astype(jnp.float32))
-    return jnp.split(z, len(views), axis=0), {"encoder": enc_stats, "projector": proj_stats}
+    z = tuple(jnp.split(l2_normalize(z.astype(jnp.float32)), len(features), axis=0))
+    scores = tuple(zv @ params["prototypes"].T for zv in z)
+    new_state = {**method_state, "batch_stats": {**stats, "projector": proj_stats}}
+    return {"projection": z, "scores": scores}, new_state
 
   def codes_with_queue(scores, queue, prototypes, axis_name):
     """Codes of the batch rows, from Sinkhorn over this device's queue share + its batch."""
@@ -163,16 +163,11 @@ def build_swav(config: ml_collections.ConfigDict, axis_name: str | None, run: Ru
                      axis_name=axis_name)
     return codes[queue_scores.shape[0]:]
 
-  def loss(params, method_state, batch, *, key, step, axis_name):
-    del key
-    views = tuple(batch["views"])
-    if len(views) <= max(crops) or len(views) < 2:
-      raise ValueError(f"swav: method.swav.crops_for_assign = {crops} needs at least "
-                       f"{max(max(crops) + 1, 2)} views, got {len(views)}")
-    z, stats = project(params, method_state["batch_stats"], views)
+  def objective(params, method_state, outputs, batch, *, key, step, axis_name):
+    del batch, key
+    z, scores = outputs.embeddings["projection"], outputs.embeddings["scores"]
     prototypes = params["prototypes"]
-    scores = [zv @ prototypes.T for zv in z]
-    new_state = {**method_state, "batch_stats": stats}
+    new_state = dict(method_state)
     metrics = {}
 
     plain = lambda s: sinkhorn(s, epsilon=hp.epsilon, num_iters=hp.sinkhorn_iters,
@@ -195,14 +190,11 @@ def build_swav(config: ml_collections.ConfigDict, axis_name: str | None, run: Ru
     else:
       codes = [plain(scores[c]) for c in crops]
 
-    weights = None
-    if view_weights is not None:
-      weights, weight_metrics = view_weights(
-          tuple(jax.lax.stop_gradient(zv) for zv in z), step, axis_name)
-      metrics.update(weight_metrics)
     value, loss_metrics = swav_loss(scores, codes, temperature=hp.temperature,
-                                    crops_for_assign=crops, view_weights=weights)
-    return value, ({**loss_metrics, **metrics}, new_state)
+                                    crops_for_assign=crops)
+    terms = lambda: swav_terms(scores, codes, temperature=hp.temperature,
+                               crops_for_assign=crops)
+    return Objective(value, terms, {**loss_metrics, **metrics}, new_state)
 
   def post_update(params, method_state, *, step):
     del step
@@ -212,11 +204,38 @@ def build_swav(config: ml_collections.ConfigDict, axis_name: str | None, run: Ru
     return {**{module: jnp.bool_(True) for module in params},
             "prototypes": step >= freeze_steps}
 
-  return Method(name=name, encoder=encoder, init=init, loss=loss, post_update=post_update,
+  def head_layers(params, method_state, features):
+    layers = projector_layers(params, method_state, features)
+    z = l2_normalize(layers["projector/output"].astype(jnp.float32))
+    layers["prototypes/output"] = z @ params["prototypes"].T
+    return layers
+
+  projector_layers = chain_head_layers([("projector", projector)])
+  return Method(name="swav", encoder=encoder, init=init,
+                features=encoder_features(encoder, per_view=False), embed=embed,
+                objective=objective, head_layers=head_layers, post_update=post_update,
                 eval_variables=online_encoder_variables, num_views=max(2, max(crops) + 1),
                 update_mask=update_mask if freeze_steps > 0 else None)
 
 
-@register("swav")
+def default_section() -> ml_collections.ConfigDict:
+  """``config.method.swav`` with its defaults."""
+  s = ml_collections.ConfigDict()
+  # SwAV (SPEC 6.4). Defaults: solo-learn CIFAR (no multi-crop there; use the 'multicrop'
+  # augment policy for 2 global + V local crops).
+  s.temperature = 0.1
+  s.epsilon = 0.05  # Sinkhorn entropy regularisation.
+  s.sinkhorn_iters = 3
+  s.num_prototypes = 3000
+  s.proj_hidden_dim = 2048
+  s.proj_dim = 128
+  s.queue_size = 3840  # 0: no queue. A multiple of the global batch.
+  s.queue_start_epoch = 50.0  # The queue joins the codes from this epoch.
+  s.freeze_prototypes_epochs = 2.0  # Prototypes get no update before this.
+  s.crops_for_assign = (0, 1)  # Views whose codes are predicted (global crops).
+  return s
+
+
+@register("swav", config=default_section)
 def swav(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo) -> Method:
   return build_swav(config, axis_name, run)

@@ -17,7 +17,7 @@ step; ``constant``. The peak is ``lr * global_batch / base_batch_size`` (linear 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,13 +99,74 @@ def scale_by_adam_per_leaf(b1: float = 0.9, b2: float = 0.999,
   return optax.GradientTransformation(init, update)
 
 
-def build_optimizer(optim: ml_collections.ConfigDict,
-                    schedule: optax.Schedule) -> optax.GradientTransformation:
-  """An optax transformation for ``optim.name`` driven by `schedule`."""
+def build_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule,
+                    param_groups: Mapping[str, Any] | None = None
+                    ) -> optax.GradientTransformation:
+  """An optax transformation for ``optim.name`` driven by `schedule`.
+
+  `param_groups` (``Method.param_groups``: top-level ``params`` entry -> `ParamGroup`) gives
+  entries their own optimiser settings; every other entry uses `optim`. Without groups the
+  transformation is the plain chain below; with groups it is an ``optax.multi_transform``
+  whose labels are the top-level entries (``'default'`` for the rest).
+
+  Raises:
+    ValueError: an unknown optimiser name or a negative setting (naming the group).
+  """
+  if not param_groups:
+    return _single_optimizer(optim, schedule)
+  transforms = {"default": _single_optimizer(optim, schedule)}
+  for entry, group in param_groups.items():
+    if entry == "default":
+      raise ValueError("'default' cannot name a parameter group (it labels every entry "
+                       "without a group)")
+    transforms[entry] = _single_optimizer(_group_settings(optim, entry, group),
+                                          _scaled(schedule, group.lr_scale),
+                                          clip_value=group.clip_value or 0.0)
+
+  def labels(params):
+    missing = sorted(set(param_groups) - set(params))
+    if missing:
+      raise ValueError(f"parameter groups {missing} name no top-level params entry; the "
+                       f"entries are {sorted(params)}")
+    return {name: jax.tree.map(lambda _, label=(name if name in param_groups else "default"):
+                               label, subtree) for name, subtree in params.items()}
+
+  return optax.multi_transform(transforms, labels)
+
+
+def _group_settings(optim: ml_collections.ConfigDict, entry: str,
+                    group: Any) -> ml_collections.ConfigDict:
+  """`optim` with the group's overrides (a copy; the run's config is not touched)."""
+  settings = ml_collections.ConfigDict(optim.to_dict())
+  for key in ("optimizer", "weight_decay", "momentum"):
+    value = getattr(group, key)
+    if value is None:
+      continue
+    if key != "optimizer" and value < 0:
+      raise ValueError(f"parameter group {entry!r}: {key} must be >= 0, got {value}")
+    settings["name" if key == "optimizer" else key] = value
+  if group.lr_scale < 0:
+    raise ValueError(f"parameter group {entry!r}: lr_scale must be >= 0, got {group.lr_scale}")
+  if settings.name not in _OPTIMIZERS:
+    raise ValueError(f"parameter group {entry!r}: optimizer must be one of {_OPTIMIZERS}, got "
+                     f"{settings.name!r}")
+  return settings
+
+
+def _scaled(schedule: optax.Schedule, scale: float) -> optax.Schedule:
+  return schedule if scale == 1.0 else (lambda step: scale * schedule(step))
+
+
+def _single_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule, *,
+                      clip_value: float = 0.0) -> optax.GradientTransformation:
+  """The chain of one optimiser (see the module docstring); `clip_value` > 0 clips first."""
   if optim.name not in _OPTIMIZERS:
     raise ValueError(f"optim.name must be one of {_OPTIMIZERS}, got {optim.name!r}")
   exclude = optim.lars_exclude_bias_and_norm
   parts = []
+  clip_value = clip_value or optim.grad_clip_value
+  if clip_value > 0:
+    parts.append(optax.clip(clip_value))
   if optim.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
   adam = scale_by_adam_per_leaf(b1=optim.b1, b2=optim.b2, eps=optim.eps)

@@ -261,3 +261,52 @@ def test_per_leaf_adam_equals_optax_adam():
     u_ref, s_ref = ref.update(grads, s_ref, params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u_ours, u_ref)
   assert int(s_ours.count["w"]) == 4
+
+
+# ------------------------------------------------------------------------ parameter groups
+
+
+def test_element_wise_clipping_clips_each_entry_before_the_optimiser():
+  params, grads = _params_and_grads(1)
+  grads = [{"w": 3.0 * g["w"], "b": 3.0 * g["b"]} for g in grads]
+  tx = build_optimizer(_optim(name="sgd", momentum=0.0, weight_decay=0.0,
+                              grad_clip_value=0.5), _constant(0.1))
+  actual = _run_optax(tx, params, grads)
+  expected = {k: params[k] - 0.1 * np.clip(grads[0][k], -0.5, 0.5) for k in params}
+  _assert_histories_close(actual, [expected])
+
+
+def test_a_parameter_group_gets_its_own_optimiser_rate_and_decay():
+  from ssljax.methods.base import ParamGroup
+  rng = np.random.default_rng(3)
+  params = {"encoder": {"w": rng.normal(size=(4, 3))},
+            "mask": {"alpha": rng.normal(size=(5,)), "scale": rng.normal(size=(2, 2))}}
+  grads = [jax.tree.map(lambda p: rng.normal(size=p.shape), params) for _ in range(2)]
+  optim = _optim(name="lars", lars_eta=0.02, momentum=0.9, weight_decay=1e-3)
+  groups = {"mask": ParamGroup(optimizer="sgd", lr_scale=0.5, weight_decay=0.0,
+                               momentum=0.5, clip_value=0.3)}
+  history = _run_optax(build_optimizer(optim, _constant(0.2), groups), params, grads)
+  # The encoder follows the plain LARS chain, unaffected by the group.
+  alone = _run_optax(build_optimizer(optim, _constant(0.2)), {"w": params["encoder"]["w"]},
+                     [{"w": g["encoder"]["w"]} for g in grads])
+  _assert_histories_close([h["encoder"] for h in history], alone)
+  # The mask: SGD (no trust ratio, no decay) at half the rate, momentum 0.5, clipped entries.
+  p = {k: np.asarray(v, np.float64) for k, v in params["mask"].items()}
+  buffer = {k: np.zeros_like(v) for k, v in p.items()}
+  for step, g in enumerate(grads):
+    for k in p:
+      buffer[k] = 0.5 * buffer[k] + np.clip(g["mask"][k], -0.3, 0.3)
+      p[k] = p[k] - 0.1 * buffer[k]
+    _assert_histories_close([history[step]["mask"]], [p])
+
+
+def test_parameter_groups_name_existing_entries():
+  from ssljax.methods.base import ParamGroup
+  tx = build_optimizer(_optim(), _constant(0.1), {"uota": ParamGroup(optimizer="sgd")})
+  with pytest.raises(ValueError, match=r"parameter groups \['uota'\] name no top-level params "
+                                       r"entry; the entries are \['encoder'\]"):
+    tx.init({"encoder": {"w": jnp.zeros(2)}})
+  with pytest.raises(ValueError, match="parameter group 'uota': optimizer must be one of"):
+    build_optimizer(_optim(), _constant(0.1), {"uota": ParamGroup(optimizer="rmsprop")})
+  with pytest.raises(ValueError, match="parameter group 'uota': weight_decay must be >= 0"):
+    build_optimizer(_optim(), _constant(0.1), {"uota": ParamGroup(weight_decay=-1.0)})

@@ -11,14 +11,16 @@ from ssljax import augment, data
 from ssljax.methods import build_method
 from ssljax.parallel import DATA_AXIS, data_sharded, make_mesh, replicated
 from ssljax.train.optim import build_optimizer, build_schedule
-from ssljax.train.step import (compile_train_step, init_train_state, make_per_device_step,
+from ssljax.train.step import (UpdateOutput, average_batch_stats, compile_train_step,
+                               init_train_state, make_per_device_step, masked_update, mean_over,
                                pmap_train_step)
 from tests.util import tiny_config
 
 
-def _setup(config, mesh_devices, axis_name=DATA_AXIS):
+def _setup(config, mesh_devices, axis_name=DATA_AXIS, wrap=None):
   mesh = make_mesh(mesh_devices)
   method = build_method(config, axis_name=axis_name)
+  method = wrap(method) if wrap else method
   policy = augment.build_policy(config.augment)
   schedule = build_schedule(config.optim, global_batch=config.train.batch_size,
                             total_steps=10, steps_per_epoch=4)
@@ -113,7 +115,7 @@ def test_nonfinite_loss_freezes_the_state_and_records_the_step(tiny):
 def _toy_method(freeze_steps: int):
   """A two-parameter method: `frozen` is masked for `freeze_steps` steps, `unit` is renormalised."""
   import flax.linen as nn
-  from ssljax.methods.base import Method
+  from ssljax.methods.base import method_from_loss
 
   def init(key, views):
     del key, views
@@ -134,9 +136,8 @@ def _toy_method(freeze_steps: int):
     del params
     return {"unit": jnp.bool_(True), "frozen": step >= freeze_steps}
 
-  return Method(name="toy", encoder=nn.Dense(1), init=init, loss=loss,
-                post_update=post_update, eval_variables=lambda p, s: p,
-                update_mask=update_mask)
+  return method_from_loss("toy", nn.Dense(1), init, loss, post_update=post_update,
+                          update_mask=update_mask)
 
 
 def test_update_mask_freezes_leaves_and_post_update_may_change_params():
@@ -169,6 +170,7 @@ def test_update_mask_restarts_adam_bias_correction_when_a_leaf_unfreezes():
   method = _toy_method(freeze_steps=3)
   optim = ml_collections.ConfigDict({"name": "adam", "lr": 0.1, "b1": 0.9, "b2": 0.999,
                                      "eps": 1e-8, "weight_decay": 0.0, "grad_clip_norm": 0.0,
+                                     "grad_clip_value": 0.0,
                                      "lars_exclude_bias_and_norm": True})
   tx = build_optimizer(optim, optax.constant_schedule(0.01))
   policy = lambda keys, images: (images.astype(jnp.float32),) * 2
@@ -206,3 +208,126 @@ def test_common_state_helpers():
                      r"--config.method.moco.queue_size=768"):
     common.check_queue_length("moco", 1000, 256, "method.moco.queue_size")
   common.check_queue_length("moco", 1024, 256, "method.moco.queue_size")
+
+
+# ----------------------------------------------------------------- a custom step body
+
+
+def sharpness_aware(method, rho_per_lr: float):
+  """`method` with its own step body: sharpness-aware minimisation (Foret et al. 2021).
+
+  An example of ``Method.update``: the body takes a first gradient g at theta, moves to the
+  neighbour theta + rho g / ||g|| (rho = rho_per_lr x the step's learning rate, read from the
+  schedule), takes the gradient there, and updates theta with it (one masked optimiser update,
+  then post_update). Both gradients are averaged over the data axis before use, as every body
+  must; the BN statistics of the second pass are kept.
+  """
+  import dataclasses
+  import optax
+
+  def update(state, batch, *, key, axis_name, tx, schedule):
+    loss_grad = jax.value_and_grad(method.loss, has_aux=True)
+    _, g = loss_grad(state.params, state.method_state, batch, key=key, step=state.step,
+                     axis_name=axis_name)
+    g = mean_over(g, axis_name)
+    rho = rho_per_lr * schedule(state.step)
+    scale = rho / (optax.tree.norm(g) + 1e-12)
+    neighbour = jax.tree.map(lambda p, x: p + scale * x, state.params, g)
+    (loss, (metrics, method_state)), grads = loss_grad(
+        neighbour, state.method_state, batch, key=key, step=state.step, axis_name=axis_name)
+    grads = mean_over(grads, axis_name)
+    method_state = average_batch_stats(method_state, axis_name)
+    params, opt_state, grads = masked_update(method, tx, grads, state.opt_state,
+                                             state.params, state.step)
+    params, method_state = method.post_update(params, method_state, step=state.step)
+    return UpdateOutput(params, opt_state, method_state, loss, grads, {**metrics, "rho": rho})
+
+  return dataclasses.replace(method, update=update)
+
+
+def test_a_custom_body_runs_in_the_step_and_keeps_guard_and_metrics():
+  import optax
+  method = sharpness_aware(_toy_method(freeze_steps=0), rho_per_lr=2.0)
+  tx = optax.sgd(0.1)
+  policy = lambda keys, images: (images.astype(jnp.float32),) * 2
+  state = init_train_state(method, tx, policy, (2, 2, 1), seed=0)
+  step = jax.jit(make_per_device_step(method, tx, policy, optax.constant_schedule(0.1),
+                                      axis_name=None))
+  images = jnp.ones((4, 2, 2, 1), jnp.uint8)
+  index = label = jnp.zeros((4,), jnp.int32)
+  p0 = {k: np.asarray(v, np.float64) for k, v in state.params.items()}
+  new, metrics = step(state, images, index, label)
+  # loss = sum (p - 1)^2 over both leaves: g = 2 (p - 1); the step uses the gradient at
+  # p + rho g / ||g|| with rho = 2.0 x 0.1, then SGD at 0.1 and the unit renormalisation.
+  g = {k: 2 * (v - 1.0) for k, v in p0.items()}
+  norm = np.sqrt(sum(np.sum(v ** 2) for v in g.values()))
+  moved = {k: p0[k] - 0.1 * 2 * (p0[k] + 0.2 * g[k] / norm - 1.0) for k in p0}
+  np.testing.assert_allclose(new.params["frozen"], moved["frozen"], rtol=1e-6)
+  np.testing.assert_allclose(new.params["unit"], moved["unit"] / np.linalg.norm(moved["unit"]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(metrics["train/rho"], 0.2, rtol=1e-6)
+  assert int(new.step) == 1 and int(new.method_state["seen"]) == 1
+  # The non-finite guard applies to the custom body too.
+  poisoned = state.replace(params={**state.params, "frozen": jnp.array([jnp.nan, 0.0])})
+  frozen, _ = step(poisoned, images, index, label)
+  assert int(frozen.nonfinite_step) == 0 and int(frozen.step) == 0
+  np.testing.assert_array_equal(frozen.params["unit"], state.params["unit"])
+
+
+def test_custom_body_eight_devices_equal_one_device_under_shard_map_and_pmap(tiny, num_devices):
+  config, mesh8 = tiny[0], tiny[1]
+  wrap = lambda method: sharpness_aware(method, rho_per_lr=0.5)
+  _, init8, per_device8, batch = _setup(config, jax.devices(), wrap=wrap)
+  mesh1, init1, per_device1, _ = _setup(config, jax.devices()[:1], wrap=wrap)
+  state8, metrics8 = _run(compile_train_step(per_device8, mesh8), init8(), batch, mesh8)
+  state1, metrics1 = _run(compile_train_step(per_device1, mesh1), init1(), batch, mesh1)
+  np.testing.assert_allclose(metrics8["train/loss"], metrics1["train/loss"], rtol=1e-4)
+  np.testing.assert_allclose(metrics8["train/grad_norm"], metrics1["train/grad_norm"],
+                             rtol=1e-4)
+  _assert_trees_close(state8.params, state1.params, rtol=1e-3, atol=1e-5)
+  _assert_trees_close(state8.method_state, state1.method_state, rtol=1e-3, atol=1e-5)
+  reshape = lambda x: np.asarray(x).reshape(num_devices, -1, *np.shape(x)[1:])
+  p_state, p_metrics = pmap_train_step(per_device8)(
+      init8(), reshape(batch["image"]), reshape(batch["index"]), reshape(batch["label"]))
+  one_step, one_metrics = _run(compile_train_step(per_device8, mesh8), init8(), batch, mesh8,
+                               steps=1)
+  _assert_trees_close(jax.tree.map(lambda x: x[0], p_state), one_step)
+  np.testing.assert_allclose(p_metrics["train/loss"][0], one_metrics["train/loss"], rtol=1e-5)
+
+
+def test_the_step_refuses_shard_map_with_varying_types(tiny):
+  from jax.sharding import PartitionSpec as P
+  _, mesh, init, per_device, _, batch = tiny
+  strict = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS),
+                                                                  P(DATA_AXIS), P(DATA_AXIS)),
+                                 out_specs=(P(), P()), check_vma=True))
+  with pytest.raises(ValueError, match=r"shard_map\(check_vma=False\) or pmap"):
+    _run(strict, init(), batch, mesh, steps=1)
+
+
+def test_frozen_leaves_keep_their_state_inside_a_parameter_group():
+  import optax
+  from ssljax.methods.base import ParamGroup
+  from ssljax.train.optim import build_optimizer
+  import ml_collections
+  method = _toy_method(freeze_steps=2)
+  optim = ml_collections.ConfigDict({"name": "sgd", "lr": 0.1, "momentum": 0.9,
+                                     "nesterov": False, "weight_decay": 0.1,
+                                     "grad_clip_norm": 0.0, "grad_clip_value": 0.0,
+                                     "lars_exclude_bias_and_norm": True})
+  tx = build_optimizer(optim, optax.constant_schedule(0.1),
+                       {"frozen": ParamGroup(optimizer="sgd", weight_decay=0.0)})
+  policy = lambda keys, images: (images.astype(jnp.float32),) * 2
+  state = init_train_state(method, tx, policy, (2, 2, 1), seed=0)
+  step = jax.jit(make_per_device_step(method, tx, policy, optax.constant_schedule(0.1),
+                                      axis_name=None))
+  images = jnp.ones((4, 2, 2, 1), jnp.uint8)
+  index = label = jnp.zeros((4,), jnp.int32)
+  frozen0 = np.asarray(state.params["frozen"])
+  for _ in range(2):
+    state, _ = step(state, images, index, label)
+    np.testing.assert_array_equal(state.params["frozen"], frozen0)
+  state, _ = step(state, images, index, label)
+  # Unfrozen at step 2 in its own group (no decay): the momentum buffer is still zero.
+  np.testing.assert_allclose(state.params["frozen"], frozen0 - 0.1 * 2 * (frozen0 - 1.0),
+                             rtol=1e-6)
