@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ssljax.losses import (moco_infonce, multiview_nt_xent, npid, npid_nce, npid_nce_log_z,
-                           npid_softmax, nt_xent)
+from ssljax.losses import (moco_infonce, moco_infonce_terms, multiview_nt_xent,
+                           multiview_nt_xent_terms, npid, npid_nce, npid_nce_log_z,
+                           npid_softmax, npid_terms, nt_xent)
 
 
 def _reference_nt_xent(z_a: np.ndarray, z_b: np.ndarray, t: float) -> float:
@@ -214,6 +215,71 @@ def test_multiview_distributed_gradient_equals_single_device(num_devices):
   np.testing.assert_allclose(grad, single_grad, rtol=1e-4, atol=1e-6)
 
 
+def _reference_anchor_losses(views: list[np.ndarray], t: float) -> np.ndarray:
+  """Loop-by-loop per-anchor multi-positive NT-Xent, ``[V, n]``."""
+  num_views, n = len(views), len(views[0])
+  z = {(v, i): views[v][i] / np.linalg.norm(views[v][i]) for v in range(num_views)
+       for i in range(n)}
+  out = np.zeros((num_views, n))
+  for (v, i), anchor in z.items():
+    denom = sum(math.exp(anchor @ other / t) for key, other in z.items() if key != (v, i))
+    out[v, i] = sum(-math.log(math.exp(anchor @ z[(u, i)] / t) / denom)
+                    for u in range(num_views) if u != v) / (num_views - 1)
+  return out
+
+
+def test_multiview_terms_hand_computed_case():
+  # The hand-computed case above: every anchor's loss is log(2e + 3) - 1, each term a third.
+  z = jnp.eye(2)
+  terms, metrics = multiview_nt_xent_terms([z, z, z], temperature=1.0)
+  assert terms.shape == (3, 2) and terms.dtype == jnp.float32
+  np.testing.assert_allclose(terms, (math.log(2 * math.e + 3) - 1) / 3, rtol=1e-6)
+  assert metrics["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("num_views,t", [(2, 0.5), (3, 0.2), (4, 1.0)])
+def test_multiview_terms_reduce_to_the_loss(num_views, t):
+  rng = np.random.default_rng(num_views)
+  views = [rng.normal(size=(5, 4)).astype(np.float32) for _ in range(num_views)]
+  jviews = [jnp.asarray(v) for v in views]
+  terms, metrics = multiview_nt_xent_terms(jviews, temperature=t)
+  loss, loss_metrics = multiview_nt_xent(jviews, temperature=t)
+  assert terms.shape == (num_views, 5)
+  np.testing.assert_allclose(jnp.sum(jnp.mean(terms, axis=1)), loss, rtol=1e-6)
+  np.testing.assert_allclose(terms, _reference_anchor_losses(views, t) / num_views,
+                             rtol=1e-5)
+  for name in loss_metrics:
+    np.testing.assert_allclose(metrics[name], loss_metrics[name], rtol=1e-6)
+
+
+def test_multiview_terms_distributed_equal_single_device(num_devices):
+  # Each device's terms are its rows of the global terms (negatives from the whole global
+  # batch); the terms' reduction has the loss's distributed value and gradient.
+  rng = np.random.default_rng(7)
+  xs = [jnp.asarray(rng.normal(size=(16, 6)), jnp.float32) for _ in range(3)]
+  w = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  single_terms, _ = multiview_nt_xent_terms([x @ w for x in xs], temperature=0.4)
+
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  per_device = lambda w, xs: multiview_nt_xent_terms([x @ w for x in xs], temperature=0.4,
+                                                     axis_name="data")[0]
+  sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")),
+                                  out_specs=P(None, "data"), check_vma=False))
+  terms = sharded(w, xs)
+  assert terms.shape == (3, 16)
+  np.testing.assert_allclose(terms, single_terms, rtol=1e-5, atol=1e-6)
+
+  def loss_fn(w, x0, x1, x2, axis_name):
+    terms, _ = multiview_nt_xent_terms([x @ w for x in (x0, x1, x2)], temperature=0.4,
+                                       axis_name=axis_name)
+    return jnp.sum(jnp.mean(terms, axis=1))
+
+  _assert_distributed_matches(loss_fn, w, tuple(xs), (), num_devices)
+  np.testing.assert_allclose(
+      loss_fn(w, *xs, None),
+      multiview_nt_xent([x @ w for x in xs], temperature=0.4)[0], rtol=1e-6)
+
+
 # ---------------------------------------------------------------- moco_infonce
 
 
@@ -247,6 +313,29 @@ def test_moco_matches_loop_reference(t):
   queue /= np.linalg.norm(queue, axis=1, keepdims=True)
   loss, _ = moco_infonce(*(jnp.asarray(a, jnp.float32) for a in (q, k, queue)), temperature=t)
   np.testing.assert_allclose(loss, _reference_moco(q, k, queue, t), rtol=1e-5)
+
+
+@pytest.mark.parametrize("t", [0.07, 1.0])
+def test_moco_terms_reduce_to_the_loss(t):
+  # The hand-computed case: one query, logits (1, 0, -1) with target 0.
+  terms, metrics = moco_infonce_terms(jnp.asarray([[2.0, 0.0]]), jnp.asarray([[2.0, 0.0]]),
+                                      jnp.asarray([[0.0, 1.0], [-1.0, 0.0]]), temperature=1.0)
+  assert terms.shape == (1,)
+  np.testing.assert_allclose(terms, [math.log(math.e + 1 + math.exp(-1)) - 1], rtol=1e-6)
+  rng = np.random.default_rng(10)
+  q, k = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+  queue = rng.normal(size=(7, 4))
+  queue /= np.linalg.norm(queue, axis=1, keepdims=True)
+  args = [jnp.asarray(a, jnp.float32) for a in (q, k, queue)]
+  terms, metrics = moco_infonce_terms(*args, temperature=t)
+  loss, loss_metrics = moco_infonce(*args, temperature=t)
+  assert terms.shape == (5,) and terms.dtype == jnp.float32
+  np.testing.assert_allclose(jnp.mean(terms), loss, rtol=1e-6)
+  for i in range(5):
+    np.testing.assert_allclose(terms[i], _reference_moco(q[i:i + 1], k[i:i + 1], queue, t),
+                               rtol=1e-5)
+  for name in loss_metrics:
+    np.testing.assert_allclose(metrics[name], loss_metrics[name], rtol=1e-6)
 
 
 def test_moco_queue_is_a_constant_and_bad_inputs_raise():
@@ -386,6 +475,45 @@ def test_npid_losses_match_loop_references(t):
                                     for vi, row in zip(vn, cols)])
   log_z = npid_nce_log_z(*args, jnp.asarray(index), jnp.asarray(noise), temperature=t)
   np.testing.assert_allclose(log_z, math.log(expected_z), rtol=1e-5)
+
+
+@pytest.mark.parametrize("t", [0.07, 0.5])
+def test_npid_terms_reduce_to_the_loss_softmax_and_nce(t):
+  v, bank, index, noise = _npid_inputs(20)
+  args = [jnp.asarray(a, jnp.float32) for a in (v, bank)]
+  index_j, noise_j = jnp.asarray(index), jnp.asarray(noise)
+  n = len(v)
+
+  terms, metrics = npid_terms(*args, index_j, temperature=t)
+  loss, loss_metrics = npid(*args, index_j, temperature=t)
+  assert terms.shape == (n,) and terms.dtype == jnp.float32
+  np.testing.assert_allclose(jnp.mean(terms), loss, rtol=1e-6)
+  np.testing.assert_allclose(jnp.mean(terms), _reference_npid_softmax(v, bank, index, t),
+                             rtol=1e-5)
+  for i in range(n):
+    np.testing.assert_allclose(
+        terms[i], _reference_npid_softmax(v[i:i + 1], bank, index[i:i + 1], t), rtol=1e-5)
+  for name in loss_metrics:
+    np.testing.assert_allclose(metrics[name], loss_metrics[name], rtol=1e-6)
+
+  z = 37.5
+  terms, metrics = npid_terms(*args, index_j, temperature=t, noise_index=noise_j,
+                              log_z=math.log(z))
+  loss, loss_metrics = npid(*args, index_j, temperature=t, noise_index=noise_j,
+                            log_z=math.log(z))
+  assert terms.shape == (n,)
+  np.testing.assert_allclose(jnp.mean(terms), loss, rtol=1e-6)
+  for i in range(n):
+    np.testing.assert_allclose(
+        terms[i], _reference_npid_nce(v[i:i + 1], bank, index[i:i + 1], noise[i:i + 1], t, z),
+        rtol=1e-5)
+  for name in loss_metrics:
+    np.testing.assert_allclose(metrics[name], loss_metrics[name], rtol=1e-6)
+
+  with pytest.raises(ValueError, match="needs log_z"):
+    npid_terms(*args, index_j, temperature=t, noise_index=noise_j)
+  with pytest.raises(ValueError, match="pass noise_index"):
+    npid_terms(*args, index_j, temperature=t, log_z=2.0)
 
 
 def test_npid_dispatcher_and_bad_inputs():

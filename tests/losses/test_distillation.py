@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ssljax.losses import byol_regression, dino, dino_center_update
+from ssljax.losses import byol_regression, byol_terms, dino, dino_center_update, dino_terms
 
 
 # ------------------------------------------------------------------ byol_regression
@@ -70,6 +70,36 @@ def test_byol_gradient_steps_lower_the_loss():
   for _ in range(20):
     p = p - 2.0 * jax.grad(f)(p)
   assert f(p) < 0.5 * start
+
+
+def test_byol_terms_reduce_to_the_pairwise_losses():
+  # Two views: L(p1, t2) + L(p2, t1). The hand-computed case: p1 against t2 row by row.
+  p1 = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+  p2 = jnp.array([[0.0, 1.0], [1.0, 1.0]])
+  t1 = jnp.array([[0.0, 5.0], [2.0, 2.0]])
+  t2 = jnp.array([[3.0, 0.0], [1.0, 0.0]])
+  terms, metrics = byol_terms([p1, p2], [t1, t2])
+  assert terms.shape == (2, 2) and terms.dtype == jnp.float32
+  np.testing.assert_allclose(terms, [[0.0, 2.0], [0.0, 0.0]], atol=1e-6)
+
+  rng = np.random.default_rng(6)
+  p = [jnp.asarray(rng.normal(size=(7, 5)), jnp.float32) for _ in range(4)]
+  t = [jnp.asarray(rng.normal(size=(7, 5)), jnp.float32) for _ in range(2)]
+  terms, metrics = byol_terms(p[:2], t)
+  assert terms.shape == (2, 7)
+  expected = byol_regression(p[0], t[1])[0] + byol_regression(p[1], t[0])[0]
+  np.testing.assert_allclose(jnp.sum(jnp.mean(terms, axis=1)), expected, rtol=1e-6)
+  np.testing.assert_allclose(jnp.mean(terms[0]), byol_regression(p[0], t[1])[0], rtol=1e-6)
+  np.testing.assert_allclose(metrics["cosine"], (byol_regression(p[0], t[1])[1]["cosine"]
+                                                 + byol_regression(p[1], t[0])[1]["cosine"])
+                             / 2, rtol=1e-5)
+  # Multi-crop: four predictions, targets of the first two views.
+  terms, _ = byol_terms(p, t)
+  assert terms.shape == (4, 7)
+  expected = sum(byol_regression(p[v], t[g])[0] for v in range(4) for g in range(2) if g != v)
+  np.testing.assert_allclose(jnp.sum(jnp.mean(terms, axis=1)), expected, rtol=1e-6)
+  with pytest.raises(ValueError, match="byol_terms needs"):
+    byol_terms(p[:1], t[:1])
 
 
 def test_byol_distributed_value_and_gradient_equal_single_device(num_devices):
@@ -162,6 +192,39 @@ def test_dino_matches_loop_reference(num_student, per_view_center):
   entropy = -np.mean(np.sum(q * np.log(q), axis=-1))
   np.testing.assert_allclose(metrics["teacher_entropy"], entropy, rtol=1e-4)
   np.testing.assert_allclose(metrics["kl"], expected - entropy, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_student, per_view_center", [(2, False), (2, True), (4, False),
+                                                          (4, True)])
+def test_dino_terms_reduce_to_the_loss(num_student, per_view_center):
+  rng = np.random.default_rng(4)
+  student = jnp.asarray(rng.normal(size=(num_student, 4, 6)), jnp.float32)
+  teacher = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32)
+  center = jnp.asarray(rng.normal(size=(2, 6) if per_view_center else (6,)), jnp.float32)
+  kwargs = dict(center=center, student_temperature=0.1, teacher_temperature=0.07)
+  terms = dino_terms(student, teacher, **kwargs)
+  loss, _ = dino(student, teacher, **kwargs)
+  assert terms.shape == (num_student, 4) and terms.dtype == jnp.float32
+  np.testing.assert_allclose(jnp.sum(jnp.mean(terms, axis=1)), loss, rtol=1e-6)
+  # Row by row: student view s of image i against every other teacher view, over the pairs.
+  centers = np.asarray(center) if per_view_center else np.stack([center, center])
+  num_pairs = 2 * (num_student - 1)
+  for s in range(num_student):
+    for i in range(4):
+      expected = sum(-float(np.sum(_softmax((np.asarray(teacher[t, i]) - centers[t]) / 0.07)
+                                   * np.log(_softmax(np.asarray(student[s, i]) / 0.1))))
+                     for t in range(2) if t != s) / num_pairs
+      np.testing.assert_allclose(terms[s, i], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dino_terms_hand_computed_one_hot_case():
+  # The one-hot case above: student view 0 meets teacher view 1 (-log 1/4 ... see there).
+  student = jnp.broadcast_to(jnp.array([math.log(3.0), 0.0]), (2, 1, 2))
+  teacher = jnp.array([[[10.0, 0.0]], [[0.0, 10.0]]])
+  terms = dino_terms(student, teacher, center=jnp.zeros(2), student_temperature=1.0,
+                     teacher_temperature=0.01)
+  # Student 0 vs teacher 1 (class 1): -log 1/4; student 1 vs teacher 0 (class 0): -log 3/4.
+  np.testing.assert_allclose(terms[:, 0], [math.log(4) / 2, math.log(4 / 3) / 2], rtol=1e-5)
 
 
 def test_dino_teacher_temperature_may_be_traced_and_teacher_gets_no_gradient():

@@ -36,8 +36,7 @@ def _batch(views):
 
 
 def _config(directory, **overrides):
-  config = tiny_config(directory)
-  config.method.name = "barlow_twins"
+  config = tiny_config(directory, method="barlow_twins")
   hp = config.method.barlow_twins
   hp.proj_hidden_dim, hp.proj_dim, hp.scale_loss = 16, 8, _SCALE
   for key, value in overrides.items():
@@ -133,6 +132,25 @@ def test_loss_forwards_each_view_separately(barlow, tmp_path):
     _assert_trees_close(new_state["batch_stats"], stats)
   assert not np.allclose(outputs[0][0], outputs[1][0], rtol=1e-3)
   assert not np.allclose(outputs[0][0], _SCALE * pooled, rtol=1e-3)
+
+
+def test_objective_does_not_decompose_into_terms(barlow):
+  # Barlow Twins' loss is a function of batch statistics: no per-(view, image) terms.
+  _, method, params, state = barlow
+  assert method.decomposes is False
+  views = _views(seed=2)
+  batch = _batch(views)
+
+  def objective(params, state):
+    outputs, new_state = method.forward(params, state, batch, step=jnp.int32(0))
+    return method.objective(params, new_state, outputs, batch, key=_KEY, step=jnp.int32(0),
+                            axis_name=None)
+
+  out = objective(params, state)
+  assert out.terms is None
+  value, _ = jax.jit(lambda p, s: method.loss(p, s, batch, key=_KEY, step=jnp.int32(0),
+                                              axis_name=None))(params, state)
+  np.testing.assert_allclose(out.value, value, rtol=1e-5)
 
 
 def test_one_step_on_eight_devices_is_the_single_device_update(barlow, num_devices):

@@ -25,8 +25,7 @@ _RUN = RunInfo(steps_per_epoch=4, total_steps=10)
 
 
 def _config(directory, **byol):
-  config = tiny_config(str(directory))
-  config.method.name = "byol"
+  config = tiny_config(str(directory), method="byol")
   config.method.byol.proj_hidden_dim = 16
   config.method.byol.proj_dim = 8
   config.method.byol.pred_hidden_dim = 12
@@ -183,6 +182,45 @@ def test_loss_by_hand(byol, tmp_path, per_view):
                new_state["batch_stats"], expected_stats)
   jax.tree.map(np.testing.assert_array_equal, new_state["target"], state["target"])
 
+
+
+@pytest.mark.parametrize("num_views", [2, 3, 4])
+def test_objective_terms_are_per_view_and_image_and_reduce_to_the_value(byol, num_views):
+  # Two views, and multi-crop (small 4x4 crops after the two global views): the online
+  # network sees every view, the target the first two; the value sums byol_regression(p_v, t_g)
+  # over every target view g and every other view v.
+  _, method, params, state = byol
+  views = _views(seed=5)
+  small = tuple(v[:, 2:6, 2:6] for v in _views(seed=6))
+  views = (views + small)[:num_views]
+
+  @jax.jit
+  def run(params, state):
+    batch = _batch(views)
+    outputs, new_state = method.forward(params, state, batch, step=jnp.int32(3))
+    out = method.objective(params, new_state, outputs, batch, key=_KEY, step=jnp.int32(3),
+                           axis_name=None)
+    return out.value, out.terms(), outputs.embeddings
+
+  assert method.decomposes
+  value, terms, embeddings = run(params, state)
+  p, t = embeddings["prediction"], embeddings["target"]
+  assert len(p) == len(embeddings["projection"]) == num_views and len(t) == 2
+  assert terms.shape == (num_views, 16)
+  np.testing.assert_allclose(jnp.sum(jnp.mean(terms, axis=1)), value, rtol=1e-6)
+  expected = sum(float(byol_regression(p[v], t[g])[0])
+                 for v in range(num_views) for g in range(2) if g != v)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  if num_views == 2:
+    np.testing.assert_allclose(
+        value, byol_regression(p[0], t[1])[0] + byol_regression(p[1], t[0])[0], rtol=1e-6)
+    whole, _ = _loss_fn(method)(params, state, views)
+    np.testing.assert_allclose(value, whole, rtol=1e-5)
+  else:  # a small crop is regressed onto both global targets
+    for v in range(2, num_views):
+      np.testing.assert_allclose(
+          jnp.mean(terms[v]),
+          byol_regression(p[v], t[0])[0] + byol_regression(p[v], t[1])[0], rtol=1e-5)
 
 
 def test_eval_variables_are_the_online_encoder(byol):

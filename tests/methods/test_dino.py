@@ -24,8 +24,7 @@ _RUN = RunInfo(steps_per_epoch=4, total_steps=20)
 
 
 def _config(directory, **dino):
-  config = tiny_config(str(directory))
-  config.method.name = "dino"
+  config = tiny_config(str(directory), method="dino")
   hp = config.method.dino
   hp.proj_hidden_dim, hp.bottleneck_dim, hp.out_dim = 16, 8, 12
   hp.teacher_temperature_warmup_epochs = 3.0
@@ -219,6 +218,50 @@ def test_official_layout_multicrop_loss_and_center_by_hand(tmp_path):
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
                new_state["batch_stats"]["encoder"], expected_enc_stats)
   assert np.max(np.abs(np.stack(s))) <= 1.0 + 1e-5  # cosine outputs
+
+
+@pytest.mark.parametrize("layout", ["issl", "official_multicrop"])
+def test_objective_terms_are_per_view_and_image_and_reduce_to_the_value(dino, tmp_path,
+                                                                        layout):
+  # The fixture's ISSL layout on two views (sequential centre), and the official layout with
+  # two small crops: terms[v] is student view v's cross-entropies against the other teacher
+  # views, divided by the number of (teacher, student) pairs.
+  config, method, params, state = dino
+  views = _views(seed=1)
+  if layout != "issl":
+    config = _config(tmp_path, proj_layers=3, proj_bn=False, proj_bias=True,
+                     normalize_before_bottleneck=False, sequential_center=False)
+    method = build_method(config, run=_RUN)
+    views = _views(seed=2, small=2)
+    params, state = init_with_numpy_kernels(method.init, _KEY, views)
+    state = {**state, "center": jnp.linspace(-0.1, 0.1, 12)}
+  step = jnp.int32(5)  # teacher temperature 0.055
+
+  @jax.jit
+  def run(params, state):
+    batch = _batch(views)
+    outputs, new_state = method.forward(params, state, batch, step=step)
+    out = method.objective(params, new_state, outputs, batch, key=_KEY, step=step,
+                           axis_name=None)
+    return out.value, out.terms(), outputs.embeddings
+
+  assert method.decomposes
+  value, terms, embeddings = run(params, state)
+  s, g = embeddings["student"], embeddings["teacher"]
+  assert len(s) == len(views) and len(g) == 2
+  assert terms.shape == (len(views), 16)
+  np.testing.assert_allclose(jnp.sum(jnp.mean(terms, axis=1)), value, rtol=1e-6)
+  c0 = np.asarray(state["center"], np.float64)
+  if layout == "issl":  # teacher view 1 meets c0, teacher view 0 the moved centre c1
+    c1 = 0.9 * c0 + 0.1 * np.mean(np.asarray(g[1]), axis=0)
+    centers = {1: c0, 0: c1}
+  else:
+    centers = {0: c0, 1: c0}
+  num_pairs = 2 * (len(views) - 1)
+  for v in range(len(views)):
+    expected = sum(_cross_entropy(g[t], centers[t], 0.055, s[v], 0.1)
+                   for t in range(2) if t != v) / num_pairs
+    np.testing.assert_allclose(jnp.mean(terms[v]), expected, rtol=1e-5)
 
 
 def test_eval_variables_student_or_teacher(dino, tmp_path):

@@ -12,7 +12,8 @@ import pytest
 from ssljax import augment
 from ssljax.losses import l2_normalize, moco_infonce
 from ssljax.methods import RunInfo, build_method, registered_methods
-from ssljax.methods.moco import MocoProjector, build_moco_parts
+from ssljax.methods.base import Outputs
+from ssljax.methods.moco import MocoProjector, build_moco
 from ssljax.parallel import data_sharded, make_mesh, replicated
 from ssljax.train.optim import build_optimizer, build_schedule
 from ssljax.train.step import TrainState, compile_train_step, make_per_device_step
@@ -26,8 +27,7 @@ _QUEUE = 64  # a multiple of 2 x 16: symmetric steps enqueue both views' keys
 
 
 def _config(directory, num_views=2, **moco):
-  config = tiny_config(str(directory))
-  config.method.name = "moco"
+  config = tiny_config(str(directory), method="moco")
   config.augment.num_views = num_views
   hp = config.method.moco
   hp.queue_size = _QUEUE
@@ -167,32 +167,84 @@ def test_asymmetric_and_three_view_layouts(tmp_path, num_views):
   # Asymmetric: query view 0, key view 1. Three views (CLD): queries 0 and 1, key view 2.
   config = _config(tmp_path, num_views=num_views, symmetric=False)
   method = build_method(config, run=_RUN)
-  parts = build_moco_parts(config, None, _RUN)
+  assert build_moco(config, None, _RUN).num_views == num_views
   key_view = num_views - 1
-  assert parts.query_views == tuple(range(num_views - 1))
-  assert parts.key_views == (key_view,) and method.num_views == num_views
+  assert method.num_views == num_views
   params, state = _init(method, _views(count=num_views))
-  forward = jax.jit(parts.forward)  # `loss` is forward + contrast; compiling one is enough
+  step = jnp.int32(3)
+
+  # `loss` is forward + objective; compiling the forward alone is enough for the layout.
+  @jax.jit
+  def forward(params, state, views):
+    return method.forward(params, state, _batch(views), step=step)[0]
+
+  @jax.jit
+  def objective(params, state, outputs, views):
+    out = method.objective(params, state, outputs, _batch(views), key=_KEY, step=step,
+                           axis_name=None)
+    return out.value, out.terms(), out.method_state
+
   views = _views(seed=4, count=num_views)
   outputs = forward(params, state, views)
-  assert len(outputs.features) == len(outputs.queries) == num_views - 1
-  assert outputs.features[0].shape == (_BATCH, 32) and outputs.keys[0].shape == (_BATCH, 8)
-  value, _, new_state = parts.contrast(outputs, state, axis_name=None)
-  expected = np.mean([moco_infonce(q, outputs.keys[0], state["queue"],
+  queries, keys = outputs.embeddings["query"], outputs.embeddings["key"]
+  assert len(outputs.features) == len(queries) == num_views - 1 and len(keys) == 1
+  assert outputs.features[0].shape == (_BATCH, 32) and keys[0].shape == (_BATCH, 8)
+  value, terms, new_state = objective(params, state, outputs, views)
+  expected = np.mean([moco_infonce(q, keys[0], state["queue"],
                                    temperature=config.method.moco.temperature)[0]
-                      for q in outputs.queries])
+                      for q in queries])
   np.testing.assert_allclose(value, expected, rtol=1e-6)
   assert int(new_state["queue_pointer"]) == _BATCH
-  np.testing.assert_array_equal(new_state["queue"][:_BATCH], outputs.keys[0])
+  np.testing.assert_array_equal(new_state["queue"][:_BATCH], keys[0])
+  # Terms: one row per view of the batch; the key view is never a query (zero row).
+  assert terms.shape == (num_views, _BATCH)
+  np.testing.assert_allclose(jnp.sum(jnp.mean(terms, axis=1)), value, rtol=1e-6)
+  np.testing.assert_array_equal(terms[key_view], 0.0)
+  assert np.all(np.asarray(terms[:key_view]) > 0)
 
   # The key comes from the key view alone, the queries from the other views.
   other = _views(seed=5, count=num_views)
   changed = forward(params, state, other[:key_view] + views[key_view:])
-  np.testing.assert_allclose(changed.keys[0], outputs.keys[0], rtol=1e-6)
-  assert not np.allclose(changed.queries[0], outputs.queries[0])
+  np.testing.assert_allclose(changed.embeddings["key"][0], keys[0], rtol=1e-6)
+  assert not np.allclose(changed.embeddings["query"][0], queries[0])
   changed = forward(params, state, views[:key_view] + other[key_view:])
-  np.testing.assert_allclose(changed.queries[0], outputs.queries[0], rtol=1e-6)
-  assert not np.allclose(changed.keys[0], outputs.keys[0])
+  np.testing.assert_allclose(changed.embeddings["query"][0], queries[0], rtol=1e-6)
+  assert not np.allclose(changed.embeddings["key"][0], keys[0])
+  # Query i comes from view i (query views 0, ..., key_view - 1, in order).
+  for i in range(key_view):
+    mixed = tuple(other[v] if v == i else views[v] for v in range(num_views))
+    changed = forward(params, state, mixed)
+    for j in range(key_view):
+      same = np.allclose(changed.embeddings["query"][j], queries[j], rtol=1e-6)
+      assert same == (i != j), (i, j)
+
+
+def test_objective_terms_are_per_view_and_image_and_reduce_to_the_value(moco):
+  # The symmetric default: view v's row is its query's InfoNCE against the other view's key,
+  # halved (the loss is the mean of the two pairs).
+  config, method, params, state, _ = moco
+  views = _views(seed=1)
+  step = jnp.int32(3)
+
+  @jax.jit
+  def run(params, state):
+    batch = _batch(views)
+    outputs, new_state = method.forward(params, state, batch, step=step)
+    out = method.objective(params, new_state, outputs, batch, key=_KEY, step=step,
+                           axis_name=None)
+    return out.value, out.terms(), outputs
+
+  assert method.decomposes
+  value, terms, outputs = run(params, state)
+  assert terms.shape == (len(views), _BATCH)
+  np.testing.assert_allclose(jnp.sum(jnp.mean(terms, axis=1)), value, rtol=1e-6)
+  expected, _, _ = jax.jit(functools.partial(_by_hand, method, config))(params, state, views)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  (q0, q1), (k1, k0) = outputs.embeddings["query"], outputs.embeddings["key"]
+  t = config.method.moco.temperature
+  for row, (q, k) in zip(terms, ((q0, k1), (q1, k0))):
+    np.testing.assert_allclose(jnp.mean(row), moco_infonce(q, k, state["queue"],
+                                                             temperature=t)[0] / 2, rtol=1e-5)
 
 
 def test_post_update_follows_the_cosine_momentum_schedule(moco):
@@ -211,9 +263,20 @@ def test_post_update_follows_the_cosine_momentum_schedule(moco):
 
 def test_constant_momentum_when_base_equals_final(tmp_path):
   config = _config(tmp_path, ema_momentum=0.999, ema_momentum_final=0.999)
-  parts = build_moco_parts(config, None, _RUN)
+  method = build_moco(config, None, _RUN)
+  # The objective's metric is the schedule's momentum; only the queue and the embeddings'
+  # shapes matter to it, so stand-in embeddings avoid compiling the networks.
+  rng = np.random.default_rng(0)
+  embedding = lambda: jnp.asarray(rng.normal(size=(_BATCH, 8)), jnp.float32)
+  outputs = Outputs(features=(), embeddings={"query": (embedding(), embedding()),
+                                             "key": (embedding(), embedding())})
+  state = {"queue": l2_normalize(embedding().repeat(4, axis=0)),
+           "queue_pointer": jnp.int32(0)}
+  momentum = jax.jit(lambda step: method.objective(
+      {}, state, outputs, _batch(_views()), key=_KEY, step=step,
+      axis_name=None).metrics["ema_momentum"])
   for step in (0, 3, 10):
-    np.testing.assert_allclose(parts.momentum(jnp.int32(step)), 0.999, rtol=1e-7)
+    np.testing.assert_allclose(momentum(jnp.int32(step)), 0.999, rtol=1e-7)
 
 
 @pytest.mark.parametrize("changes, num_views, message", [

@@ -12,7 +12,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from ssljax.losses import l2_normalize, npid_nce, npid_nce_log_z, npid_softmax
 from ssljax.methods import RunInfo, build_method, registered_methods
-from ssljax.methods.npid import build_npid_parts, noise_indices, update_memory_bank
+from ssljax.methods.base import Outputs
+from ssljax.methods.npid import build_npid, noise_indices, update_memory_bank
 from ssljax.models import MLPHead
 from ssljax.parallel import data_sharded, make_mesh, replicated
 from ssljax.train.optim import build_optimizer, build_schedule
@@ -28,8 +29,7 @@ _RUN = RunInfo(steps_per_epoch=4, total_steps=10, num_examples=_N)
 
 
 def _config(directory, **npid):
-  config = tiny_config(str(directory))
-  config.method.name = "npid"
+  config = tiny_config(str(directory), method="npid")
   config.method.npid.proj_dim = _DIM
   config.optim.warmup_epochs = 0.0  # the warm-up starts at lr 0: the first step would not move
   for key, value in npid.items():
@@ -46,6 +46,17 @@ def _views(seed=0, count=1):
 
 def _index(seed=0):
   return jnp.asarray(np.random.default_rng(seed).permutation(_N)[:_BATCH], jnp.int32)
+
+
+def _objective(method, embeddings, state, index, *, key=_KEY, num_views=None):
+  """The method's objective on given embeddings (no networks run): (value, metrics, state,
+  terms). The objective reads neither params nor the views' pixels (only their count)."""
+  num_views = num_views or len(embeddings)
+  views = tuple(jnp.zeros((_BATCH, _SIZE, _SIZE, 1), jnp.float32) for _ in range(num_views))
+  batch = {"views": views, "index": index, "label": jnp.full((_BATCH,), -1, jnp.int32)}
+  out = method.objective({}, state, Outputs((), {"embedding": tuple(embeddings)}), batch,
+                         key=key, step=jnp.int32(0), axis_name=None)
+  return out.value, out.metrics, out.method_state, out.terms()
 
 
 def _init(method, views):
@@ -126,16 +137,20 @@ def test_two_views_average_the_loss_and_write_each_view_in_turn(tmp_path):
   config = _config(tmp_path, num_views=2)
   method = build_method(config, run=_RUN)
   assert method.num_views == 2
-  parts = build_npid_parts(config, None, _RUN)
+  objective = jax.jit(functools.partial(_objective, build_npid(config, None, _RUN)))
   rng = np.random.default_rng(2)
   bank = jnp.asarray(rng.uniform(-0.6, 0.6, size=(_N, _DIM)), jnp.float32)
   v_a, v_b = (l2_normalize(jnp.asarray(rng.normal(size=(_BATCH, _DIM)), jnp.float32))
               for _ in range(2))
   index = _index(2)
-  value, metrics, new_state = parts.contrast((v_a, v_b), {"bank": bank}, index, key=_KEY,
-                                             axis_name=None)
+  value, metrics, new_state, terms = objective((v_a, v_b), {"bank": bank}, index)
   both = [npid_softmax(v, bank, index, temperature=0.1) for v in (v_a, v_b)]
   np.testing.assert_allclose(value, (both[0][0] + both[1][0]) / 2, rtol=1e-6)
+  # Terms: each view's rows against the bank before the step, halved.
+  assert terms.shape == (2, _BATCH)
+  np.testing.assert_allclose(jnp.sum(jnp.mean(terms, axis=1)), value, rtol=1e-6)
+  for row, (loss, _) in zip(terms, both):
+    np.testing.assert_allclose(jnp.mean(row), loss / 2, rtol=1e-6)
   np.testing.assert_allclose(metrics["pos_sim"], (both[0][1]["pos_sim"]
                                                   + both[1][1]["pos_sim"]) / 2, rtol=1e-6)
   first = update_memory_bank(bank, index, v_a, momentum=0.5)
@@ -149,13 +164,13 @@ def test_two_views_average_the_loss_and_write_each_view_in_turn(tmp_path):
 
 def test_nce_estimates_z_on_the_first_step_and_keeps_it(tmp_path):
   config = _config(tmp_path, nce_negatives=6, temperature=0.07)
-  parts = build_npid_parts(config, None, _RUN)
+  objective = jax.jit(functools.partial(_objective, build_npid(config, None, _RUN)))
   rng = np.random.default_rng(3)
   bank = l2_normalize(jnp.asarray(rng.normal(size=(_N, _DIM)), jnp.float32))
   v = l2_normalize(jnp.asarray(rng.normal(size=(_BATCH, _DIM)), jnp.float32))
   index = _index(3)
   state = {"bank": bank, "nce_log_z": jnp.float32(-jnp.inf)}
-  value, metrics, new_state = parts.contrast((v,), state, index, key=_KEY, axis_name=None)
+  value, metrics, new_state, terms = objective((v,), state, index)
 
   noise = noise_indices(jax.random.fold_in(_KEY, 0), _BATCH, 6, _N)
   assert noise.shape == (_BATCH, 6) and 0 <= int(noise.min()) and int(noise.max()) < _N
@@ -164,15 +179,44 @@ def test_nce_estimates_z_on_the_first_step_and_keeps_it(tmp_path):
   np.testing.assert_allclose(metrics["nce_log_z"], log_z, rtol=1e-6)
   expected = npid_nce(v, bank, index, noise, temperature=0.07, log_z=log_z)[0]
   np.testing.assert_allclose(value, expected, rtol=1e-6)
+  # Terms: the NCE rows with the estimated Z; sum_v mean_i terms is the value.
+  assert terms.shape == (1, _BATCH)
+  np.testing.assert_allclose(jnp.sum(jnp.mean(terms, axis=1)), value, rtol=1e-6)
 
   # Later steps use the stored Z, whatever the batch.
   stored = {**new_state, "nce_log_z": jnp.float32(5.0)}
   key = jax.random.key(9)
-  value, _, later = parts.contrast((v,), stored, index, key=key, axis_name=None)
+  value, _, later, terms = objective((v,), stored, index, key=key)
   assert float(later["nce_log_z"]) == 5.0
   noise = noise_indices(jax.random.fold_in(key, 0), _BATCH, 6, _N)
   expected = npid_nce(v, new_state["bank"], index, noise, temperature=0.07, log_z=5.0)[0]
   np.testing.assert_allclose(value, expected, rtol=1e-6)
+  np.testing.assert_allclose(jnp.sum(jnp.mean(terms, axis=1)), value, rtol=1e-6)
+
+
+def test_objective_terms_are_per_view_and_image_and_reduce_to_the_value(npid):
+  # The default (one view, full softmax) on the method's own forward; a batch with a second
+  # view that NPID does not use gets a zero row for it.
+  _, method, params, state = npid
+  index = _index(1)
+
+  @jax.jit
+  def run(params, state, views):
+    batch = {"views": views, "index": index, "label": jnp.full((_BATCH,), -1, jnp.int32)}
+    outputs, new_state = method.forward(params, state, batch, step=jnp.int32(0))
+    out = method.objective(params, new_state, outputs, batch, key=_KEY, step=jnp.int32(0),
+                           axis_name=None)
+    return out.value, out.terms(), outputs.embeddings["embedding"]
+
+  assert method.decomposes
+  for views in (_views(seed=1), _views(seed=1, count=2)):
+    value, terms, embeddings = run(params, state, views)
+    assert len(embeddings) == 1
+    assert terms.shape == (len(views), _BATCH)
+    np.testing.assert_allclose(jnp.sum(jnp.mean(terms, axis=1)), value, rtol=1e-6)
+    expected = npid_softmax(embeddings[0], state["bank"], index, temperature=0.1)[0]
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    np.testing.assert_array_equal(terms[1:], 0.0)
 
 
 def test_noise_and_bank_update_do_not_depend_on_the_device_count(num_devices):

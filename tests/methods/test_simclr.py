@@ -257,3 +257,64 @@ def test_sharded_loss_equals_single_device_loss(simclr, num_devices):
   np.testing.assert_allclose(value, expected, rtol=1e-5)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
                new_state, expected_state)
+
+
+def test_objective_terms_are_per_view_and_image_and_reduce_to_the_value(simclr):
+  # Two views and the four-view multi-crop case: terms() is [V, n] and sum_v mean_i terms is
+  # the objective's value.
+  _, method, params, state, _ = simclr
+  view_a, view_b = _views(seed=13)
+  small_a, small_b = (v[:, 2:6, 2:6] for v in _views(seed=14))
+
+  @jax.jit
+  def value_and_terms(params, state, views):
+    batch = _batch(views)
+    outputs, new_state = method.forward(params, state, batch, step=jnp.int32(0))
+    out = method.objective(params, new_state, outputs, batch, key=_KEY, step=jnp.int32(0),
+                           axis_name=None)
+    return out.value, out.terms()
+
+  assert method.decomposes
+  for views in ((view_a, view_b), (view_a, view_b, small_a, small_b)):
+    value, terms = value_and_terms(params, state, views)
+    assert terms.shape == (len(views), _BATCH)
+    np.testing.assert_allclose(jnp.sum(jnp.mean(terms, axis=1)), value, rtol=1e-6)
+    expected, _ = method.loss(params, state, _batch(views), key=_KEY, step=jnp.int32(0),
+                              axis_name=None)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+
+
+def test_head_layers_are_every_projector_layer_in_inference_mode(simclr):
+  config, method, params, state, loss = simclr
+  # Running statistics that differ from the initial ones, so inference mode is visible.
+  _, (_, state) = loss(params, state, _views(seed=15))
+  views = _views(seed=16)
+  features, same_state = jax.jit(functools.partial(method.features, train=False))(
+      params, state, views)
+  assert jax.tree.structure(same_state) == jax.tree.structure(state)
+  jax.tree.map(np.testing.assert_array_equal, same_state, state)
+  variables = method.eval_variables(params, state)
+  encode = jax.jit(functools.partial(method.encoder.apply, train=False))
+  assert len(features) == len(views)
+  for view, h in zip(views, features):
+    np.testing.assert_allclose(h, encode(variables, view), rtol=1e-5, atol=1e-6)
+
+  # Not jitted: jit returns dicts with sorted keys, and the order of the layers is checked.
+  layers = method.head_layers(params, state, features)
+  assert list(layers) == ["encoder", "projector/dense1", "projector/bn1", "projector/dense2",
+                          "projector/output"]
+  h = jnp.concatenate(features, axis=0)
+  np.testing.assert_array_equal(layers["encoder"], h)
+  projector = method_projector(config)
+  expected = projector.apply({"params": params["projector"],
+                              "batch_stats": state["batch_stats"]["projector"]}, h,
+                             train=False)
+  np.testing.assert_allclose(layers["projector/output"], expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(layers["projector/dense2"], expected, rtol=1e-5, atol=1e-6)
+  assert layers["projector/dense1"].shape == layers["projector/bn1"].shape == (2 * _BATCH, 16)
+  # bn1 is the running-statistics normalisation of dense1's output.
+  bn = params["projector"]["bn1"]
+  stats = state["batch_stats"]["projector"]["bn1"]
+  by_hand = ((layers["projector/dense1"] - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-5)
+             * bn["scale"] + bn["bias"])
+  np.testing.assert_allclose(layers["projector/bn1"], by_hand, rtol=1e-4, atol=1e-5)

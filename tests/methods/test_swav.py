@@ -10,6 +10,7 @@ import pytest
 from ssljax import augment
 from ssljax.losses import l2_normalize, sinkhorn, swav as swav_loss
 from ssljax.methods import RunInfo, build_method, registered_methods
+from ssljax.methods.addons import weight_terms
 from ssljax.methods.swav import build_swav, init_prototypes
 from ssljax.models import MLPHead
 from ssljax.parallel import DATA_AXIS, data_sharded, make_mesh, replicated
@@ -24,12 +25,11 @@ _RUN = RunInfo(steps_per_epoch=2, total_steps=10)
 
 
 def _config(directory, **swav):
-  config = tiny_config(directory)
+  config = tiny_config(directory, method="swav")
   config.model.encoder = "resnet_tiny"
   config.augment.policy = "multicrop"
   config.augment.num_small_crops = 2
   config.augment.small_crop_size = _SMALL
-  config.method.name = "swav"
   hp = config.method.swav
   hp.proj_hidden_dim, hp.proj_dim, hp.num_prototypes = 16, 8, 12
   hp.queue_size, hp.queue_start_epoch, hp.freeze_prototypes_epochs = 32, 0.0, 1.0
@@ -122,19 +122,22 @@ def test_enough_samples_with_queue_or_batch_build(tmp_path):
   build_method(_config(str(tmp_path), queue_size=32, num_prototypes=48), run=_RUN)
 
 
-def test_loss_without_queue_is_swav_of_sinkhorn_codes_and_weights_hook(tmp_path):
+def test_loss_without_queue_is_swav_of_sinkhorn_codes_and_weighted_terms(tmp_path):
+  # Weighting the per-(view, image) terms (`weight_terms`, UOTA's mechanism) gives SwAV's loss
+  # with those view weights.
   config = _config(str(tmp_path), queue_size=0)
   seen = {}
 
-  def double_small_crops(z, step, axis_name):
+  def double_small_crops(params, method_state, outputs, batch, *, step, axis_name):
+    z = outputs.embeddings["projection"]
     seen["shapes"] = [v.shape for v in z]
     seen["axis"] = axis_name
     weights = jnp.array([1.0, 1.0, 2.0, 2.0])[:, None] * jnp.ones((4, z[0].shape[0]))
     return weights, {"weight_max": jnp.max(weights) + 0 * step}
 
   method = build_method(config, run=_RUN)
-  weighted = build_swav(config, None, _RUN, view_weights=double_small_crops, name="swav_x2")
-  assert weighted.name == "swav_x2"
+  weighted = weight_terms(build_swav(config, None, _RUN), double_small_crops, addon="x2")
+  assert weighted.name == "swav+x2"
   params, state = _init(method)
   rng = np.random.default_rng(1)
   views = tuple(jnp.asarray(rng.uniform(size=(_BATCH, s, s, 1)), jnp.float32)
@@ -280,6 +283,34 @@ def test_steps_freeze_prototypes_fill_the_queue_and_match_eight_devices(tmp_path
   without_queue, _ = swav_loss(scores, [sinkhorn(scores[c]) for c in (0, 1)],
                                temperature=0.1)
   assert abs(float(without_queue) - float(expected)) > 1e-4
+
+
+@pytest.mark.parametrize("queue_size", [0, 32])
+def test_objective_terms_are_per_view_and_image_and_reduce_to_the_value(tmp_path, queue_size):
+  # Four multi-crop views; with a queue (still empty, so the codes are the batch's alone) the
+  # terms are those of the same codes.
+  config = _config(str(tmp_path), queue_size=queue_size)
+  method = build_method(config, run=_RUN)
+  assert method.decomposes
+  params, state = _init(method)
+  rng = np.random.default_rng(1)
+  views = tuple(jnp.asarray(rng.uniform(size=(_BATCH, s, s, 1)), jnp.float32)
+                for s in (_SIZE, _SIZE, _SMALL, _SMALL))
+  batch = {"views": views, "index": jnp.arange(_BATCH), "label": jnp.zeros(_BATCH, jnp.int32)}
+
+  @jax.jit
+  def run(params, state):
+    outputs, new_state = method.forward(params, state, batch, step=jnp.int32(0))
+    out = method.objective(params, new_state, outputs, batch, key=_KEY, step=jnp.int32(0),
+                           axis_name=None)
+    scores = outputs.embeddings["scores"]
+    codes = [sinkhorn(scores[c]) for c in (0, 1)]
+    return out.value, out.terms(), swav_loss(scores, codes, temperature=0.1)[0]
+
+  value, terms, expected = run(params, state)
+  assert terms.shape == (len(views), _BATCH)
+  np.testing.assert_allclose(jnp.sum(jnp.mean(terms, axis=1)), value, rtol=1e-6)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
 
 
 def test_post_update_renormalises_the_prototypes(tmp_path):
