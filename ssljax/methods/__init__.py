@@ -1,13 +1,17 @@
-"""Self-supervised methods as records of pure functions, and their registry.
+"""Self-supervised methods as records of pure functions in stages, and their registries.
 
 Importing this package registers every built-in method, one module each: simclr, moco, byol,
-swav, barlow_twins, npid, dino.
+swav, barlow_twins, npid, dino. ``ssljax.methods.base`` describes the record and its stages,
+``ssljax.methods.addons`` how add-ons wrap them.
 """
 
 from ssljax.methods import barlow_twins, byol, dino, moco, npid, simclr, swav  # registers
-from ssljax.methods.base import (Method, RunInfo, build_method, keep_state,
-                                 online_encoder_variables, register, registered_methods)
+from ssljax.methods.base import (Method, Objective, Outputs, ParamGroup, RunInfo, build_method,
+                                 keep_state, method_from_loss, online_encoder_variables,
+                                 reduce_terms, register, register_addon, registered_addons,
+                                 registered_methods)
 
-__all__ = ["Method", "RunInfo", "build_method", "register", "registered_methods", "keep_state",
-           "online_encoder_variables", "barlow_twins", "byol", "dino", "moco", "npid", "simclr",
-           "swav"]
+__all__ = ["Method", "Objective", "Outputs", "ParamGroup", "RunInfo", "build_method",
+           "keep_state", "method_from_loss", "online_encoder_variables", "reduce_terms",
+           "register", "register_addon", "registered_addons", "registered_methods",
+           "barlow_twins", "byol", "dino", "moco", "npid", "simclr", "swav"]

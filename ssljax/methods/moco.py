@@ -32,7 +32,7 @@ Deliberate deviations, each a choice where the sources differ or cannot be copie
     without sync BN the per-device leak Shuffle-BN prevents is present.
   * Symmetric loss: the official demo sums the two terms, solo-learn (and SPEC 6.2) average
     them; ssljax averages. The demo's SGD update is reproduced exactly with twice its
-    learning rate and half its weight decay (``configs/moco_cifar10.py``).
+    learning rate and half its weight decay (``configs/moco.py:cifar10``).
   * Symmetric queue: solo-learn keeps one queue per view (q1 meets only past keys of view 2);
     ssljax keeps the official demo's single queue fed with the keys of both views.
   * Projector: (Linear - ReLU) x (layers - 1) - Linear with no BatchNorm, MoCo v2's and

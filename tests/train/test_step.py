@@ -308,13 +308,11 @@ def test_the_step_refuses_shard_map_with_varying_types(tiny):
 def test_frozen_leaves_keep_their_state_inside_a_parameter_group():
   import optax
   from ssljax.methods.base import ParamGroup
+  from ssljax.config import default_config
   from ssljax.train.optim import build_optimizer
-  import ml_collections
   method = _toy_method(freeze_steps=2)
-  optim = ml_collections.ConfigDict({"name": "sgd", "lr": 0.1, "momentum": 0.9,
-                                     "nesterov": False, "weight_decay": 0.1,
-                                     "grad_clip_norm": 0.0, "grad_clip_value": 0.0,
-                                     "lars_exclude_bias_and_norm": True})
+  optim = default_config().optim
+  optim.name, optim.momentum, optim.weight_decay = "sgd", 0.9, 0.1
   tx = build_optimizer(optim, optax.constant_schedule(0.1),
                        {"frozen": ParamGroup(optimizer="sgd", weight_decay=0.0)})
   policy = lambda keys, images: (images.astype(jnp.float32),) * 2
