@@ -25,6 +25,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from ssljax.losses.contrastive import gather_rows
+
 
 def _axis_size(axis_name: str | None) -> int:
   return 1 if axis_name is None else jax.lax.axis_size(axis_name)
@@ -217,3 +219,168 @@ def swav(
   ]
   agreement = jnp.mean(jnp.stack(matches).astype(jnp.float32))
   return loss, {"code_entropy": entropy, "agreement": agreement}
+
+
+def batch_kmeans(
+    x: jnp.ndarray,
+    *,
+    num_clusters: int,
+    num_iters: int = 5,
+    axis_name: str | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """CLD's batch k-means of group features (CLD paper Sec. 3.2; official spectral_clustering.py
+  ``KMeans``).
+
+  For rows ``x`` ``[N, D]`` (N = this device's rows, or every device's rows gathered along
+  `axis_name` in global batch order when it is given) and K = `num_clusters`:
+
+      c = x[:K]                                        first K rows as initial centroids
+      repeat num_iters times:
+        l_n = argmin_k ||x_n - c_k||^2                 squared Euclidean assignment
+        c_k = sum_{n: l_n = k} x_n / max(|{n: l_n = k}|, 1)   empty cluster: c_k = 0
+
+  The labels and centroids of the last round are returned; centroids are not re-normalised.
+  The assignment rounds run on ``stop_gradient(x)``; the last mean is recomputed from `x` so
+  the gradient reaches `x` through the centroids (the official code keeps autograd on the
+  means), never through the discrete labels. ``num_iters = 0`` returns ``x[:K]`` as the
+  centroids and the assignment to them.
+
+  Per-device k-means (``axis_name=None``) is the official behaviour: each GPU clusters its own
+  rows. With `axis_name` the rows of every device are gathered first (an ssljax option), every
+  device computes the same global centroids, and the labels returned are those of this
+  device's rows; the gather is differentiable, so the centroids' gradient reaches every
+  device's rows.
+
+  Args:
+    x: ``[n, D]`` float rows (CLD: L2-normalised group features of one view).
+    num_clusters: K, at most the number of rows clustered.
+    num_iters: Lloyd rounds (CLD's scripts: 5).
+    axis_name: gather the rows over this axis before clustering.
+
+  Returns:
+    ``(labels, centroids)``: int32 ``[n]`` (this device's rows) and float32 ``[K, D]``.
+
+  Raises:
+    ValueError: K < 1, K larger than the rows clustered (the official ImageNet script silently
+      degenerates there: every row becomes its own cluster next to zero centroids), or
+      ``num_iters < 0``.
+  """
+  chex.assert_rank(x, 2)
+  if num_iters < 0:
+    raise ValueError(f"batch_kmeans: num_iters must be >= 0, got {num_iters}")
+  x_all, offset = gather_rows(x.astype(jnp.float32), axis_name)
+  rows = x_all.shape[0]
+  if not 1 <= num_clusters <= rows:
+    where = ("the global batch gathered over devices" if axis_name is not None
+             else "this device's batch")
+    raise ValueError(
+        f"batch_kmeans: num_clusters = {num_clusters} must be between 1 and the number of rows "
+        f"clustered, {rows} ({where}); lower the number of clusters (method.cld.num_clusters) "
+        f"or raise the per-device batch (train.batch_size / devices), or cluster the gathered "
+        f"batch (method.cld.global_kmeans = True)")
+
+  def centroids_of(points, labels):
+    onehot = jax.nn.one_hot(labels, num_clusters, dtype=jnp.float32)  # [N, K]
+    counts = jnp.maximum(jnp.sum(onehot, axis=0), 1.0)
+    return (onehot.T @ points) / counts[:, None]
+
+  def assign(points, centroids):  # the official (x_i - c_j)^2 summed: exact ties included
+    distances = jnp.sum((points[:, None, :] - centroids[None, :, :])**2, axis=-1)
+    return jnp.argmin(distances, axis=1).astype(jnp.int32)
+
+  fixed = jax.lax.stop_gradient(x_all)
+  labels = assign(fixed, fixed[:num_clusters])
+  if num_iters > 0:
+    labels = jax.lax.fori_loop(
+        1, num_iters, lambda _, l: assign(fixed, centroids_of(fixed, l)), labels)
+    centroids = centroids_of(x_all, labels)
+  else:
+    centroids = x_all[:num_clusters]
+  local = jax.lax.dynamic_slice_in_dim(labels, offset, x.shape[0])
+  return local, centroids
+
+
+def cld_terms(
+    g_a: jnp.ndarray,
+    g_b: jnp.ndarray,
+    *,
+    num_clusters: int,
+    temperature: float,
+    num_iters: int = 5,
+    axis_name: str | None = None,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """Per-row cross-level terms of `cld`: ``[2, n]`` (row 0: view a's rows, row 1: view b's).
+
+  ``terms[0, i] = CE(g^a_i M^bT / T, l^b_i) / 2`` and ``terms[1, i] = CE(g^b_i M^aT / T,
+  l^a_i) / 2``, so ``cld = sum_v mean_i terms[v, i]``.
+  """
+  chex.assert_rank([g_a, g_b], 2)
+  chex.assert_equal_shape([g_a, g_b])
+  if temperature <= 0:
+    raise ValueError(f"cld: temperature must be > 0, got {temperature}")
+  g_a, g_b = g_a.astype(jnp.float32), g_b.astype(jnp.float32)
+  kmeans = lambda g: batch_kmeans(g, num_clusters=num_clusters, num_iters=num_iters,
+                                  axis_name=axis_name)
+  labels_a, centroids_a = kmeans(g_a)
+  labels_b, centroids_b = kmeans(g_b)
+
+  def cross_entropy(g, centroids, labels):
+    logits = g @ centroids.T / temperature
+    log_p = jax.nn.log_softmax(logits, axis=1)
+    ce = -jnp.take_along_axis(log_p, labels[:, None], axis=1)[:, 0]
+    correct = (jnp.argmax(logits, axis=1) == labels).astype(jnp.float32)
+    return ce, correct
+
+  ce_a, correct_a = cross_entropy(g_a, centroids_b, labels_b)
+  ce_b, _ = cross_entropy(g_b, centroids_a, labels_a)
+  clusters = lambda labels: jnp.sum(jnp.bincount(labels, length=num_clusters) > 0)
+  metrics = {"group_acc": jnp.mean(correct_a),
+             "nonempty_clusters": clusters(labels_a).astype(jnp.float32)}
+  return jnp.stack([ce_a, ce_b]) / 2.0, metrics
+
+
+def cld(
+    g_a: jnp.ndarray,
+    g_b: jnp.ndarray,
+    *,
+    num_clusters: int,
+    temperature: float,
+    num_iters: int = 5,
+    axis_name: str | None = None,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """CLD's cross-level instance-group discrimination loss (CLD paper Sec. 3.2, Eq. 5-6;
+  official train_cifar_npid_cld.py / train_cifar_moco_cld.py, the CLD_loss lines).
+
+  For the group features of two views of the same images, ``G^a, G^b`` ``[n, D]`` (rows
+  L2-normalised by the caller), with ``(l^a, M^a) = batch_kmeans(G^a)`` and ``(l^b, M^b) =
+  batch_kmeans(G^b)`` (K clusters, `num_iters` rounds):
+
+      L = 1/2 [ mean_i CE(softmax_k(G^a_i . M^b_k / T), l^b_i)
+              + mean_i CE(softmax_k(G^b_i . M^a_k / T), l^a_i) ]
+
+  Each instance of one view must pick, among the other view's K centroids, the group its other
+  view was put in. No stop-gradient on either side: the gradient reaches ``G^a`` through the
+  logits and ``G^b`` through its centroids (and vice versa); the labels carry none. Empty
+  clusters keep a zero centroid, i.e. a logit of 0 in every softmax, as in the official code.
+
+  Distributed: ``axis_name=None`` clusters each device's rows on their own (the official
+  behaviour; the per-device loss is the loss of its rows). With `axis_name` the k-means runs
+  on the gathered global batch (`batch_kmeans`); each device returns the mean over its rows,
+  so the mean over devices is the global loss and the mean of the per-device gradients is its
+  gradient (the convention of ``ssljax.losses``).
+
+  Args:
+    g_a, g_b: ``[n, D]`` group features of views a and b (row i: the same image).
+    num_clusters: K (<= rows clustered).
+    temperature: T_c (CLD's ``cld_t``; 0.2 in the CIFAR scripts).
+    num_iters: k-means rounds (5).
+    axis_name: cluster the gathered batch over this axis (None: per device).
+
+  Returns:
+    ``(loss, metrics)``: float32 scalar; ``group_acc`` (the official "CLD acc": fraction of
+    rows of view a whose most similar centroid of view b is their label) and
+    ``nonempty_clusters`` (of view a).
+  """
+  terms, metrics = cld_terms(g_a, g_b, num_clusters=num_clusters, temperature=temperature,
+                             num_iters=num_iters, axis_name=axis_name)
+  return jnp.sum(jnp.mean(terms, axis=1)), metrics
