@@ -591,3 +591,30 @@ def test_npid_gradient_steps_lower_the_loss(nce):
   for _ in range(20):
     v = v - 0.5 * grad(v)
   assert f(v) < 0.7 * start
+
+
+def test_npid_nce_keeps_the_official_eps_at_cifar_scale():
+  # N = 50,000 bank rows, K = 4096 noise rows: eps = 1e-7 moves the loss by ~ eps * N per
+  # noise term (5e-3 in total), far above float32 rounding; the float64 reference of the
+  # official NCECriterion (vectorised _reference_npid_nce) is matched to 2e-5 absolute.
+  rng = np.random.default_rng(7)
+  n, d, size, k, t = 4, 128, 50_000, 4096, 0.07
+  bank = rng.normal(size=(size, d))
+  bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+  v = rng.normal(size=(n, d))
+  index = rng.permutation(size)[:n]
+  noise = rng.integers(0, size, size=(n, k))
+  log_z = math.log(size) + 0.5  # Z ~ N * mean exp(s / t)
+
+  def official(eps):
+    vn = v / np.linalg.norm(v, axis=1, keepdims=True)
+    p_pos = np.exp(np.sum(bank[index] * vn, axis=1) / t - log_z)
+    p_noise = np.exp(np.einsum("nkd,nd->nk", bank[noise], vn) / t - log_z)
+    kp = k / size
+    total = np.log(p_pos / (p_pos + kp + eps)) + np.sum(np.log(kp / (p_noise + kp + eps)), 1)
+    return -np.mean(total)
+
+  loss, _ = npid_nce(jnp.asarray(v, jnp.float32), jnp.asarray(bank, jnp.float32),
+                     jnp.asarray(index), jnp.asarray(noise), temperature=t, log_z=log_z)
+  assert abs(official(1e-7) - official(0.0)) > 3e-3  # the eps matters at this scale
+  np.testing.assert_allclose(float(loss), official(1e-7), rtol=0, atol=2e-5)
