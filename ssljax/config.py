@@ -138,6 +138,10 @@ def default_config(method: str = "simclr",
   c.optim.warmup_epochs = 1.0
   c.optim.warmup_init_fraction = 0.0  # Warmup starts at lr * this.
   c.optim.final_lr_fraction = 0.0  # Cosine ends at lr * this.
+  # > 0: from this fraction of the run on, the cosine's peak is restart_peak_scale x lr (the
+  # official UOTA code's restart at its switch-on epoch: x2 at 0.5). 0: no restart.
+  c.optim.restart_fraction = 0.0
+  c.optim.restart_peak_scale = 2.0
   c.optim.grad_clip_norm = 0.0  # 0 disables.
   # > 0: clip every gradient entry to [-v, v] first (PyTorch clip_grad_value_, ISSL code).
   c.optim.grad_clip_value = 0.0

@@ -12,7 +12,11 @@
 
 Schedules: ``warmup_cosine`` ramps linearly from ``lr * warmup_init_fraction`` to the peak
 over ``warmup_epochs`` and then follows a half cosine to ``lr * final_lr_fraction`` at the last
-step; ``constant``. The peak is ``lr * global_batch / base_batch_size`` (linear scaling).
+step; ``constant``. ``restart_fraction`` > 0 reproduces the official UOTA code's restart
+(``main_uota.py`` rebuilds its cosine at the switch-on epoch with twice the base rate): from
+step ``round(restart_fraction * total_steps)`` on, the same cosine (same progress) runs from a
+peak of ``restart_peak_scale`` x the peak, so the rate jumps up (x2 at mid-training) and decays
+to the same end. The peak is ``lr * global_batch / base_batch_size`` (linear scaling).
 """
 
 from __future__ import annotations
@@ -44,11 +48,17 @@ def build_schedule(optim: ml_collections.ConfigDict, *, global_batch: int, total
   warmup = min(warmup, max(total_steps - 1, 0))
   start, end = peak * optim.warmup_init_fraction, peak * optim.final_lr_fraction
 
+  restart = int(round(optim.restart_fraction * total_steps)) if optim.restart_fraction else -1
+  if optim.restart_fraction < 0 or optim.restart_fraction >= 1:
+    raise ValueError(f"optim.restart_fraction must be in [0, 1), got {optim.restart_fraction}")
+
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
     ramp = start + (peak - start) * step / max(warmup, 1)
     progress = jnp.clip((step - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
-    cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    top = peak if restart < 0 else jnp.where(step >= restart, optim.restart_peak_scale * peak,
+                                             peak)
+    cosine = end + (top - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
     return jnp.where(step < warmup, ramp, cosine)
 
   return schedule

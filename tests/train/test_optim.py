@@ -310,3 +310,24 @@ def test_parameter_groups_name_existing_entries():
     build_optimizer(_optim(), _constant(0.1), {"uota": ParamGroup(optimizer="rmsprop")})
   with pytest.raises(ValueError, match="parameter group 'uota': weight_decay must be >= 0"):
     build_optimizer(_optim(), _constant(0.1), {"uota": ParamGroup(weight_decay=-1.0)})
+
+
+def test_restart_doubles_the_cosine_peak_from_the_switch_on():
+  # The official UOTA restart: the same cosine progress, from twice the peak at the switch.
+  optim = _optim(lr=0.6, base_batch_size=256, warmup_epochs=0.0, final_lr_fraction=0.001,
+                 restart_fraction=0.5, restart_peak_scale=2.0)
+  schedule = build_schedule(optim, global_batch=256, total_steps=100, steps_per_epoch=10)
+  plain = build_schedule(_optim(lr=0.6, base_batch_size=256, warmup_epochs=0.0,
+                                final_lr_fraction=0.001),
+                         global_batch=256, total_steps=100, steps_per_epoch=10)
+  end = 0.6 * 0.001
+  for step in (0, 10, 49):
+    np.testing.assert_allclose(schedule(step), plain(step), rtol=1e-6)
+  for step in (50, 75, 100):
+    cosine = 0.5 * (1 + np.cos(np.pi * step / 100))
+    np.testing.assert_allclose(schedule(step), end + (1.2 - end) * cosine, rtol=1e-5)
+  np.testing.assert_allclose(schedule(50) / plain(50), (end + (1.2 - end) * 0.5) /
+                             (end + (0.6 - end) * 0.5), rtol=1e-5)
+  with pytest.raises(ValueError, match=r"optim.restart_fraction must be in \[0, 1\)"):
+    build_schedule(_optim(restart_fraction=1.0), global_batch=256, total_steps=10,
+                   steps_per_epoch=5)

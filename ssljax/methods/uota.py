@@ -1,0 +1,182 @@
+"""UOTA as an add-on: view weights on the per-(view, image) terms of any multi-view method.
+
+UOTA (Wang et al., NeurIPS 2021, Sec. 3; official ``ssl-codelab/uota``, ``main_uota.py`` and
+``src/uota.py``) multiplies the loss term of every (image i, predicted view j) by a weight
+``w_ji`` that is small for views whose embedding lies far from their image's centre (the mean
+of the global views) relative to the batch's spread of such deviations: out-of-distribution
+crops are arbitrated down (``ssljax.losses.uota`` has the equations). The base method's
+objective must decompose into per-(view, image) terms (``Method.decomposes``): SwAV (the
+official setting, weights on the predicted side, codes unweighted), SimCLR's multi-view NT-Xent
+(weights per anchor) and BYOL over every view (weights on the online prediction's view), as the
+paper's generalisation proposes. Barlow Twins is refused.
+
+Weights come from the base method's ``'projection'`` embeddings (``method.uota.embedding``),
+L2-normalised and under stop-gradient: SwAV's normalised projections, SimCLR's projections,
+BYOL's online projector outputs (not the predictor's, Sec. 3.3 of the paper's BYOL variant).
+
+Modes (``method.uota.mode``):
+
+* ``'closed_form'`` (faithful): the official per-step estimate, a second moment shared by
+  every view of the global batch, recomputed from each batch.
+* ``'learned'``: the Gaussian view model lives in the parameter pytree, ``params['uota'] =
+  {'log_diag': [d], 'lower': [d, d]}``, the Cholesky factor L of the precision ``P = L L^T``
+  (diagonal ``exp(log_diag)``, so P is always positive definite). The add-on adds
+  ``uota_gaussian_nll`` of the stop-gradient deviations to the loss, so the same optimiser
+  step fits L by maximum likelihood, in its own parameter group (``optimizer``, ``lr_scale``;
+  no weight decay, no LARS trust ratio), and the weights use P in place of ``Sigma^{-1}``. Its
+  fixed point on a stationary view distribution is the closed form's precision (without
+  ridge); it starts at ``P = I / init_scale**2`` and is fitted from step 0, so it has converged
+  by the switch-on.
+
+Switch-on: the weights apply from step ``round(start_fraction * total_steps)`` (official: half
+of training, ``epoch_uota_starts`` 100 of 200); before that they are 1 and the run is the base
+method. The official learning-rate restart at the switch is the ``optim.restart_fraction``
+option (``ssljax.train.optim``), set to the same fraction in the faithful configs.
+
+Metrics: ``uota_active``, the weights' ``uota_w_min/max/std``, the mean weight of the global
+views (``uota_w_global``) and of the other views (``uota_w_local``, 0 with no local views);
+learned mode also ``uota_nll``.
+
+Config: ``method.uota.{mode, temperature, num_global_views, eps, start_fraction, embedding,
+optimizer, lr_scale, init_scale}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ssljax.losses import l2_normalize
+from ssljax.losses.uota import (precision_from_cholesky, uota_deviations, uota_gaussian_nll,
+                                uota_precision_weights, uota_view_weights)
+from ssljax.methods.addons import add_params_entry, weight_terms
+from ssljax.methods.base import Method, ParamGroup, RunInfo, register_addon
+
+_MODES = ("closed_form", "learned")
+
+
+def default_section() -> ml_collections.ConfigDict:
+  """``config.method.uota`` with its defaults (the official ImageNet run's values)."""
+  s = ml_collections.ConfigDict()
+  s.mode = "closed_form"  # 'closed_form' (official, per-batch) | 'learned' (params['uota']).
+  s.temperature = 350.0  # tau of u = delta^T P delta / tau; official 350 at d = 128 (~ d).
+  s.num_global_views = 2  # The image's centre is the mean of these first views.
+  s.eps = 1e-8  # Ridge on the closed form's second moment.
+  s.start_fraction = 0.5  # Weights apply from this fraction of the run on (official 0.5).
+  s.embedding = "projection"  # The base method's embedding the weights are computed from.
+  # Learned mode: the view model's parameter group and its initial scale (P = I / scale^2).
+  s.optimizer = "adam"
+  s.lr_scale = 0.05  # x the run's learning-rate schedule.
+  s.init_scale = 0.1
+  return s
+
+
+def _check(hp: ml_collections.ConfigDict, method: Method) -> None:
+  if hp.mode not in _MODES:
+    raise ValueError(f"method.uota.mode must be one of {_MODES}, got {hp.mode!r}")
+  if not hp.temperature > 0:
+    raise ValueError(f"method.uota.temperature must be > 0, got {hp.temperature}")
+  if not 0.0 <= hp.start_fraction <= 1.0:
+    raise ValueError(f"method.uota.start_fraction must be in [0, 1], got {hp.start_fraction}")
+  if hp.num_global_views < 1:
+    raise ValueError(f"method.uota.num_global_views must be >= 1, got {hp.num_global_views}")
+  if not hp.init_scale > 0:
+    raise ValueError(f"method.uota.init_scale must be > 0, got {hp.init_scale}")
+  if method.num_views < hp.num_global_views:
+    raise ValueError(f"uota: {method.name!r} needs {method.num_views} views but "
+                     f"method.uota.num_global_views = {hp.num_global_views}")
+
+
+def with_uota(method: Method, hp: ml_collections.ConfigDict, run: RunInfo) -> Method:
+  """`method` with UOTA's view weights on its per-(view, image) terms (module docstring).
+
+  Raises:
+    ValueError: an invalid setting, or a base objective without per-(view, image) terms.
+  """
+  _check(hp, method)
+  start_step = int(round(hp.start_fraction * run.total_steps))
+  learned = hp.mode == "learned"
+
+  def embeddings(outputs):
+    if hp.embedding not in outputs.embeddings:
+      raise ValueError(f"uota: method.uota.embedding = {hp.embedding!r} is not an embedding of "
+                       f"{method.name!r}; it has {sorted(outputs.embeddings)}")
+    z = jnp.stack([x.astype(jnp.float32) for x in outputs.embeddings[hp.embedding]])
+    return l2_normalize(jax.lax.stop_gradient(z))
+
+  def weights(params, method_state, outputs, batch, *, step, axis_name):
+    del method_state, batch
+    z = embeddings(outputs)
+    if learned:
+      delta = uota_deviations(z, num_global_views=hp.num_global_views)
+      entry = params["uota"]
+      precision = precision_from_cholesky(entry["log_diag"], entry["lower"])
+      w = uota_precision_weights(delta, precision, temperature=hp.temperature,
+                                 axis_name=axis_name)
+    else:
+      w = uota_view_weights(z, temperature=hp.temperature,
+                            num_global_views=hp.num_global_views, eps=hp.eps,
+                            axis_name=axis_name)
+    active = jnp.asarray(step) >= start_step
+    applied = jnp.where(active, w, jnp.ones_like(w))
+    return applied, _weight_metrics(w, active, hp.num_global_views, axis_name)
+
+  base = method
+  if learned:
+    dim_of = lambda views: _embedding_dim(method, views, hp.embedding)
+    base = add_params_entry(
+        method, "uota",
+        init=lambda key, views: {
+            "log_diag": jnp.full((dim_of(views),), -jnp.log(hp.init_scale), jnp.float32),
+            "lower": jnp.zeros((dim_of(views), dim_of(views)), jnp.float32)},
+        group=ParamGroup(optimizer=hp.optimizer, lr_scale=hp.lr_scale, weight_decay=0.0))
+  weighted = dataclasses.replace(weight_terms(base, weights, addon="uota"),
+                                 name=f"{method.name}+uota")
+  if not learned:
+    return weighted
+
+  def objective(params, method_state, outputs, batch, *, key, step, axis_name):
+    out = weighted.objective(params, method_state, outputs, batch, key=key, step=step,
+                             axis_name=axis_name)
+    delta = uota_deviations(embeddings(outputs), num_global_views=hp.num_global_views)
+    nll = uota_gaussian_nll(params["uota"]["log_diag"], params["uota"]["lower"], delta)
+    return out._replace(value=out.value + nll, terms=None,
+                        metrics={**out.metrics, "uota_nll": nll})
+
+  return dataclasses.replace(weighted, objective=objective, decomposes=False)
+
+
+def _embedding_dim(method: Method, views, name: str) -> int:
+  """Width of `method`'s embedding `name` (shapes only)."""
+  params, state = jax.eval_shape(method.init, jax.random.key(0), views)
+  outputs, _ = jax.eval_shape(
+      lambda p, s: method.forward(p, s, {"views": views}, step=jnp.int32(0)), params, state)
+  if name not in outputs.embeddings:
+    raise ValueError(f"uota: method.uota.embedding = {name!r} is not an embedding of "
+                     f"{method.name!r}; it has {sorted(outputs.embeddings)}")
+  return outputs.embeddings[name][0].shape[-1]
+
+
+def _weight_metrics(w: jax.Array, active: jax.Array, num_global: int,
+                    axis_name: str | None) -> dict[str, jax.Array]:
+  """Min, max, std of the (computed) weights over the global batch; global vs local means."""
+  lo, hi = jnp.min(w), jnp.max(w)
+  mean, mean_sq = jnp.mean(w), jnp.mean(w ** 2)
+  if axis_name:
+    lo, hi = jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
+    mean, mean_sq = jax.lax.pmean(mean, axis_name), jax.lax.pmean(mean_sq, axis_name)
+  local = w[num_global:]
+  return {"uota_active": active.astype(jnp.float32), "uota_w_min": lo, "uota_w_max": hi,
+          "uota_w_std": jnp.sqrt(jnp.maximum(mean_sq - mean ** 2, 0.0)),
+          "uota_w_global": jnp.mean(w[:num_global]),
+          "uota_w_local": jnp.mean(local) if local.shape[0] else jnp.zeros((), jnp.float32)}
+
+
+@register_addon("uota", config=default_section)
+def uota_addon(method: Method, config: ml_collections.ConfigDict, axis_name: str | None,
+               run: RunInfo) -> Method:
+  del axis_name
+  return with_uota(method, config.method.uota, run)

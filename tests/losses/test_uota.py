@@ -1,0 +1,153 @@
+"""UOTA's view weights: the closed form against a loop reference of the official procedure, the
+learned Gaussian model's likelihood and its fixed point, 8 devices against 1."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+from ssljax.losses import (uota_gaussian_nll, uota_precision_weights, uota_second_moment,
+                           uota_view_weights)
+from ssljax.losses.uota import precision_from_cholesky, uota_deviations
+
+
+def _embeddings(num_views=6, n=16, d=8, seed=0, outlier=None):
+  """Unit vectors: per image a direction, views scattered around it (small crops more)."""
+  rng = np.random.default_rng(seed)
+  centre = rng.normal(size=(n, d))
+  spread = np.array([0.3, 0.3] + [0.8] * (num_views - 2))[:, None, None]
+  z = centre[None] + spread * rng.normal(size=(num_views, n, d))
+  if outlier is not None:  # one view of image 0 replaced by an unrelated direction
+    z[outlier, 0] = 5.0 * rng.normal(size=d)
+  return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+
+def _reference(z, temperature=350.0, num_global=2, eps=1e-8):
+  """The official ``_get_sample_weight``, literally, in float64."""
+  z = np.asarray(z, np.float64)
+  num_views, n, d = z.shape
+  centre = z[:num_global].mean(axis=0)
+  weights = np.empty((num_views, n))
+  deviations = [[z[j, i] - centre[i] for i in range(n)] for j in range(num_views)]
+  sigma = eps * np.eye(d)
+  for j in range(num_views):
+    for i in range(n):
+      sigma += np.outer(deviations[j][i], deviations[j][i]) / (num_views * n)
+  inverse = np.linalg.inv(sigma)
+  u = np.array([[deviations[j][i] @ inverse @ deviations[j][i] / temperature
+                 for i in range(n)] for j in range(num_views)])
+  weights = num_views * n * np.exp(-u) / np.exp(-u).sum()
+  return weights
+
+
+@pytest.mark.parametrize("num_views,temperature", [(6, 350.0), (4, 8.0), (2, 5.0)])
+def test_closed_form_matches_the_official_procedure(num_views, temperature):
+  z = _embeddings(num_views=num_views)
+  w = uota_view_weights(jnp.asarray(z, jnp.float32), temperature=temperature)
+  np.testing.assert_allclose(w, _reference(z, temperature), rtol=2e-4)
+  np.testing.assert_allclose(jnp.mean(w), 1.0, rtol=1e-6)
+  if num_views == 2:  # delta_1 = -delta_2: both views of an image share their weight
+    np.testing.assert_allclose(w[0], w[1], rtol=1e-5)
+
+
+def test_an_out_of_distribution_view_gets_the_smallest_weight():
+  z = _embeddings(num_views=6, outlier=4)
+  w = np.asarray(uota_view_weights(jnp.asarray(z, jnp.float32), temperature=2.0))
+  assert np.unravel_index(np.argmin(w), w.shape) == (4, 0)
+  # Global views sit at half their mutual distance from the centre: favoured on average.
+  assert w[:2].mean() > w[2:].mean()
+
+
+def test_the_weights_carry_no_gradient():
+  z = jnp.asarray(_embeddings(), jnp.float32)
+  grad = jax.grad(lambda z: jnp.sum(uota_view_weights(z, temperature=3.0) * z[..., 0]))(z)
+  expected = jnp.zeros_like(z).at[..., 0].set(uota_view_weights(z, temperature=3.0))
+  np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_precision_weights_with_the_closed_form_precision_are_the_closed_form():
+  z = jnp.asarray(_embeddings(), jnp.float32)
+  delta = uota_deviations(z)
+  precision = jnp.linalg.inv(uota_second_moment(delta))
+  np.testing.assert_allclose(uota_precision_weights(delta, precision, temperature=4.0),
+                             uota_view_weights(z, temperature=4.0), rtol=1e-4)
+
+
+def test_eight_devices_equal_one_device_on_the_concatenated_batch(num_devices):
+  z = jnp.asarray(_embeddings(n=16), jnp.float32)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  per_device = functools.partial(uota_view_weights, temperature=3.0, axis_name="data")
+  sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(None, "data"),
+                                  out_specs=P(None, "data"), check_vma=False))
+  np.testing.assert_allclose(sharded(z), uota_view_weights(z, temperature=3.0), rtol=1e-5)
+  pmapped = jax.pmap(per_device, axis_name="data", in_axes=1, out_axes=1)
+  stacked = z.reshape(z.shape[0], num_devices, -1, z.shape[-1])
+  np.testing.assert_allclose(pmapped(stacked).reshape(z.shape[:2]),
+                             uota_view_weights(z, temperature=3.0), rtol=1e-5)
+
+
+def test_bad_inputs_are_named():
+  z = jnp.asarray(_embeddings(num_views=3, n=2, d=8), jnp.float32)
+  with pytest.raises(ValueError, match=r"span at most \(V - 1\) N = 4 dimensions.*1e-4"):
+    uota_view_weights(z)
+  assert np.isfinite(uota_view_weights(z, eps=1e-3)).all()  # a larger ridge is accepted
+  with pytest.raises(ValueError, match="num_global_views = 4 views, but z has 3 views"):
+    uota_view_weights(z, num_global_views=4, eps=1e-3)
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    uota_view_weights(jnp.asarray(_embeddings(), jnp.float32), temperature=0.0)
+
+
+def test_gaussian_nll_gradient_matches_finite_differences():
+  delta = uota_deviations(jnp.asarray(_embeddings(d=4), jnp.float64 if jax.config.x64_enabled
+                                      else jnp.float32))
+  rng = np.random.default_rng(1)
+  log_diag = jnp.asarray(rng.normal(scale=0.3, size=4) + 1.0, jnp.float32)
+  lower = jnp.asarray(np.tril(rng.normal(scale=0.3, size=(4, 4)), -1), jnp.float32)
+  g_diag, g_lower = jax.grad(uota_gaussian_nll, argnums=(0, 1))(log_diag, lower, delta)
+  eps = 1e-2
+  for k in range(4):
+    bump = jnp.zeros(4).at[k].set(eps)
+    numeric = (uota_gaussian_nll(log_diag + bump, lower, delta) -
+               uota_gaussian_nll(log_diag - bump, lower, delta)) / (2 * eps)
+    np.testing.assert_allclose(g_diag[k], numeric, rtol=1e-2, atol=1e-4)
+  bump = jnp.zeros((4, 4)).at[2, 1].set(eps)
+  numeric = (uota_gaussian_nll(log_diag, lower + bump, delta) -
+             uota_gaussian_nll(log_diag, lower - bump, delta)) / (2 * eps)
+  np.testing.assert_allclose(g_lower[2, 1], numeric, rtol=1e-2, atol=1e-4)
+  np.testing.assert_array_equal(g_lower[1, 2], 0.0)  # the upper triangle is not a parameter
+
+
+def test_learned_precision_converges_to_the_closed_form_on_a_stationary_distribution():
+  # Views drawn afresh every step from one fixed distribution: maximum likelihood by Adam
+  # (as the learned mode's parameter group) reaches the precision of its second moment.
+  d, views, n = 4, 6, 64
+  rng = np.random.default_rng(2)
+  centres = rng.normal(size=(n, d))
+  mixing = np.eye(d) + 0.5 * rng.normal(size=(d, d))
+  spread = np.array([0.1, 0.1, 0.3, 0.3, 0.3, 0.3])[:, None, None]
+
+  def sample(key):
+    noise = jax.random.normal(key, (views, n, d)) @ jnp.asarray(mixing.T, jnp.float32)
+    return uota_deviations(jnp.asarray(centres, jnp.float32)[None] + spread * noise)
+
+  params = {"log_diag": jnp.zeros(d), "lower": jnp.zeros((d, d))}
+  tx = optax.adam(optax.cosine_decay_schedule(3e-2, 3000))
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, key):
+    grads = jax.grad(lambda p: uota_gaussian_nll(p["log_diag"], p["lower"], sample(key)))(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  for i in range(3000):
+    params, opt_state = step(params, opt_state, jax.random.key(i))
+  # The closed form on a large sample of the same distribution.
+  big = jnp.concatenate([sample(jax.random.key(10**6 + i)) for i in range(50)], axis=1)
+  closed = jnp.linalg.inv(uota_second_moment(big, eps=0.0))
+  learned = precision_from_cholesky(params["log_diag"], params["lower"])
+  np.testing.assert_allclose(learned, closed, rtol=0.05, atol=0.05 * float(jnp.max(closed)))
