@@ -8,6 +8,8 @@
 Hidden layers are always Linear - BN - ReLU. The last layer is Linear, optionally followed by
 a BatchNorm (``last_bn``, affine or not). ``num_layers = 1`` is a single linear map.
 
+`NormLinear` and `NormMLP` are CLD's normalised (cosine) heads.
+
 `DINOHead` is DINO's projection head: an MLP with GELU down to a bottleneck, an L2
 normalisation, and a weight-normalised linear layer with unit-norm weights (`UnitNormDense`),
 in the official DINO layout or in the layout of the DINO baseline of the DISSL/CISSL code.
@@ -18,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ssljax.losses.contrastive import l2_normalize
@@ -170,3 +173,60 @@ class DINOHead(nn.Module):
       x = _l2_normalize(x)
     x = UnitNormDense(self.out_dim, dtype=self.dtype, name="last_layer")(x)
     return x.astype(jnp.float32)
+
+
+def _unit_columns_init(key, shape, dtype=jnp.float32):
+  """The official NormedLinear init: U(-1, 1), then each output column scaled to unit norm."""
+  w = jax.random.uniform(key, shape, dtype, -1.0, 1.0)
+  return w / jnp.linalg.norm(w, axis=0, keepdims=True)
+
+
+class NormLinear(nn.Module):
+  """CLD's normalised (cosine) projection head (CLD paper Sec. 3.3; official
+  models/resnet_cifar.py ``NormedLinear``).
+
+  ``y_j = (x / ||x||) . (W_{:, j} / ||W_{:, j}||)`` for ``x`` ``[n, in]`` and ``W`` ``[in,
+  out]``, no bias: each output is the cosine similarity of the input with a weight column, in
+  [-1, 1]. The normalisations are part of the forward pass (the gradient goes through them);
+  W starts uniform in [-1, 1] with unit-norm columns, as the official init.
+
+  Attributes:
+    features: number of outputs.
+    dtype: computation dtype (the kernel is stored in float32); the output is float32.
+  """
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+    del train  # no BatchNorm or dropout
+    kernel = self.param("kernel", _unit_columns_init, (x.shape[-1], self.features),
+                        jnp.float32)
+    unit = kernel / jnp.maximum(jnp.linalg.norm(kernel, axis=0, keepdims=True), 1e-12)
+    x = l2_normalize(x.astype(jnp.float32)).astype(self.dtype)
+    return (x @ unit.astype(self.dtype)).astype(jnp.float32)
+
+
+class NormMLP(nn.Module):
+  """CLD's "NormMLP" head: Linear(-> hidden_dim) - ReLU - `NormLinear`(-> out_dim) (CLD paper
+  Sec. 3.3; official models/ResNet.py with ``--mlp --normlinear``).
+
+  The official ImageNet model shares the Linear - ReLU layer between the instance and the
+  group branch and forks two NormLinear heads from it; as a head of its own (CLD's group
+  branch here) the hidden layer belongs to this head.
+
+  Attributes:
+    hidden_dim: width of the hidden layer.
+    out_dim: output width.
+    dtype: computation dtype; the output is float32.
+  """
+
+  hidden_dim: int
+  out_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="dense1")(x.astype(self.dtype))
+    return NormLinear(self.out_dim, dtype=self.dtype, name="norm_linear")(nn.relu(x), train)
