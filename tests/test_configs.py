@@ -22,8 +22,45 @@ def _path(method: str) -> str:
   return os.path.join(CONFIG_DIR, f"{method}.py")
 
 
-def test_one_config_file_per_method():
-  assert sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py")) == METHODS
+def _addon_config_files() -> list[tuple[str, str, str]]:
+  """``(file stem, method, add-on)`` of every ``configs/<method>_<add-on>.py``."""
+  found = []
+  for stem in sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py")):
+    if stem in METHODS:
+      continue
+    method, _, addon = stem.rpartition("_")
+    found.append((stem, method, addon))
+  return found
+
+
+def test_one_config_file_per_method_and_the_rest_name_a_method_and_an_add_on():
+  stems = {f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py")}
+  assert set(METHODS) <= stems
+  for stem, method, addon in _addon_config_files():
+    assert method in METHODS and addon in base.registered_addons(), stem
+
+
+ADDON_CASES = [(stem, setting) for stem, _, _ in _addon_config_files()
+               for setting in load_config_module(_path(stem)).SETTINGS]
+
+
+@pytest.mark.parametrize("stem, setting", ADDON_CASES, ids=[f"{s}:{a}" for s, a in ADDON_CASES])
+def test_addon_configs_build_and_name_their_command(stem, setting):
+  module = load_config_module(_path(stem))
+  assert f"--config configs/{stem}.py:{setting}" in module.__doc__
+  config = module.get_config(setting)
+  method, _, addon = stem.rpartition("_")
+  assert config.method.name == method
+  assert set(config.method.keys()) == {"name", "addons", method, *config.method.addons}
+  assert set(config.method.addons) <= {addon}  # a baseline setting runs without the add-on
+  rebuilt = config_from_json(config_to_json(config))
+  assert config_to_json(rebuilt) == config_to_json(config)
+  built = build_method(config, run=RunInfo(steps_per_epoch=10, total_steps=100,
+                                           num_examples=1000))
+  assert built.name == "+".join([method, *config.method.addons])
+  assert augment.build_policy(config.augment).num_views >= built.num_views
+  with pytest.raises(ValueError, match="unknown setting"):
+    module.get_config("no_such_setting")
 
 
 @pytest.mark.parametrize("method, dataset", CASES, ids=[f"{m}:{d}" for m, d in CASES])

@@ -40,7 +40,8 @@ Sample-count rule. Sinkhorn gives every prototype the mass 1/K and every sample 
 sample's unit mass is spread over at least K / B prototypes, so the codes cannot become
 confident and the swapped prediction learns little (the reason SwAV adds a queue for small
 batches). The builder therefore raises an error when the samples Sinkhorn will ever see are
-fewer than the prototypes: ``train.batch_size < num_prototypes`` without a queue, or
+fewer than the prototypes: ``train.batch_size < num_prototypes`` without a queue (unless
+``allow_soft_codes``, for recipes that run so: the official UOTA run), or
 ``queue_size + train.batch_size < num_prototypes`` with one. With a queue that starts later
 (or while it fills) the codes come from the batch alone, softer when B < K; this is what the
 official code and solo-learn's CIFAR recipe (B = 256, K = 3000, queue from epoch 50) do.
@@ -82,14 +83,15 @@ def check_swav_config(hp: ml_collections.ConfigDict, global_batch: int) -> None:
     raise ValueError(f"swav: method.swav.crops_for_assign must be distinct view indices "
                      f">= 0, got {crops}")
   if hp.queue_size == 0:
-    if global_batch < hp.num_prototypes:
+    if global_batch < hp.num_prototypes and not hp.allow_soft_codes:
       raise ValueError(
           f"swav: the global batch (train.batch_size = {global_batch}) is smaller than "
           f"method.swav.num_prototypes = {hp.num_prototypes} and there is no queue "
           f"(method.swav.queue_size = 0). Sinkhorn gives each prototype the mass 1/K and "
           f"each sample 1/B, so with fewer samples than prototypes no sample can be "
           f"assigned to one prototype; use a larger batch, fewer prototypes, or a queue "
-          f"with queue_size + batch_size >= num_prototypes")
+          f"with queue_size + batch_size >= num_prototypes (or, to reproduce a recipe that "
+          f"runs so, --config.method.swav.allow_soft_codes=True)")
     return
   check_queue_length("swav", hp.queue_size, global_batch, "method.swav.queue_size")
   if hp.queue_size + global_batch < hp.num_prototypes:
@@ -233,6 +235,9 @@ def default_section() -> ml_collections.ConfigDict:
   s.queue_start_epoch = 50.0  # The queue joins the codes from this epoch.
   s.freeze_prototypes_epochs = 2.0  # Prototypes get no update before this.
   s.crops_for_assign = (0, 1)  # Views whose codes are predicted (global crops).
+  # True: accept fewer Sinkhorn samples than prototypes without a queue (soft codes); the
+  # official UOTA README run does so (batch 256, 3000 prototypes, no queue).
+  s.allow_soft_codes = False
   return s
 
 
