@@ -69,6 +69,10 @@ def default_config(method: str = "simclr",
   c.data.mean = (0.2860,)
   c.data.std = (0.3530,)
   c.data.prefetch = 2  # Host batches prepared ahead of the train step.
+  # > 0: train on the long-tailed subset of the train split (CIFAR-10-LT construction,
+  # ssljax.data.sources.long_tailed_subset): exponential class sizes with this ratio between
+  # the largest and the smallest class (100: CIFAR-10-LT). The test split stays balanced.
+  c.data.imbalance = 0.0
 
   # ---------------------------------------------------------------- augment
   c.augment = ml_collections.ConfigDict()

@@ -19,6 +19,7 @@ from ssljax.data.sources import (
     load_fashion_mnist_idx,
     load_image_folder,
     load_tfds,
+    long_tailed_subset,
     read_idx,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "load_fashion_mnist_idx",
     "load_image_folder",
     "load_tfds",
+    "long_tailed_subset",
     "read_idx",
     "to_global_array",
 ]

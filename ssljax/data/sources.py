@@ -675,6 +675,47 @@ def _arrays_path(data_dir: str, split: str) -> str:
   return data_dir
 
 
+def long_tailed_subset(source: ArraySource, *, ratio: float, num_classes: int,
+                       seed: int = 0) -> ArraySource:
+  """An exponentially imbalanced subset of a labelled source: the CIFAR-10-LT construction.
+
+  Cui et al. 2019 / Cao et al. 2019 (LDAM-DRW ``imbalance_cifar.py``
+  ``IMBALANCECIFAR10.gen_imbalanced_data``), used for CLD's long-tailed experiments (CLD
+  paper Sec. 4): with ``n_max = len(source) / num_classes`` (the per-class count of a
+  balanced set), class c keeps
+
+      n_c = int(n_max * ratio ** (-c / (num_classes - 1))),   c = 0 .. num_classes - 1,
+
+  so class 0 keeps n_max images and the last class n_max / ratio (ratio = largest / smallest
+  class, 100 for CIFAR-10-LT: 5000 ... 50 images). The images kept are the first n_c of the
+  class's indices after a shuffle by ``np.random.RandomState(seed)``, class after class in
+  label order (the LDAM code's ``np.random.seed(0)`` + ``np.random.shuffle``), so the subset
+  is deterministic. A class with fewer than n_c images keeps all of them (the LDAM code's
+  slice; CIFAR and Fashion-MNIST are balanced, so it does not arise there). The kept examples
+  are returned in their original dataset order.
+
+  Raises:
+    ValueError: ratio < 1, fewer than 2 classes, or unlabelled examples.
+  """
+  if ratio < 1.0:
+    raise ValueError(f"data.imbalance must be >= 1 (largest / smallest class), got {ratio}")
+  if num_classes < 2:
+    raise ValueError(f"a long-tailed split needs >= 2 classes, got data.num_classes = "
+                     f"{num_classes}")
+  if not source.has_labels:
+    raise ValueError("data.imbalance needs a labelled train split (every label >= 0)")
+  n_max = len(source) / num_classes
+  rng = np.random.RandomState(seed)
+  keep = []
+  for c in range(num_classes):
+    count = int(n_max * ratio ** (-c / (num_classes - 1.0)))
+    members = np.flatnonzero(source.labels == c)
+    rng.shuffle(members)
+    keep.append(members[:count])
+  index = np.sort(np.concatenate(keep))
+  return ArraySource(source.images[index], source.labels[index])
+
+
 def build_source(data_config: ml_collections.ConfigDict, split: str) -> ArraySource:
   """Loads split `split` as configured by the ``data`` config section.
 
@@ -688,7 +729,10 @@ def build_source(data_config: ml_collections.ConfigDict, split: str) -> ArraySou
                          path (``{split}`` in it is replaced by the split)
 
   Then checks the images against ``(data.image_size, data.image_size, data.channels)``
-  and the labels against ``data.num_classes``.
+  and the labels against ``data.num_classes``. With ``data.imbalance`` > 0 the train split
+  (``data.train_split``: pretraining, the kNN bank and the linear probe's training set) is
+  replaced by its long-tailed subset (`long_tailed_subset`, ratio = ``data.imbalance``); the
+  test split stays balanced.
   """
   data = data_config
   source = data.source
@@ -727,4 +771,7 @@ def build_source(data_config: ml_collections.ConfigDict, split: str) -> ArraySou
     raise ValueError(
         f"The {source} split {split!r} has label {max_label} but data.num_classes is "
         f"{data.num_classes}; set --config.data.num_classes={max_label + 1}.")
+  imbalance = data.get("imbalance", 0.0)
+  if imbalance and split == data.train_split:
+    loaded = long_tailed_subset(loaded, ratio=imbalance, num_classes=data.num_classes)
   return loaded

@@ -592,3 +592,67 @@ def test_build_source_errors(tmp_path):
   assert "data.image_size" in message and "data.channels" in message
   with pytest.raises(ValueError, match="data.num_classes"):
     build_source(_data_config(data_dir=str(tmp_path), num_classes=4), "train")
+
+
+# ------------------------------------------------------------------- long-tailed subset
+
+
+def _balanced(num_classes=10, per_class=50, seed=0):
+  rng = np.random.default_rng(seed)
+  labels = rng.permutation(np.repeat(np.arange(num_classes), per_class)).astype(np.int32)
+  images = np.arange(len(labels), dtype=np.int64)[:, None, None, None] % 256
+  images = np.broadcast_to(images, (len(labels), 2, 2, 1)).astype(np.uint8)
+  return sources.ArraySource(np.ascontiguousarray(images), labels), labels
+
+
+def test_long_tailed_subset_is_the_cifar_lt_construction():
+  source, labels = _balanced()
+  lt = sources.long_tailed_subset(source, ratio=10.0, num_classes=10)
+  # n_c = int(50 * 10 ** (-c / 9)): 50, 38, 29, 23, 17, 13, 10, 7, 5, 5 (int() truncates).
+  expected = [int(50 * 10.0 ** (-c / 9)) for c in range(10)]
+  assert expected[0] == 50 and expected[-1] == 5
+  np.testing.assert_array_equal(np.bincount(lt.labels, minlength=10), expected)
+  # The LDAM code's selection: RandomState(0) shuffles each class's indices in label order.
+  rs = np.random.RandomState(0)
+  chosen = []
+  for c, count in enumerate(expected):
+    members = np.flatnonzero(labels == c)
+    rs.shuffle(members)
+    chosen.extend(members[:count])
+  index = np.sort(chosen)
+  np.testing.assert_array_equal(lt.labels, labels[index])
+  np.testing.assert_array_equal(lt.images, source.images[index])
+  again = sources.long_tailed_subset(source, ratio=10.0, num_classes=10)
+  np.testing.assert_array_equal(again.images, lt.images)  # deterministic
+  assert len(sources.long_tailed_subset(source, ratio=1.0, num_classes=10)) == len(source)
+
+
+def test_long_tailed_subset_bad_inputs():
+  source, _ = _balanced()
+  with pytest.raises(ValueError, match="data.imbalance must be >= 1"):
+    sources.long_tailed_subset(source, ratio=0.5, num_classes=10)
+  unlabelled = sources.ArraySource(source.images, np.full(len(source), -1, np.int32))
+  with pytest.raises(ValueError, match="labelled"):
+    sources.long_tailed_subset(unlabelled, ratio=10.0, num_classes=10)
+  # A class with fewer images than n_c keeps all it has (the LDAM code's slice).
+  lopsided = sources.ArraySource(source.images, np.where(source.labels == 1, 0, source.labels)
+                                 .astype(np.int32))
+  counts = np.bincount(sources.long_tailed_subset(lopsided, ratio=10.0, num_classes=10).labels,
+                       minlength=10)
+  assert counts[0] == 50 and counts[1] == 0 and counts[2] == 29
+
+def test_imbalance_option_changes_the_train_split_only(tmp_path):
+  from tests.util import write_tiny_dataset
+  write_tiny_dataset(str(tmp_path), num_train=400, num_test=40, num_classes=4)
+  config = default_config("simclr")
+  config.data.source, config.data.data_dir = "arrays", str(tmp_path)
+  config.data.image_size, config.data.num_classes = 16, 4
+  train, test = build_source(config.data, "train"), build_source(config.data, "test")
+  config.data.imbalance = 4.0
+  lt_train, lt_test = build_source(config.data, "train"), build_source(config.data, "test")
+  np.testing.assert_array_equal(lt_test.labels, test.labels)
+  counts = np.bincount(lt_train.labels, minlength=4)
+  available = np.bincount(train.labels, minlength=4)
+  np.testing.assert_array_equal(
+      counts, [min(int(100 * 4.0 ** (-c / 3)), available[c]) for c in range(4)])
+  assert len(lt_train) < len(train)
