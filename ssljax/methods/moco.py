@@ -37,7 +37,8 @@ Deliberate deviations, each a choice where the sources differ or cannot be copie
     ssljax keeps the official demo's single queue fed with the keys of both views.
   * Projector: (Linear - ReLU) x (layers - 1) - Linear with no BatchNorm, MoCo v2's and
     solo-learn's head (`MocoProjector`); ``proj_layers = 1`` is MoCo v1's / the CIFAR demo's
-    linear head.
+    linear head. ``norm_linear`` makes the last layer CLD's cosine layer (NormLinear /
+    NormMLP, the official MoCo+CLD scripts' ``--normlinear``).
 
 Stages: ``features`` are the query encoder's outputs for the query views (in the order of the
 layout's query views); ``embed`` gives ``'query'`` (projector outputs, one per query view) and
@@ -46,7 +47,7 @@ terms put each query view's InfoNCE rows (divided by the number of pairs) at tha
 Evaluation uses the query encoder.
 
 Config: ``method.moco.{temperature, queue_size, ema_momentum, ema_momentum_final, symmetric,
-proj_hidden_dim, proj_dim, proj_layers, num_views}``.
+proj_hidden_dim, proj_dim, proj_layers, norm_linear, num_views}``.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from ssljax.methods.base import (Method, Objective, RunInfo, apply_module, chain
 from ssljax.methods.common import (check_ema_momenta, check_queue_length,
                                    cosine_ema_momentum, ema_update, fifo_enqueue)
 from ssljax.models import build_encoder, compute_dtype
+from ssljax.models.heads import NormLinear, NormMLP
 
 PyTree = Any
 # The trained modules the key encoder copies by EMA (a wrapper may add other params).
@@ -134,9 +136,16 @@ def build_moco(config: ml_collections.ConfigDict, axis_name: str | None,
   check_ema_momenta("moco", hp.ema_momentum, hp.ema_momentum_final)
 
   encoder = build_encoder(config, axis_name=axis_name)
-  projector = MocoProjector(hidden_dim=hp.proj_hidden_dim, out_dim=hp.proj_dim,
-                            num_layers=hp.proj_layers,
-                            dtype=compute_dtype(config.train.compute_dtype))
+  dtype = compute_dtype(config.train.compute_dtype)
+  if hp.norm_linear:
+    if hp.proj_layers not in (1, 2):
+      raise ValueError(f"moco: method.moco.norm_linear needs proj_layers 1 (NormLinear) or 2 "
+                       f"(NormMLP), got {hp.proj_layers}")
+    projector = (NormLinear(hp.proj_dim, dtype=dtype) if hp.proj_layers == 1 else
+                 NormMLP(hidden_dim=hp.proj_hidden_dim, out_dim=hp.proj_dim, dtype=dtype))
+  else:
+    projector = MocoProjector(hidden_dim=hp.proj_hidden_dim, out_dim=hp.proj_dim,
+                              num_layers=hp.proj_layers, dtype=dtype)
 
   def init(key, views):
     k_enc, k_proj, k_queue = jax.random.split(key, 3)
@@ -222,6 +231,9 @@ def default_section() -> ml_collections.ConfigDict:
   s.proj_hidden_dim = 512
   s.proj_dim = 128
   s.proj_layers = 2  # 1: the linear head of MoCo v1 / the CIFAR demo.
+  # CLD's --normlinear (CLD paper Sec. 3.3): the projector's last layer is a cosine layer,
+  # `NormLinear` (proj_layers 1) or Linear - ReLU - NormLinear, "NormMLP" (proj_layers 2).
+  s.norm_linear = False
   # 2: query view 0, key view 1 (and the reverse if `symmetric`). 3: CLD's three-view MoCo
   # (SPEC 5.5): queries of views 0 and 1 against the key of view 2; needs
   # augment.num_views >= 3 and symmetric = False.

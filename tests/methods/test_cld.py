@@ -111,6 +111,24 @@ def test_group_loss_trains_the_encoder_and_head_and_byol_target_is_untouched(tmp
   assert "target" in state and "cld_head" not in state["target"]
 
 
+def test_moco_norm_linear_instance_head_gives_cosines(tmp_path):
+  # The official MoCo+CLD scripts' --normlinear also turns the instance head into NormLinear.
+  config = _config(tmp_path, "moco", head="norm_linear")
+  config.method.moco.proj_layers = 1
+  config.method.moco.norm_linear = True
+  method = build_method(config, run=_RUN)
+  views = _views(3)
+  params, state = init_with_numpy_kernels(method.init, _KEY, views)
+  features, _ = method.features(params, state, views, train=True)
+  embeddings, _ = method.embed(params, state, features, views, step=jnp.int32(0))
+  kernel = params["projector"]["kernel"]
+  expected = l2_normalize(features[0]) @ (kernel / jnp.linalg.norm(kernel, axis=0))
+  np.testing.assert_allclose(embeddings["query"][0], expected, rtol=1e-5, atol=1e-6)
+  config.method.moco.proj_layers = 3
+  with pytest.raises(ValueError, match="norm_linear needs proj_layers 1"):
+    build_method(config, run=_RUN)
+
+
 def test_head_layers_add_the_group_head(tmp_path):
   config = _config(tmp_path, "npid", head="norm_mlp")
   method = build_method(config, run=_RUN)

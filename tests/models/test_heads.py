@@ -1,6 +1,8 @@
 """MLPHead: layer structure, the Linear-BN-ReLU computation by hand, last BN, linearity.
 
-DINOHead: both layouts by hand, the unit-norm last layer (weight norm with g = 1)."""
+DINOHead: both layouts by hand, the unit-norm last layer (weight norm with g = 1).
+
+NormLinear / NormMLP (CLD): cosine outputs by hand, scale invariance, the unit-column init."""
 
 import functools
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from ssljax.models import MLPHead
-from ssljax.models.heads import DINOHead
+from ssljax.models.heads import DINOHead, NormLinear, NormMLP
 
 _KEY = jax.random.key(0)
 _EPS = 1e-5
@@ -233,3 +235,21 @@ def test_dino_head_bfloat16_returns_float32():
   reference = DINOHead(hidden_dim=8, bottleneck_dim=4, out_dim=6, num_layers=2,
                        use_bn=True).apply(variables, x, train=False)
   np.testing.assert_allclose(out, reference, rtol=0.05, atol=0.05)
+
+
+def test_norm_linear_is_the_cosine_of_input_and_weight_columns():
+  layer = NormLinear(3)
+  params = layer.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  np.testing.assert_allclose(jnp.linalg.norm(params["kernel"], axis=0), 1.0, rtol=1e-6)
+  assert float(jnp.abs(params["kernel"]).max()) <= 1.0
+  w = jnp.asarray([[3.0, 0.0, 1.0], [4.0, 2.0, -1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+  x = jnp.asarray([[0.0, 5.0, 0.0, 0.0], [6.0, 8.0, 0.0, 0.0]])
+  y = layer.apply({"params": {"kernel": w}}, x)
+  s2 = 1 / np.sqrt(2)
+  np.testing.assert_allclose(y, [[0.8, 1.0, -s2], [0.6 * 0.6 + 0.8 * 0.8, 0.8, -0.2 * s2]],
+                             rtol=1e-6)
+  np.testing.assert_allclose(layer.apply({"params": {"kernel": 7 * w}}, 3 * x), y, rtol=1e-6)
+  mlp = NormMLP(hidden_dim=5, out_dim=2)
+  variables = mlp.init(jax.random.key(1), jnp.ones((2, 4)))
+  assert set(variables["params"]) == {"dense1", "norm_linear"}
+  assert float(jnp.abs(mlp.apply(variables, x)).max()) <= 1.0 + 1e-6
