@@ -90,3 +90,34 @@ def plot_training_curves(metrics_jsonl_path: str | os.PathLike[str],
     knn_axis.grid(alpha=0.3)
 
   figure.savefig(out_png_path, format="png", dpi=100)
+
+
+def plot_crops(crops, titles, path: str | os.PathLike[str], *, rows: int = 1,
+               suptitle: str = "") -> str:
+  """Saves image crops (``[h, w, c]`` floats in [0, 1], any sizes) in a grid with titles.
+
+  One- and three-channel crops are shown as grayscale and RGB; every crop fills its cell at
+  its own resolution. Returns `path`.
+  """
+  import numpy as np
+
+  if len(crops) != len(titles):
+    raise ValueError(f"{len(crops)} crops but {len(titles)} titles")
+  cols = -(-len(crops) // rows)
+  fig = Figure(figsize=(1.6 * cols, 1.9 * rows))
+  FigureCanvasAgg(fig)
+  for k, (crop, title) in enumerate(zip(crops, titles)):
+    ax = fig.add_subplot(rows, cols, k + 1)
+    crop = np.clip(np.asarray(crop, np.float32), 0.0, 1.0)
+    if crop.shape[-1] == 1:
+      ax.imshow(crop[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:
+      ax.imshow(crop, interpolation="nearest")
+    ax.set_title(title, fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  if suptitle:
+    fig.suptitle(suptitle, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  return str(path)

@@ -402,6 +402,7 @@ SectionFn = Callable[[], ml_collections.ConfigDict]
 class _Entry:
   builder: Callable[..., Method]
   config: SectionFn
+  report: Callable[..., dict[str, Any]] | None = None
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -428,21 +429,34 @@ def register(name: str, *, config: SectionFn = _empty_section
   return decorator
 
 
-def register_addon(name: str, *, config: SectionFn = _empty_section
+def register_addon(name: str, *, config: SectionFn = _empty_section,
+                   report: Callable[..., dict[str, Any]] | None = None
                    ) -> Callable[[AddonBuilder], AddonBuilder]:
   """Registers ``builder(method, config, axis_name, run) -> Method`` as add-on `name`.
 
   The builder checks that it can wrap `method` (raising ValueError naming the method and the
   fix) and reads its settings from ``config.method.<name>`` (the `config` section).
+  `report`, if given, is called at every evaluation of a run that uses the add-on:
+  ``report(method, config, state, images, workdir, *, step) -> {name: value}`` with the train
+  state and a batch of uint8 training images; it may write files (plots) into `workdir` and
+  returns scalars or paths to record (``ssljax.train.loop``).
   """
 
   def decorator(builder: AddonBuilder) -> AddonBuilder:
     if name in _ADDONS or name in _REGISTRY:
       raise ValueError(f"add-on {name!r} is already registered")
-    _ADDONS[name] = _Entry(builder, config)
+    _ADDONS[name] = _Entry(builder, config, report)
     return builder
 
   return decorator
+
+
+def addon_reports(config: ml_collections.ConfigDict
+                  ) -> list[tuple[str, Callable[..., dict[str, Any]]]]:
+  """``(name, report)`` of the add-ons of ``config.method.addons`` that have an evaluation
+  report, in order."""
+  return [(name, _ADDONS[name].report) for name in tuple(config.method.get("addons", ()))
+          if name in _ADDONS and _ADDONS[name].report is not None]
 
 
 def registered_methods() -> list[str]:

@@ -44,10 +44,12 @@ optimizer, lr_scale, init_scale}``.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from ssljax.losses import l2_normalize
 from ssljax.losses.uota import (precision_from_cholesky, uota_deviations, uota_gaussian_nll,
@@ -101,25 +103,11 @@ def with_uota(method: Method, hp: ml_collections.ConfigDict, run: RunInfo) -> Me
   learned = hp.mode == "learned"
 
   def embeddings(outputs):
-    if hp.embedding not in outputs.embeddings:
-      raise ValueError(f"uota: method.uota.embedding = {hp.embedding!r} is not an embedding of "
-                       f"{method.name!r}; it has {sorted(outputs.embeddings)}")
-    z = jnp.stack([x.astype(jnp.float32) for x in outputs.embeddings[hp.embedding]])
-    return l2_normalize(jax.lax.stop_gradient(z))
+    return _embeddings(hp, outputs, method.name)
 
   def weights(params, method_state, outputs, batch, *, step, axis_name):
     del method_state, batch
-    z = embeddings(outputs)
-    if learned:
-      delta = uota_deviations(z, num_global_views=hp.num_global_views)
-      entry = params["uota"]
-      precision = precision_from_cholesky(entry["log_diag"], entry["lower"])
-      w = uota_precision_weights(delta, precision, temperature=hp.temperature,
-                                 axis_name=axis_name)
-    else:
-      w = uota_view_weights(z, temperature=hp.temperature,
-                            num_global_views=hp.num_global_views, eps=hp.eps,
-                            axis_name=axis_name)
+    w = view_weights(hp, params, outputs, axis_name=axis_name, method_name=method.name)
     active = jnp.asarray(step) >= start_step
     applied = jnp.where(active, w, jnp.ones_like(w))
     return applied, _weight_metrics(w, active, hp.num_global_views, axis_name)
@@ -149,6 +137,31 @@ def with_uota(method: Method, hp: ml_collections.ConfigDict, run: RunInfo) -> Me
   return dataclasses.replace(weighted, objective=objective, decomposes=False)
 
 
+def _embeddings(hp: ml_collections.ConfigDict, outputs, method_name: str) -> jax.Array:
+  """The weighted embedding of every view, ``[V, n, d]``, float32, unit norm, stop-gradient."""
+  if hp.embedding not in outputs.embeddings:
+    raise ValueError(f"uota: method.uota.embedding = {hp.embedding!r} is not an embedding of "
+                     f"{method_name!r}; it has {sorted(outputs.embeddings)}")
+  z = jnp.stack([x.astype(jnp.float32) for x in outputs.embeddings[hp.embedding]])
+  return l2_normalize(jax.lax.stop_gradient(z))
+
+
+def view_weights(hp: ml_collections.ConfigDict, params, outputs, *,
+                 axis_name: str | None = None, method_name: str = "the method") -> jax.Array:
+  """UOTA's weights ``[V, n]`` of a forward pass's `outputs` (before the switch-on gate).
+
+  Closed form from the batch, or, in learned mode, from ``params['uota']``.
+  """
+  z = _embeddings(hp, outputs, method_name)
+  if hp.mode == "learned":
+    entry = params["uota"]
+    precision = precision_from_cholesky(entry["log_diag"], entry["lower"])
+    return uota_precision_weights(uota_deviations(z, num_global_views=hp.num_global_views),
+                                  precision, temperature=hp.temperature, axis_name=axis_name)
+  return uota_view_weights(z, temperature=hp.temperature, num_global_views=hp.num_global_views,
+                           eps=hp.eps, axis_name=axis_name)
+
+
 def _embedding_dim(method: Method, views, name: str) -> int:
   """Width of `method`'s embedding `name` (shapes only)."""
   params, state = jax.eval_shape(method.init, jax.random.key(0), views)
@@ -175,7 +188,49 @@ def _weight_metrics(w: jax.Array, active: jax.Array, num_global: int,
           "uota_w_local": jnp.mean(local) if local.shape[0] else jnp.zeros((), jnp.float32)}
 
 
-@register_addon("uota", config=default_section)
+def weight_report(method: Method, config: ml_collections.ConfigDict, state, images, workdir: str,
+                  *, step: int, num_shown: int = 8, seed: int = 0) -> dict[str, object]:
+  """Draws views of `images` with the run's policy, weights them, and plots the extremes.
+
+  Writes ``<workdir>/uota_weights_step<step>.png``: the `num_shown` lowest- and highest-weighted
+  (image, view) crops of the batch with their weights and view index (view 0 and 1 are the
+  global crops), the picture that makes UOTA's argument. The weights are those the loss would
+  use at a step after the switch-on (closed form from this batch, or the learned model), from
+  a training-mode forward of the current parameters whose BN updates are discarded.
+
+  Returns:
+    ``{'uota/plot': path, 'uota/w_min', 'uota/w_max', 'uota/w_global', 'uota/w_local'}``.
+  """
+  from ssljax import augment
+  from ssljax.eval.plots import plot_crops
+
+  hp = config.method.uota
+  policy = augment.build_policy(config.augment)
+  keys = jax.random.split(jax.random.PRNGKey(seed), images.shape[0])
+
+  @jax.jit
+  def weigh(params, method_state, images):
+    views = policy(keys, images)
+    outputs, _ = method.forward(params, method_state, {"views": views}, step=jnp.int32(0))
+    return views, view_weights(hp, params, outputs, method_name=method.name)
+
+  views, w = jax.device_get(weigh(state.params, state.method_state, jnp.asarray(images)))
+  order = np.argsort(w, axis=None)
+  picks = [np.unravel_index(i, w.shape) for i in
+           list(order[:num_shown]) + list(order[-num_shown:])]
+  crops = [views[v][i] for v, i in picks]
+  titles = [f"w {w[v, i]:.2f}, view {v}" for v, i in picks]
+  path = os.path.join(workdir, f"uota_weights_step{step}.png")
+  plot_crops(crops, titles, path, rows=2, suptitle=(
+      f"UOTA weights at step {step}: the {num_shown} lowest (top) and highest (bottom) "
+      f"of {w.size} crops"))
+  num_global = hp.num_global_views
+  return {"uota/plot": path, "uota/w_min": float(w.min()), "uota/w_max": float(w.max()),
+          "uota/w_global": float(w[:num_global].mean()),
+          "uota/w_local": float(w[num_global:].mean()) if w.shape[0] > num_global else 0.0}
+
+
+@register_addon("uota", config=default_section, report=weight_report)
 def uota_addon(method: Method, config: ml_collections.ConfigDict, axis_name: str | None,
                run: RunInfo) -> Method:
   del axis_name

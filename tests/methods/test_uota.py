@@ -206,3 +206,31 @@ def test_eight_devices_equal_one_device(built, mode, num_devices):
   np.testing.assert_allclose(w_max, metrics["uota_w_max"], rtol=1e-5)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-3, atol=2e-5), grads,
                expected_grads)
+
+
+def test_the_evaluation_report_plots_the_extreme_crops_with_their_weights(tmp_path):
+  import types
+  from ssljax import augment
+  from ssljax.methods import base
+  from ssljax.methods.uota import view_weights, weight_report
+  config = _config(str(tmp_path), "swav")
+  config.augment.policy = "multicrop"
+  config.augment.num_small_crops = 2
+  config.augment.small_crop_size = 8
+  method = build_method(config, run=_RUN)
+  params, state = init_with_numpy_kernels(method.init, _KEY, _views())
+  assert [name for name, _ in base.addon_reports(config)] == ["uota"]
+  images = np.random.default_rng(5).integers(0, 256, size=(_N, 16, 16, 1), dtype=np.uint8)
+  train_state = types.SimpleNamespace(params=params, method_state=state)
+  report = weight_report(method, config, train_state, images, str(tmp_path), step=7,
+                         num_shown=3)
+  assert report["uota/plot"] == str(tmp_path / "uota_weights_step7.png")
+  assert (tmp_path / "uota_weights_step7.png").read_bytes()[:4] == b"\x89PNG"
+  # The reported extremes are those of the weights of the same views, computed directly.
+  views = augment.build_policy(config.augment)(
+      jax.random.split(jax.random.PRNGKey(0), _N), jnp.asarray(images))
+  outputs, _ = method.forward(params, state, {"views": views}, step=jnp.int32(0))
+  w = view_weights(config.method.uota, params, outputs)
+  np.testing.assert_allclose(report["uota/w_min"], jnp.min(w), rtol=1e-4)
+  np.testing.assert_allclose(report["uota/w_max"], jnp.max(w), rtol=1e-4)
+  np.testing.assert_allclose(report["uota/w_local"], jnp.mean(w[2:]), rtol=1e-4)
