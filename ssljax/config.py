@@ -96,6 +96,10 @@ def default_config(method: str = "simclr",
   c.augment.num_small_crops = 0
   c.augment.small_crop_size = 14
   c.augment.small_crop_scale = (0.05, 0.4)
+  # The last num_ood_crops small crops are out-of-distribution on purpose: tiny crops of area
+  # ood_crop_scale that mostly miss the object (the UOTA premise, measured).
+  c.augment.num_ood_crops = 0
+  c.augment.ood_crop_scale = (0.005, 0.02)
 
   # ---------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()

@@ -219,7 +219,10 @@ def build_policy(augment_config: ml_collections.ConfigDict) -> Policy:
     (1.0, 0.1) and (0.0, 0.2)) instead of ``blur_prob`` and ``solarize_prob``.
   * ``'multicrop'``: two global views plus ``num_small_crops`` views of size
     ``small_crop_size`` cropped with ``small_crop_scale`` (SwAV, Caron et al. 2020); the
-    small views share every other setting.
+    small views share every other setting. The last ``num_ood_crops`` of them are
+    out-of-distribution on purpose: tiny crops (area ``ood_crop_scale``, e.g. 0.5-2% of the
+    image) that mostly miss the object, for measuring how a method and UOTA's view weights
+    react to such views as their share grows.
 
   Raises:
     ValueError: unknown policy name, negative strength or invalid view parameters.
@@ -257,10 +260,15 @@ def build_policy(augment_config: ml_collections.ConfigDict) -> Policy:
   elif cfg.policy == "multicrop":
     if cfg.num_small_crops < 0:
       raise ValueError(f"augment.num_small_crops must be >= 0, got {cfg.num_small_crops}")
+    if not 0 <= cfg.num_ood_crops <= cfg.num_small_crops:
+      raise ValueError(f"augment.num_ood_crops must be between 0 and augment.num_small_crops "
+                       f"({cfg.num_small_crops}), got {cfg.num_ood_crops}")
     small = dataclasses.replace(
         base,
         crop_size=int(cfg.small_crop_size),
         crop_scale=cfg.small_crop_scale)
-    views += [small] * int(cfg.num_small_crops)
+    tiny = dataclasses.replace(small, crop_scale=cfg.ood_crop_scale)
+    num_ood = int(cfg.num_ood_crops)
+    views += [small] * (int(cfg.num_small_crops) - num_ood) + [tiny] * num_ood
   strength = float(cfg.strength)
   return Policy(tuple(scale_strength(spec, strength) for spec in views))

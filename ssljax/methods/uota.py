@@ -34,8 +34,9 @@ method. The official learning-rate restart at the switch is the ``optim.restart_
 option (``ssljax.train.optim``), set to the same fraction in the faithful configs.
 
 Metrics: ``uota_active``, the weights' ``uota_w_min/max/std``, the mean weight of the global
-views (``uota_w_global``) and of the other views (``uota_w_local``, 0 with no local views);
-learned mode also ``uota_nll``.
+views (``uota_w_global``), of the other views (``uota_w_local``, 0 with no local views) and of
+each view ``v`` (``uota_w_view<v>``: with ``augment.num_ood_crops`` the last views are the
+out-of-distribution ones); learned mode also ``uota_nll``.
 
 Config: ``method.uota.{mode, temperature, num_global_views, eps, start_fraction, embedding,
 optimizer, lr_scale, init_scale}``.
@@ -182,10 +183,12 @@ def _weight_metrics(w: jax.Array, active: jax.Array, num_global: int,
     lo, hi = jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
     mean, mean_sq = jax.lax.pmean(mean, axis_name), jax.lax.pmean(mean_sq, axis_name)
   local = w[num_global:]
+  per_view = {f"uota_w_view{v}": jnp.mean(w[v]) for v in range(w.shape[0])}
   return {"uota_active": active.astype(jnp.float32), "uota_w_min": lo, "uota_w_max": hi,
           "uota_w_std": jnp.sqrt(jnp.maximum(mean_sq - mean ** 2, 0.0)),
           "uota_w_global": jnp.mean(w[:num_global]),
-          "uota_w_local": jnp.mean(local) if local.shape[0] else jnp.zeros((), jnp.float32)}
+          "uota_w_local": jnp.mean(local) if local.shape[0] else jnp.zeros((), jnp.float32),
+          **per_view}
 
 
 def weight_report(method: Method, config: ml_collections.ConfigDict, state, images, workdir: str,

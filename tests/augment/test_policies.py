@@ -88,6 +88,25 @@ def test_multicrop_views():
   assert policy.views[0].crop_scale == (0.08, 1.0)
 
 
+def test_out_of_distribution_crops_are_the_last_small_crops_and_tiny():
+  policy = policies.build_policy(_config(policy="multicrop", num_small_crops=4,
+                                         num_ood_crops=2, ood_crop_scale=(0.01, 0.02)))
+  assert [v.crop_scale for v in policy.views[2:]] == [(0.05, 0.4)] * 2 + [(0.01, 0.02)] * 2
+  assert policy.view_sizes == (SIZE, SIZE, 8, 8, 8, 8)
+  # A tiny crop covers at most 2% of the image: an image with a bright quarter and a dark
+  # rest gives tiny crops that are (almost) uniform, where ordinary small crops mix both.
+  image = np.zeros((1, SIZE, SIZE, 1), np.uint8)
+  image[0, :SIZE // 2, :SIZE // 2] = 255
+  keys = jax.random.split(jax.random.key(1), 64)
+  views = policy(keys, jnp.asarray(np.repeat(image, 64, axis=0)))
+  spread = [float(jnp.mean(jnp.max(v, axis=(1, 2, 3)) - jnp.min(v, axis=(1, 2, 3))))
+            for v in views[2:]]
+  assert max(spread[2:]) < min(spread[:2]), spread
+  with pytest.raises(ValueError, match="augment.num_ood_crops must be between 0 and "
+                                       "augment.num_small_crops \\(1\\), got 2"):
+    policies.build_policy(_config(policy="multicrop", num_small_crops=1, num_ood_crops=2))
+
+
 def test_unknown_policy_lists_the_known_ones():
   with pytest.raises(ValueError, match="unknown augment.policy 'swav'.*simclr, moco_v2, byol"):
     policies.build_policy(_config(policy="swav"))
