@@ -20,7 +20,8 @@ budget and schedule, and differs only in the add-on):
 
 Reported per run: kNN top-1 (k = 200, t = 0.1) and linear-probe top-1 from results.json, wall
 time, and for UOTA runs the last logged weight statistics (min, max, std, mean of the global
-and of the small crops).
+and of the small crops, and of each view: with ``augment.num_ood_crops`` among the overrides,
+the last views are the out-of-distribution ones).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ ARMS = {
     "byol_base": "configs/byol_uota.py:fashion_mnist_base",
     "byol_uota": "configs/byol_uota.py:fashion_mnist",
 }
-WEIGHT_KEYS = ("uota_w_min", "uota_w_max", "uota_w_std", "uota_w_global", "uota_w_local")
 
 
 def _last_weights(workdir: str) -> dict[str, float]:
@@ -56,9 +56,9 @@ def _last_weights(workdir: str) -> dict[str, float]:
   with open(path) as f:
     for line in f:
       record = json.loads(line)
-      for key in WEIGHT_KEYS:
-        if f"train/{key}" in record:
-          last[key] = record[f"train/{key}"]
+      for key, value in record.items():
+        if key.startswith("train/uota_w"):  # the summary statistics and every view's mean
+          last[key[len("train/"):]] = value
   return last
 
 
