@@ -158,6 +158,29 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
   return results
 
 
+def addon_reports(config: ml_collections.ConfigDict, method: Method, state, workdir: str, *,
+                  train_source=None, num_images: int = 64) -> dict[str, Any]:
+  """Runs the evaluation report of every add-on of the run that has one (process 0 only).
+
+  Each report (``ssljax.methods.base.register_addon(report=...)``) gets the train state and
+  the first `num_images` training images and may write plots into `workdir`; the values it
+  returns are merged into the results, each under its add-on's name.
+  """
+  from ssljax.methods.base import addon_reports as registered_reports
+
+  reports = registered_reports(config)
+  if not reports or jax.process_index() != 0:
+    return {}
+  train = train_source or data.build_source(config.data, config.data.train_split)
+  images = train.get(np.arange(min(num_images, len(train))))["image"]
+  results: dict[str, Any] = {}
+  for name, report in reports:
+    values = report(method, config, state, images, workdir, step=int(state.step))
+    results.update(values)
+    log.info("%s report: %s", name, values)
+  return results
+
+
 def write_results(config: ml_collections.ConfigDict, workdir: str,
                   results: dict[str, Any]) -> None:
   """Writes ``results.json`` and the training-curve plot (process 0 only)."""

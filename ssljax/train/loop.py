@@ -186,6 +186,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       writer.write(int(state.step), {key: results[key]})
   writer.close()
   ckpt.close()
+  results.update(evaluate.addon_reports(config, method, state, workdir,
+                                        train_source=train_source))
   evaluate.write_results(config, workdir, results)
   return results
 
@@ -309,5 +311,7 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
   results = evaluate.evaluate_state(run.config, run.method, run.state, run.mesh,
                                     train_source=run.train_source)
   results.update({"steps": run.step, "epochs": run.step / run.steps_per_epoch})
+  results.update(evaluate.addon_reports(run.config, run.method, run.state, workdir,
+                                        train_source=run.train_source))
   evaluate.write_results(run.config, workdir, results)
   return results
