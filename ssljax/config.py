@@ -163,6 +163,9 @@ def default_config(method: str = "simclr",
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 500
   c.train.keep_checkpoints = 2
+  # Resuming a checkpoint with another train.batch_size changes what optim.lr (linear scaling)
+  # and an epoch mean; it is refused unless this is True.
+  c.train.allow_batch_size_change = False
   c.train.eval_every_steps = 0  # Periodic kNN monitor (0: only at the end).
   c.train.progress_bar = True
 
