@@ -440,6 +440,19 @@ def _list_images(directory: str) -> list[str]:
 
 
 def _decode_image(path: str, image_size: int | None, channels: int) -> np.ndarray:
+  """The image at `path` as uint8 ``[s, s, channels]`` (resized and centre-cropped to s).
+
+  Raises:
+    OSError: naming `path`, when Pillow cannot read it (truncated or not an image).
+  """
+  try:
+    return _decode_image_unchecked(path, image_size, channels)
+  except OSError as e:  # Pillow's messages ("image file is truncated") omit the file
+    raise OSError(f"{path}: cannot decode this image ({e}); the file is truncated or not an "
+                  f"image. Replace or delete it.") from e
+
+
+def _decode_image_unchecked(path: str, image_size: int | None, channels: int) -> np.ndarray:
   from PIL import Image  # Lazy: only this source needs Pillow.
 
   with Image.open(path) as img:

@@ -382,6 +382,17 @@ def test_image_folder_errors(tmp_path):
     load_image_folder(str(tmp_path))
 
 
+def test_image_folder_truncated_png_names_the_file(tmp_path):
+  rng = np.random.default_rng(0)
+  for name in ("a.png", "b.png"):
+    _save_image(str(tmp_path / name), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+  data = (tmp_path / "b.png").read_bytes()
+  (tmp_path / "b.png").write_bytes(data[:len(data) // 2])
+  with pytest.raises(OSError, match=r"b\.png: cannot decode this image \(.*truncated.*"
+                     r"Replace or delete it"):
+    load_image_folder(str(tmp_path), labelled=False)
+
+
 # ----------------------------------------------------------------------------- arrays
 
 
