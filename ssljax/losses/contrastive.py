@@ -155,6 +155,9 @@ def _nt_xent_anchor_losses(views: Sequence[jnp.ndarray], temperature: float,
   gathered = [gather_rows(z, axis_name) for z in zs]
   offset = gathered[0][1]
   n_global = gathered[0][0].shape[0]
+  if n_global < 2:  # no negatives: the loss would be log(V - 1) - log(V - 1) = 0, silently
+    raise ValueError(f"NT-Xent needs at least 2 images (rows per view) to have negatives, "
+                     f"got {n_global}" + (f" over axis {axis_name!r}" if axis_name else ""))
 
   anchors = jnp.concatenate(zs, axis=0)  # [V n, d], view-major
   candidates = jnp.concatenate([g for g, _ in gathered], axis=0)  # [V N, d], view-major
@@ -253,12 +256,24 @@ def moco_infonce_terms(
 
 def _check_npid_inputs(v: jnp.ndarray, bank: jnp.ndarray, index: jnp.ndarray,
                        temperature: float) -> None:
+  """Shape checks, and a range check of `index` where its values are known.
+
+  A concrete `index` (eager call) outside ``[0, N)`` raises. Under `jit` the values are not
+  known at trace time; an out-of-range row then reads the fill value of JAX's gather (NaN),
+  so its loss is NaN, which the trainer's non-finite guard reports with its step.
+  """
   chex.assert_rank([v, bank, index], [2, 2, 1])
   chex.assert_axis_dimension(bank, 1, v.shape[1])
   chex.assert_axis_dimension(index, 0, v.shape[0])
   chex.assert_type(index, int)
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
+  if not isinstance(index, jax.core.Tracer) and index.size:
+    lo, hi = int(jnp.min(index)), int(jnp.max(index))
+    if lo < 0 or hi >= bank.shape[0]:
+      raise ValueError(f"NPID index must lie in [0, {bank.shape[0]}) (one memory-bank row per "
+                       f"training image), got values in [{lo}, {hi}]; the bank has "
+                       f"{bank.shape[0]} rows: size it to the dataset (method.npid.bank_size)")
 
 
 def npid_softmax(
