@@ -15,6 +15,12 @@ their defaults before the other overrides apply, so ``--config.method.cld.<key>=
 follow. ``train`` on an existing workdir resumes from its latest checkpoint. ``eval`` restores
 the latest checkpoint with the config saved in the workdir (``--config.eval.*`` overrides
 apply).
+
+Exit codes: 0 done; 1 an invalid config, a config that cannot resume the workdir's checkpoint,
+no intact checkpoint, or another error (a message, no traceback, for the first three); 74 a
+checkpoint could not be written (EX_IOERR: full disk, unwritable directory; earlier
+checkpoints are kept and rerunning the command resumes from the latest); 143 stopped by
+SIGTERM after checkpointing (rerunning resumes).
 """
 
 from __future__ import annotations
@@ -169,6 +175,22 @@ def _explain_method_section(key: str, section: str, config, where: str, base) ->
         f"with its defaults, and --config.method.{section}.* overrides apply")
 
 
+EXIT_CHECKPOINT_NOT_WRITTEN = 74  # EX_IOERR of sysexits.h
+
+
+def _exit_now(message: str, code: int) -> None:
+  """Reports `message` and ends the process with `code` without waiting for other threads.
+
+  After a failed save, orbax's writer threads wait for its coordination timeout (20 minutes)
+  before a normal interpreter exit could finish; the checkpoints on disk are already final.
+  """
+  print(message, file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  logging.shutdown()
+  os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -184,10 +206,18 @@ def main(argv: list[str] | None = None) -> int:
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   from ssljax.train import loop  # deferred: keeps `ssljax --help` fast
-  if command == "train":
-    results = loop.train(fv.config, fv.workdir)
-  else:
-    results = loop.evaluate_workdir(fv.workdir, fv.config)
+  from ssljax.train.checkpoint import (CheckpointMismatchError, CheckpointSaveError,
+                                       NoIntactCheckpointError)
+  from ssljax.train.validate import ConfigError
+  try:
+    if command == "train":
+      results = loop.train(fv.config, fv.workdir)
+    else:
+      results = loop.evaluate_workdir(fv.workdir, fv.config)
+  except (ConfigError, CheckpointMismatchError, NoIntactCheckpointError) as e:
+    raise SystemExit(f"ssljax {command}: {e}") from None
+  except CheckpointSaveError as e:
+    _exit_now(f"ssljax {command}: {e}", EXIT_CHECKPOINT_NOT_WRITTEN)
   summary = {k: v for k, v in results.items() if isinstance(v, (int, float))}
   print(json.dumps(summary, indent=2, sort_keys=True))
   return 0

@@ -4,6 +4,13 @@
 (`ssljax.eval.evaluate`). Running it again on the same workdir resumes from the latest
 checkpoint (the input position and RNG are part of it, so the continuation equals an
 uninterrupted run); a run that already finished goes straight to evaluation.
+
+Nothing is written to the workdir before the config is validated (`ssljax.train.validate`),
+including, on resume, its compatibility with the workdir's ``config.json``. A damaged newest
+checkpoint is set aside and the newest intact one resumed (`Checkpointer.restore_latest_intact`);
+``metrics.jsonl`` is cut back to the resumed step. SIGTERM (preemption) checkpoints the step
+in progress once and exits with 143; on multi-host runs the hosts stop at the step orbax's
+preemption sync point agrees on.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from ssljax.train.metrics import MetricWriter
 from ssljax.train.optim import build_optimizer, build_schedule
 from ssljax.train.step import (TrainState, compile_train_step, init_train_state,
                                make_per_device_step)
+from ssljax.train.validate import ConfigError, check_resume_compatible, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -83,19 +91,51 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return config_from_json(f.read())
 
 
-class _StopRequest:
-  """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+def _stored_resume_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The stored config of `workdir` if it holds a checkpoint to resume, else None."""
+  steps = os.path.join(workdir, "checkpoints")
+  if not (os.path.isdir(steps) and any(n.isdigit() for n in os.listdir(steps))):
+    return None
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  try:
+    return config_from_json(text)
+  except (KeyError, ValueError, TypeError) as e:
+    raise ConfigError(f"{path} cannot be read as an ssljax config ({e}); it was written by "
+                      f"another ssljax version or edited. Use a new --workdir.") from e
 
-  def __init__(self):
+
+class _StopRequest:
+  """Turns SIGTERM (preemption) into a flag the loop checks between steps.
+
+  Single process: a Python SIGTERM handler sets the flag. Multi-host (``jax.distributed``):
+  JAX's preemption notifier receives SIGTERM, and `should_stop` asks orbax's preemption sync
+  point, which is true on every host at the same step, so all hosts save that step and stop
+  together instead of one host waiting forever in a collective of the others.
+  """
+
+  def __init__(self, ckpt: Checkpointer):
     self.requested = False
     self._previous = None
+    self._ckpt = ckpt
+    self._multihost = jax.process_count() > 1
 
   def __enter__(self):
+    if self._multihost:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: no signal handling
       self._previous = None
     return self
+
+  def should_stop(self, step: int) -> bool:
+    if self._multihost and not self.requested:
+      self.requested = self._ckpt.reached_preemption(step)
+    return self.requested
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -136,10 +176,19 @@ def _raise_nonfinite(step: int, ckpt: Checkpointer) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Pretrains, checkpoints, evaluates; returns the evaluation results."""
+  """Pretrains, checkpoints, evaluates; returns the evaluation results.
+
+  Raises:
+    ConfigError: the config is invalid or cannot resume the workdir's checkpoint (nothing
+      was written).
+    CheckpointMismatchError, NoIntactCheckpointError: see `Checkpointer`.
+    CheckpointSaveError: a checkpoint could not be written (training stopped).
+  """
   check_method_sections(config)
-  os.makedirs(workdir, exist_ok=True)
-  _save_config(config, workdir)
+  validate_config(config)
+  stored = _stored_resume_config(workdir)
+  if stored is not None:
+    check_resume_compatible(stored, config, workdir)
   started = time.time()
 
   # ------------------------------------------------------------------ mesh
@@ -156,16 +205,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ------------------------------------------------------------------ init / restore
   method, init, step_fn = build_state_and_step(config, mesh, image_shape, steps_per_epoch,
                                                total_steps, len(train_source))
+  os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is None:
+  restored = ckpt.restore_latest_intact(jax.eval_shape(init))
+  _save_config(config, workdir)
+  if restored is None:
     state = init()
   else:
-    state, meta = ckpt.restore(latest, jax.eval_shape(init))
+    latest, state, meta = restored
     log.info("resumed from step %d (input position %d)", latest, meta["position"])
   start_step = int(state.step)
 
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, resume_step=start_step if restored is not None else 0)
   monitor = (evaluate.KnnMonitor(config, method, mesh, train_source=train_source)
              if config.train.eval_every_steps else None)
   if start_step < total_steps:
@@ -212,14 +263,19 @@ def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
   def to_device(x):
     return data.to_global_array(x, mesh, sharding.spec)
 
+  saved = {"step": start_step}  # a resumed run's first step is already on disk
+
   def save(step: int) -> None:
+    if step == saved["step"]:
+      return
     if int(state.nonfinite_step) >= 0:
       _raise_nonfinite(int(state.nonfinite_step), ckpt)
     ckpt.save(step, state, {"position": step, "epoch": step / steps_per_epoch,
                             "steps_per_epoch": steps_per_epoch})
+    saved["step"] = step
 
   try:
-    with _StopRequest() as stop:
+    with _StopRequest(ckpt) as stop:
       for step in range(start_step, total_steps):
         batch = next(loader)
         assert batch["step"] == step, (batch["step"], step)
@@ -252,10 +308,13 @@ def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
           monitor_seconds = time.time() - monitor_start
           writer.write(done, {**record, "monitor/seconds": monitor_seconds})
           window_excluded += monitor_seconds  # keep evaluation out of images/s
-        if stop.requested:
-          log.warning("SIGTERM received: checkpointing step %d and stopping", done)
+        if stop.should_stop(done):
+          log.warning("SIGTERM received at step %d: %s; exiting with 143", done,
+                      "its checkpoint is already written" if saved["step"] == done
+                      else "checkpointing it")
           save(done)
-          raise SystemExit(143)
+          ckpt.wait()
+          raise SystemExit(128 + signal.SIGTERM)
   except KeyboardInterrupt:
     done = int(state.step)
     if int(state.nonfinite_step) < 0 and done > start_step:
@@ -294,12 +353,14 @@ def restore_latest(workdir: str, config: ml_collections.ConfigDict | None = None
   steps_per_epoch, total_steps = run_length(config, len(train_source))
   method, init, _ = build_state_and_step(config, mesh, tuple(train_source.image_shape),
                                          steps_per_epoch, total_steps, len(train_source))
-  ckpt = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first with "
+  directory = os.path.join(workdir, "checkpoints")
+  ckpt = (Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+          if os.path.isdir(directory) else None)
+  restored = ckpt.restore_latest_intact(jax.eval_shape(init)) if ckpt is not None else None
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}; train first with "
                             f"`ssljax train --config ... --workdir {workdir}`")
-  state, _ = ckpt.restore(latest, jax.eval_shape(init))
+  latest, state, _ = restored
   ckpt.close()
   return RestoredRun(config, mesh, method, state, train_source, latest, steps_per_epoch)
 

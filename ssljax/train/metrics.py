@@ -1,5 +1,11 @@
 """Metric writing: one JSON object per line in ``<workdir>/metrics.jsonl`` and TensorBoard
-event files in ``<workdir>/tensorboard``. Only process 0 writes."""
+event files in ``<workdir>/tensorboard``. Only process 0 writes.
+
+A run resumed from the checkpoint of step s recomputes the steps after s, so the records of a
+previous session after s (written before it was killed) are dropped from ``metrics.jsonl`` when
+the writer opens, as are that session's final-evaluation records at s, which the resumed run
+writes again; each step then appears once. TensorBoard's event files are left as they are.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +13,28 @@ import json
 import os
 from typing import Any, Mapping
 
+# Keys of the records the final evaluation writes at the last step (ssljax.train.loop.train).
+FINAL_EVALUATION_KEYS = frozenset({"knn/top1", "knn/top5", "linear_probe/top1"})
+
 import jax
 import numpy as np
 
 
 class MetricWriter:
-  """Appends scalar metrics to JSONL and TensorBoard (resumed runs keep appending)."""
+  """Appends scalar metrics to JSONL and TensorBoard (resumed runs keep appending, after
+  cutting ``metrics.jsonl`` back to `resume_step` when it is > 0)."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int = 0):
     self._active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     if not self._active:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step > 0 and os.path.exists(path):
+      _truncate_to_step(path, resume_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # deferred: only the writer needs it
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -43,3 +56,21 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
 
+
+def _truncate_to_step(path: str, step: int) -> None:
+  """Keeps the records of `path` up to `step` (a torn last line is dropped); atomic."""
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      at = record.get("step", 0)
+      final = at == step and FINAL_EVALUATION_KEYS.intersection(record)
+      if at <= step and not final:
+        kept.append(json.dumps(record) + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
