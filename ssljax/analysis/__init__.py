@@ -1,0 +1,1 @@
+"""Geometry analysis of trained representations (``ssljax analyze``): metrics and the command."""
