@@ -127,8 +127,12 @@ class Checkpointer:
   def _save_failed(self, step: int | None, error: BaseException) -> CheckpointSaveError:
     kept = [s for s in self._committed_steps() if s != step]
     where = f"the latest complete one is step {kept[-1]}" if kept else "none was completed"
+    try:  # TensorStore reports a full disk as RESOURCE_EXHAUSTED, without ENOSPC's words
+      free = f" ({shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free there)"
+    except OSError:
+      free = ""
     self._failed = CheckpointSaveError(
-        f"the checkpoint of step {step} could not be written to {self.directory}: "
+        f"the checkpoint of step {step} could not be written to {self.directory}{free}: "
         f"{_cause(error)}. Training stopped; earlier checkpoints are kept ({where}). Free disk "
         f"space or make the directory writable, then rerun the same command to resume.")
     return self._failed

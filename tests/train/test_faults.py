@@ -302,7 +302,8 @@ def test_failed_save_exits_74_within_bounded_time_keeping_earlier_checkpoints(
   assert result.returncode == 74, result.stderr[-3000:]
   assert time.time() - started < 240
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("ssljax train: the checkpoint of step 6 could not be written")
+  assert last.startswith("ssljax train: the checkpoint of step 6 could not be written to ")
+  assert "MiB free there)" in last
   assert os.strerror(getattr(errno, errno_name)) in last
   assert "latest complete one is step 3" in last
   assert Checkpointer(workdir).all_steps() == [3]
