@@ -216,7 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     log.info("resumed from step %d (input position %d)", latest, meta["position"])
   start_step = int(state.step)
 
-  writer = MetricWriter(workdir, resume_step=start_step if restored is not None else 0)
+  writer = MetricWriter(workdir, resume_step=start_step)
   monitor = (evaluate.KnnMonitor(config, method, mesh, train_source=train_source)
              if config.train.eval_every_steps else None)
   if start_step < total_steps:

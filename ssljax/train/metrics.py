@@ -1,10 +1,11 @@
 """Metric writing: one JSON object per line in ``<workdir>/metrics.jsonl`` and TensorBoard
 event files in ``<workdir>/tensorboard``. Only process 0 writes.
 
-A run resumed from the checkpoint of step s recomputes the steps after s, so the records of a
-previous session after s (written before it was killed) are dropped from ``metrics.jsonl`` when
-the writer opens, as are that session's final-evaluation records at s, which the resumed run
-writes again; each step then appears once. TensorBoard's event files are left as they are.
+A run resumed from the checkpoint of step s (s = 0: started afresh, e.g. after a session killed
+before its first checkpoint) recomputes the steps after s, so the records of a previous session
+after s are dropped from ``metrics.jsonl`` when the writer opens, as are that session's
+final-evaluation records at s, which the resumed run writes again; each step then appears
+once. TensorBoard's event files are left as they are.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import numpy as np
 
 class MetricWriter:
   """Appends scalar metrics to JSONL and TensorBoard (resumed runs keep appending, after
-  cutting ``metrics.jsonl`` back to `resume_step` when it is > 0)."""
+  cutting ``metrics.jsonl`` back to `resume_step` unless it is None)."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int = 0):
+  def __init__(self, workdir: str, *, tensorboard: bool = True,
+               resume_step: int | None = None):
     self._active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
@@ -32,7 +34,7 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "metrics.jsonl")
-    if resume_step > 0 and os.path.exists(path):
+    if resume_step is not None and os.path.exists(path):
       _truncate_to_step(path, resume_step)
     self._jsonl = open(path, "a", encoding="utf-8")
     if tensorboard:

@@ -108,6 +108,9 @@ def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
   # A finished run resumed at its last step drops only that step's final-evaluation records.
   MetricWriter(str(tmp_path), tensorboard=False, resume_step=6).close()
   assert [json.loads(l) for l in path.read_text().splitlines()] == records
+  # A session killed before its first checkpoint starts again from step 0: nothing is kept.
+  MetricWriter(str(tmp_path), tensorboard=False, resume_step=0).close()
+  assert path.read_text() == ""
 
 
 # ----------------------------------------------------------------------------- resume
