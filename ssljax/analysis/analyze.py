@@ -36,6 +36,15 @@ ssljax's own; docs/geometry.md documents it.
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and "numpy" not in sys.modules:
+  # One BLAS thread: on a shared, oversubscribed CPU OpenBLAS's spinning threads made the
+  # batched SVDs of this analysis 30x slower (7.5 min vs 66 s on 2 cores). Set before NumPy,
+  # SciPy and jax's LAPACK load; an explicit OPENBLAS_NUM_THREADS wins.
+  os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import ast
 import collections
@@ -44,10 +53,8 @@ import dataclasses
 import functools
 import json
 import logging
-import os
-import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -103,42 +110,52 @@ def _with_l2(layers: collections.OrderedDict) -> collections.OrderedDict:
   return out
 
 
+def views_needed(method, params, method_state, image_shape: tuple[int, ...]) -> int:
+  """How many identical views the features stage needs for one image: 1, or
+  ``method.num_views`` for methods whose encoder reads fixed view indices (Barlow Twins:
+  views 0 and 1). Shapes only (``jax.eval_shape``)."""
+  x = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+  for copies in (1, method.num_views):
+    try:
+      jax.eval_shape(lambda p, s, v, c=copies: method.features(p, s, (v,) * c, train=False),
+                     params, method_state, x)
+      return copies
+    except (IndexError, ValueError, TypeError):
+      continue
+  return method.num_views
+
+
+def head_outputs(method, params, method_state, h: jax.Array) -> collections.OrderedDict:
+  """Every head layer from encoder features h ``[b, d_h]`` (inference mode), float32, with
+  '<head>/output/l2' after each '<head>/output'; the 'encoder' entry is h itself."""
+  layers = method.head_layers(params, method_state, (h,))
+  return _with_l2(collections.OrderedDict((k, v.astype(jnp.float32)) for k, v in layers.items()))
+
+
+def forward_layers(method, copies: int, params, method_state, x: jax.Array
+                   ) -> collections.OrderedDict:
+  """Every layer's output ``{name: [b, d]}`` for float images x ``[b, H, W, C]`` in [0, 1]:
+  the features stage in inference mode (the image as `copies` identical views, the first
+  one's features kept), then `head_outputs`."""
+  features, _ = method.features(params, method_state, (x,) * copies, train=False)
+  return head_outputs(method, params, method_state, features[0])
+
+
 class Layers:
-  """Every layer's inference-mode output for a batch of float images ``[b, H, W, C]``.
+  """`forward_layers` and `head_outputs` of one checkpoint, jitted (parameters passed as
+  arguments, not compiled in as constants)."""
 
-  Some methods' encoders see only certain views (Barlow Twins: views 0 and 1); the image is
-  then passed as that many identical views and the first b rows of every layer are kept.
-  """
-
-  def __init__(self, method, params, method_state):
+  def __init__(self, method, params, method_state, image_shape: tuple[int, ...] = (16, 16, 1)):
     self.method, self.params, self.state = method, params, method_state
-    self._copies = self._views_needed()
-    self.forward = jax.jit(self._forward)
-    self.head = jax.jit(self._head)
+    copies = views_needed(method, params, method_state, image_shape)
+    self._forward = jax.jit(functools.partial(forward_layers, method, copies))
+    self._head = jax.jit(functools.partial(head_outputs, method))
 
-  def _views_needed(self) -> int:
-    x = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
-    for copies in (1, self.method.num_views):
-      try:
-        jax.eval_shape(lambda v: self.method.features(self.params, self.state, (v,) * copies,
-                                                      train=False), x)
-        return copies
-      except (IndexError, ValueError, TypeError):
-        continue
-    return self.method.num_views
+  def forward(self, x: jax.Array) -> collections.OrderedDict:
+    return self._forward(self.params, self.state, x)
 
-  def _forward(self, x: jax.Array) -> collections.OrderedDict:
-    b = x.shape[0]
-    features, _ = self.method.features(self.params, self.state, (x,) * self._copies,
-                                       train=False)
-    layers = self._head(features[0])
-    return collections.OrderedDict((k, v[:b]) for k, v in layers.items())
-
-  def _head(self, h: jax.Array) -> collections.OrderedDict:
-    """Head layers from encoder features h ``[b, d_h]`` (the 'encoder' entry is h itself)."""
-    layers = self.method.head_layers(self.params, self.state, (h,))
-    return _with_l2(collections.OrderedDict((k, v.astype(jnp.float32))
-                                            for k, v in layers.items()))
+  def head(self, h: jax.Array) -> collections.OrderedDict:
+    return self._head(self.params, self.state, h)
 
 
 def _batched(fn: Callable[[np.ndarray], dict], inputs: np.ndarray, batch: int, what: str
@@ -217,8 +234,8 @@ def _precise_state(run, train_images: np.ndarray, count: int):
   """The state with the encoder's BN statistics re-estimated on clean training images
   (the evaluation's precise-BN protocol), when the method keeps them under 'encoder'."""
   from ssljax.eval import evaluate
-  stats = run.state.method_state.get("batch_stats", {}) if isinstance(
-      run.state.method_state, dict) else {}
+  stats = (run.state.method_state.get("batch_stats", {})
+           if isinstance(run.state.method_state, Mapping) else {})
   if count <= 0 or "encoder" not in stats:
     return run.state.method_state, 0
   config = copy.deepcopy(run.config)
@@ -274,7 +291,8 @@ def analyze(workdir: str, out: str | None = None,
   labelled = run.train_source.has_labels and test_source.has_labels
   precise = config.eval.precise_bn_examples if a.precise_bn_examples < 0 else a.precise_bn_examples
   method_state, precise_count = _precise_state(run, train_images, precise)
-  layers = Layers(run.method, run.state.params, method_state)
+  layers = Layers(run.method, run.state.params, method_state,
+                  tuple(run.train_source.image_shape))
   log.info("analysing %s step %d: %d held-out, %d train, %d x %d augmented images",
            config.method.name, run.step, len(test_images), len(train_images), n_inv,
            a.num_augmentations)
@@ -331,12 +349,13 @@ def analyze(workdir: str, out: str | None = None,
     raise ValueError(f"analysis.jacobian_layer {jac_layer!r} is not a layer; layers: {names}")
   h = test["encoder"][:n_inv]
   d_h, d_out = h.shape[1], test[jac_layer].shape[1]
-  head = layers.head
-  jac_fn = lambda x: head(x[None])[jac_layer][0]
+  method = run.method
+  jac_fn = lambda x, p, s: head_outputs(method, p, s, x[None])[jac_layer][0]
   ranks = sorted(int(r) for r in a.ranks)
   max_p = min(d_h, d_out, max(ranks))
   values, p_spaces = geometry.jacobian_geometry(jac_fn, h, rank=max_p,
-                                                chunk_size=a.jacobian_chunk)
+                                                chunk_size=a.jacobian_chunk,
+                                                args=(layers.params, layers.state))
   jac_erank = geometry.values_effective_rank(values)
   jacobian = {"layer": jac_layer, "wrt": "encoder", "shape": [int(d_out), int(d_h)],
               "mean_effective_rank": float(jac_erank.mean()),

@@ -139,35 +139,39 @@ def values_effective_rank(singular_values: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------- Jacobians
 
-def jacobians(fn: Callable[[jax.Array], jax.Array], points: jax.Array) -> jax.Array:
-  """J_i = d fn / d x at every row x_i of `points` ``[n, d_in]``: ``[n, d_out, d_in]``.
+def jacobians(fn: Callable[..., jax.Array], points: jax.Array, *args: Any) -> jax.Array:
+  """J_i = d fn(x, *args) / d x at every row x_i of `points` ``[n, d_in]``: ``[n, d_out, d_in]``.
 
-  `fn` maps one point ``[d_in]`` to ``[d_out]`` (a head in inference mode: its BatchNorm uses
-  running statistics, so the rows do not interact). Forward mode (``jax.jacfwd``) vmapped over
-  the points: one batched program, no Python loop.
+  `fn` maps one point ``[d_in]`` (and `args`, e.g. parameters, shared by all points) to
+  ``[d_out]``: a head in inference mode, whose BatchNorm uses running statistics, so the
+  rows do not interact. Forward mode (``jax.jacfwd``) vmapped over the points: one batched
+  program, no Python loop.
   """
   chex.assert_rank(points, 2)
-  return jax.vmap(jax.jacfwd(fn))(points)
+  return jax.vmap(jax.jacfwd(fn), in_axes=(0,) + (None,) * len(args))(points, *args)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
-def _jacobian_chunk(fn, points, rank):
-  jac = jacobians(fn, points)  # [b, d_out, d_in]
+def _jacobian_chunk(fn, points, rank, args):
+  jac = jacobians(fn, points, *args)  # [b, d_out, d_in]
   _, s, vt = jnp.linalg.svd(jac, full_matrices=False)  # s [b, m], vt [b, m, d_in]
   top = jnp.swapaxes(vt[:, :rank], 1, 2)  # [b, d_in, rank]
   return s, top
 
 
-def jacobian_geometry(fn: Callable[[jax.Array], jax.Array], points: np.ndarray, *,
-                      rank: int, chunk_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def jacobian_geometry(fn: Callable[..., jax.Array], points: np.ndarray, *, rank: int,
+                      chunk_size: int = 256, args: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
   """Singular values and top right singular vectors of the Jacobian of `fn` at every point.
 
   Args:
-    fn: ``[d_in] -> [d_out]``, jit-compatible and hashable (one compiled program per fn).
+    fn: ``(x [d_in], *args) -> [d_out]``, jit-compatible and hashable (one compiled program
+      per fn and shapes); differentiated with respect to x only.
     points: ``[n, d_in]``.
     rank: how many right singular vectors to keep (<= min(d_in, d_out)).
     chunk_size: points per compiled call (the last chunk is padded by repeating a point);
       memory is ``chunk_size * d_out * d_in`` floats.
+    args: passed to every call of `fn` as traced arguments (parameters: not baked into the
+      compiled program as constants).
 
   Returns:
     ``(singular_values [n, min(d_in, d_out)] largest first, subspaces [n, d_in, rank])``: the
@@ -183,7 +187,7 @@ def jacobian_geometry(fn: Callable[[jax.Array], jax.Array], points: np.ndarray, 
     real = chunk.shape[0]
     if real < chunk_size and n > chunk_size:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], chunk_size - real, axis=0)])
-    s, top = _jacobian_chunk(fn, jnp.asarray(chunk), rank)
+    s, top = _jacobian_chunk(fn, jnp.asarray(chunk), rank, tuple(args))
     values.append(np.asarray(s)[:real])
     spaces.append(np.asarray(top)[:real])
   return np.concatenate(values), np.concatenate(spaces)

@@ -52,6 +52,7 @@ def test_analyze_end_to_end(tiny_run, tmp_path):
   with open(os.path.join(out, "analysis.json"), encoding="utf-8") as f:
     saved = json.load(f)
   assert saved["layers"] == results["layers"]
+  assert saved["precise_bn_examples"] == 16
 
   # The layers are head_layers' (in order), each head output followed by its L2 version.
   run = restore_latest(tiny_run)
