@@ -428,8 +428,11 @@ def summary_markdown(results: dict[str, Any]) -> str:
            f"{results['num_train']} train images, {results['num_invariance']} images x "
            f"{results['analysis']['num_augmentations']} augmentations. R_inv: within-image / "
            f"between-image mean squared distance (0 = invariant); cos+: mean positive cosine.",
-           "",
-           "| layer | dim | kNN | probe | R_inv train | R_inv ref | cos+ train | cos+ ref | "
+           ""]
+  if results["policies"]["train"] == results["policies"]["reference"]:
+    lines += ["The run's training policy equals the reference policy: their columns coincide.",
+              ""]
+  lines += ["| layer | dim | kNN | probe | R_inv train | R_inv ref | cos+ train | cos+ ref | "
            "erank | PCs 90% | PCs 99% |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for name in results["layers"]:
@@ -478,6 +481,7 @@ def write_plots(results: dict[str, Any], out: str) -> list[str]:
   axj.semilogy(np.arange(1, s.size + 1), np.maximum(s, 1e-12))
   axj.set(xlabel="component", ylabel="singular value",
           title=f"mean Jacobian spectrum of {results['jacobian']['layer']}")
+  fig.tight_layout()
   paths.append(_save(fig, os.path.join(out, "spectra.png"), FigureCanvasAgg))
 
   fig = Figure(figsize=(11, 4.5))

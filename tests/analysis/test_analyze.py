@@ -1,13 +1,66 @@
-"""ssljax analyze end to end on a tiny SimCLR checkpoint, and its command line."""
+"""ssljax analyze: every method's layers (shapes), end to end on a tiny SimCLR checkpoint, and
+its command line."""
 
+import functools
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ssljax.analysis import analyze as analyze_lib
+from ssljax.analysis import geometry
+from ssljax.methods import build_method, registered_methods
+from ssljax.methods.base import RunInfo
 from tests.util import tiny_config
+
+
+_RUN = RunInfo(steps_per_epoch=4, total_steps=10, num_examples=64)
+_SIZES = {
+    "simclr": {},
+    "moco": {"queue_size": 64, "proj_hidden_dim": 16, "proj_dim": 8},
+    "byol": {"proj_hidden_dim": 16, "proj_dim": 8, "pred_hidden_dim": 16},
+    "swav": {"num_prototypes": 8, "queue_size": 0, "proj_hidden_dim": 16, "proj_dim": 8},
+    "barlow_twins": {"proj_hidden_dim": 16, "proj_dim": 16},
+    "npid": {"proj_dim": 8},
+    "dino": {"proj_hidden_dim": 16, "bottleneck_dim": 8, "out_dim": 12},
+}
+
+
+def test_every_registered_method_is_covered():
+  assert set(_SIZES) == set(registered_methods())
+
+
+@pytest.mark.parametrize("name", sorted(_SIZES))
+def test_forward_layers_of_every_method(name, tmp_path):
+  config = tiny_config(str(tmp_path), method=name)
+  for key, value in _SIZES[name].items():
+    config.method[name][key] = value
+  method = build_method(config, run=_RUN)
+  views = tuple(jnp.zeros((16, 16, 16, 1)) for _ in range(method.num_views))
+  params, state = jax.eval_shape(method.init, jax.random.key(0), views)
+  copies = analyze_lib.views_needed(method, params, state, (16, 16, 1))
+  # One view where the encoder takes any number; fixed view indices (Barlow Twins, symmetric
+  # MoCo) need the method's number of views.
+  assert copies in (1, method.num_views)
+  if name in ("simclr", "barlow_twins"):
+    assert copies == {"simclr": 1, "barlow_twins": 2}[name]
+  x = jax.ShapeDtypeStruct((5, 16, 16, 1), jnp.float32)
+  layers = jax.eval_shape(functools.partial(analyze_lib.forward_layers, method, copies),
+                          params, state, x)
+  names = list(layers)
+  assert names[0] == "encoder"
+  assert all(v.shape[0] == 5 and v.ndim == 2 for v in layers.values())
+  outputs = [n for n in names if n.endswith("/output")]
+  assert outputs and all(n + "/l2" in names for n in outputs)
+  # Jacobians of the first head output with respect to the encoder features: [b, d_z, d_h].
+  d_h = layers["encoder"].shape[1]
+  fn = lambda h, p, s: analyze_lib.head_outputs(method, p, s, h[None])[outputs[0]][0]
+  h = jax.ShapeDtypeStruct((3, d_h), jnp.float32)
+  jac = jax.eval_shape(lambda h, p, s: geometry.jacobians(fn, h, p, s), h, params, state)
+  assert jac.shape == (3, layers[outputs[0]].shape[1], d_h)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +95,6 @@ def _small(**overrides):
 
 
 def test_analyze_end_to_end(tiny_run, tmp_path):
-  import jax
-
   from ssljax.train.loop import restore_latest
   out = str(tmp_path / "out")
   results = analyze_lib.analyze(tiny_run, out, _small())
@@ -94,13 +145,12 @@ def test_analyze_end_to_end(tiny_run, tmp_path):
     assert entry["chance"] == pytest.approx(int(r) / d_h)
   assert "A" in saved["overlaps"]["20"]["undefined"]
   assert all(np.isfinite(v) for v in saved["timings_s"].values())
-  del jax
+  with open(os.path.join(out, "summary.md"), encoding="utf-8") as f:
+    summary = f.read()
+  assert "`projector/output/l2`" in summary and "coincide" in summary  # strength 1 = reference
 
 
 def test_jacobian_of_a_head_matches_finite_differences(tiny_run):
-  import jax.numpy as jnp
-
-  from ssljax.analysis import geometry
   from ssljax.train.loop import restore_latest
   run = restore_latest(tiny_run)
   layers = analyze_lib.Layers(run.method, run.state.params, run.state.method_state)
