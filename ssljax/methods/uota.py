@@ -57,6 +57,7 @@ from ssljax.losses.uota import (precision_from_cholesky, uota_deviations, uota_g
                                 uota_precision_weights, uota_view_weights)
 from ssljax.methods.addons import add_params_entry, weight_terms
 from ssljax.methods.base import Method, ParamGroup, RunInfo, register_addon
+from ssljax.parallel import DATA_AXIS
 
 _MODES = ("closed_form", "learned")
 
@@ -211,13 +212,17 @@ def weight_report(method: Method, config: ml_collections.ConfigDict, state, imag
   policy = augment.build_policy(config.augment)
   keys = jax.random.split(jax.random.PRNGKey(seed), images.shape[0])
 
-  @jax.jit
   def weigh(params, method_state, images):
     views = policy(keys, images)
     outputs, _ = method.forward(params, method_state, {"views": views}, step=jnp.int32(0))
     return views, view_weights(hp, params, outputs, method_name=method.name)
 
-  views, w = jax.device_get(weigh(state.params, state.method_state, jnp.asarray(images)))
+  # The train step's method synchronises BN over the data axis: bind that axis (size 1 here)
+  # with vmap, so the forward runs outside the step's shard_map as on one device.
+  batched = jax.jit(jax.vmap(weigh, in_axes=(None, None, 0), axis_name=DATA_AXIS))
+  views, w = jax.device_get(batched(state.params, state.method_state,
+                                    jnp.asarray(images)[None]))
+  views, w = tuple(v[0] for v in views), w[0]
   order = np.argsort(w, axis=None)
   picks = [np.unravel_index(i, w.shape) for i in
            list(order[:num_shown]) + list(order[-num_shown:])]

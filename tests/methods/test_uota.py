@@ -217,8 +217,8 @@ def test_the_evaluation_report_plots_the_extreme_crops_with_their_weights(tmp_pa
   config.augment.policy = "multicrop"
   config.augment.num_small_crops = 2
   config.augment.small_crop_size = 8
-  method = build_method(config, run=_RUN)
-  params, state = init_with_numpy_kernels(method.init, _KEY, _views())
+  method = build_method(config, axis_name="data", run=_RUN)  # as the train loop builds it
+  params, state = init_with_numpy_kernels(build_method(config, run=_RUN).init, _KEY, _views())
   assert [name for name, _ in base.addon_reports(config)] == ["uota"]
   images = np.random.default_rng(5).integers(0, 256, size=(_N, 16, 16, 1), dtype=np.uint8)
   train_state = types.SimpleNamespace(params=params, method_state=state)
@@ -229,7 +229,8 @@ def test_the_evaluation_report_plots_the_extreme_crops_with_their_weights(tmp_pa
   # The reported extremes are those of the weights of the same views, computed directly.
   views = augment.build_policy(config.augment)(
       jax.random.split(jax.random.PRNGKey(0), _N), jnp.asarray(images))
-  outputs, _ = method.forward(params, state, {"views": views}, step=jnp.int32(0))
+  outputs, _ = build_method(config, run=_RUN).forward(params, state, {"views": views},
+                                                      step=jnp.int32(0))
   w = view_weights(config.method.uota, params, outputs)
   np.testing.assert_allclose(report["uota/w_min"], jnp.min(w), rtol=1e-4)
   np.testing.assert_allclose(report["uota/w_max"], jnp.max(w), rtol=1e-4)
