@@ -382,6 +382,8 @@ def analyze(workdir: str, out: str | None = None,
   results = {
       "workdir": os.path.abspath(workdir), "method": config.method.name, "step": run.step,
       "augment_strength": float(config.augment.strength),
+      "encoder": config.model.encoder, "method_config": config.method.to_dict(),
+      "seed": config.seed,
       "analysis": a.to_dict(), "layers": names, "per_layer": per_layer,
       "jacobian": jacobian, "overlaps": overlaps,
       "precise_bn_examples": precise_count,

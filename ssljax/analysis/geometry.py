@@ -33,6 +33,7 @@ Jacobians and batched SVDs run in float32 in jitted JAX.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable
 
 import chex
@@ -41,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssljax.eval import geometry as cloud_geometry
+
+log = logging.getLogger(__name__)
 
 _EPS = 1e-12
 
@@ -190,6 +193,7 @@ def jacobian_geometry(fn: Callable[..., jax.Array], points: np.ndarray, *, rank:
     s, top = _jacobian_chunk(fn, jnp.asarray(chunk), rank, tuple(args))
     values.append(np.asarray(s)[:real])
     spaces.append(np.asarray(top)[:real])
+    log.info("Jacobians: %d/%d points", start + real, n)
   return np.concatenate(values), np.concatenate(spaces)
 
 

@@ -104,6 +104,7 @@ def test_analyze_end_to_end(tiny_run, tmp_path):
     saved = json.load(f)
   assert saved["layers"] == results["layers"]
   assert saved["precise_bn_examples"] == 16
+  assert saved["method_config"]["simclr"]["proj_dim"] == 8  # for grouping a sweep's cells
 
   # The layers are head_layers' (in order), each head output followed by its L2 version.
   run = restore_latest(tiny_run)
