@@ -247,7 +247,7 @@ class Checkpointer:
     raise NoIntactCheckpointError(
         f"no intact checkpoint in {self.directory}; every step is damaged (moved to "
         f"{self.damaged_directory}):\n  " + "\n  ".join(damaged) + "\nTraining cannot resume; "
-        f"start again in a new --workdir (or restore the checkpoints from a backup).")
+        "start again in a new --workdir (or restore the checkpoints from a backup).")
 
   def _move_damaged(self, step: int) -> None:
     if jax.process_index() == 0:
