@@ -1,8 +1,12 @@
-"""Command line: ``ssljax train`` and ``ssljax eval``.
+r"""Command line: ``ssljax train``, ``ssljax eval`` and ``ssljax analyze``.
 
   ssljax train --config configs/simclr.py:fashion_mnist --workdir runs/simclr \
       [--config.optim.lr=0.3 ...]
   ssljax eval --workdir runs/simclr [--config.eval.knn_k=20 ...]
+  ssljax analyze --workdir runs/simclr [--out DIR] [--config.analysis.KEY=VALUE ...]
+
+``analyze`` is the geometry analysis of a checkpoint (encoder vs every head layer:
+probes, invariance, dimensionality, Jacobians, tangent-plane overlaps; docs/geometry.md).
 
 Configs are ml_collections files whose ``get_config(arg)`` returns a ConfigDict; the text after
 ``:`` in ``--config path:arg`` is the argument (the dataset for ``configs/<method>.py``; none:
@@ -197,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     print(USAGE)
     return 0 if len(argv) >= 2 else 2
   command, rest = argv[1], [argv[0]] + argv[2:]
+  if command == "analyze":
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see ssljax.analysis.analyze
+    _set_default_xla_flags()
+    from ssljax.analysis.analyze import main as analyze_main
+    return analyze_main(rest[1:])
   if command not in ("train", "eval"):
     print(f"ssljax: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2

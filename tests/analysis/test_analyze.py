@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ssljax import cli
+
 from ssljax.analysis import analyze as analyze_lib
 from ssljax.analysis import geometry
 from ssljax.methods import build_method, registered_methods
@@ -176,13 +178,13 @@ def test_command_line(tiny_run, tmp_path, capsys):
           "--config.analysis.num_neighbours=4", "--config.analysis.knn=False",
           "--config.analysis.probe=False", "--config.analysis.plots=False",
           "--config.analysis.batch_size=16", "--config.analysis.precise_bn_examples=0"]
-  assert analyze_lib.main(args) == 0
+  assert cli.main(["ssljax", "analyze", *args]) == 0  # the `ssljax analyze` command
   with open(os.path.join(out, "analysis.json"), encoding="utf-8") as f:
     saved = json.load(f)
   assert saved["num_test"] == 16 and saved["analysis"]["ranks"] == [2]
   assert "knn_top1" not in saved["per_layer"]["encoder"]
   assert analyze_lib.main(["--workdir", tiny_run, "--config.analysis.nope=1"]) == 1
-  assert analyze_lib.main(["--workdir", str(tmp_path / "missing")]) == 1
+  assert cli.main(["ssljax", "analyze", "--workdir", str(tmp_path / "missing")]) == 1
   assert "ssljax analyze" in capsys.readouterr().err
 
 
