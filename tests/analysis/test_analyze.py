@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from ssljax import cli
-
 from ssljax.analysis import analyze as analyze_lib
 from ssljax.analysis import geometry
 from ssljax.methods import build_method, registered_methods
