@@ -167,8 +167,11 @@ def view_weights(hp: ml_collections.ConfigDict, params, outputs, *,
 def _embedding_dim(method: Method, views, name: str) -> int:
   """Width of `method`'s embedding `name` (shapes only)."""
   params, state = jax.eval_shape(method.init, jax.random.key(0), views)
-  outputs, _ = jax.eval_shape(
-      lambda p, s: method.forward(p, s, {"views": views}, step=jnp.int32(0)), params, state)
+  # A training-mode forward of a method that synchronises BN over the data axis: bind the
+  # axis (size 1) with vmap, since init runs outside the step's shard_map.
+  forward = jax.vmap(lambda p, s, v: method.forward(p, s, {"views": v}, step=jnp.int32(0)),
+                     in_axes=(None, None, 0), axis_name=DATA_AXIS)
+  outputs, _ = jax.eval_shape(forward, params, state, tuple(v[None] for v in views))
   if name not in outputs.embeddings:
     raise ValueError(f"uota: method.uota.embedding = {name!r} is not an embedding of "
                      f"{method.name!r}; it has {sorted(outputs.embeddings)}")

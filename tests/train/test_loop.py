@@ -75,8 +75,10 @@ def test_cli_trains_checkpoints_resumes_and_evaluates(tmp_path, capsys):
 
 
 def _method_config(directory: str, method: str):
-  """The tiny config running `method`, with its state sized for 16-image batches."""
-  config = tiny_config(directory, method=method)
+  """The tiny config running `method` ('name' or 'name+add-on'), with its state sized for
+  16-image batches."""
+  method, *addons = method.split("+")
+  config = tiny_config(directory, method=method, addons=tuple(addons))
   if method == "moco":  # EMA key encoder + a queue of 4 symmetric steps
     config.method.moco.queue_size = 128
     config.method.moco.proj_hidden_dim, config.method.moco.proj_dim = 16, 8
@@ -87,12 +89,15 @@ def _method_config(directory: str, method: str):
     hp.num_prototypes, hp.queue_size, hp.queue_start_epoch = 8, 32, 0.0
     hp.freeze_prototypes_epochs = 0.5
     hp.proj_hidden_dim, hp.proj_dim = 16, 8
+  if "uota" in addons:  # the learned view model (its own Adam group), on from step 3 of 6
+    config.method.uota.mode = "learned"
+    config.method.uota.temperature = 4.0
   return config
 
 
 # Methods whose state goes beyond parameters and BN statistics: the checkpoint must carry
 # their EMA weights, queues, pointers and memory banks for a resume to be exact.
-@pytest.mark.parametrize("method", ["simclr", "moco", "npid", "swav"])
+@pytest.mark.parametrize("method", ["simclr", "moco", "npid", "swav", "swav+uota"])
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, method):
   config = _method_config(str(tmp_path), method)
   config.eval.linear_probe = False
@@ -120,6 +125,10 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
   step, resumed, _ = _final_params(tmp_path / "resumed", config)
   assert step == 6
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), resumed, straight)
+  if "uota" in method:  # its evaluation report: the weight plot and its statistics
+    results = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert (tmp_path / "straight" / "uota_weights_step6.png").read_bytes()[:4] == b"\x89PNG"
+    assert 0 < results["uota/w_min"] <= 1.0 <= results["uota/w_max"]
 
 
 def test_nonfinite_loss_stops_names_the_step_and_keeps_good_checkpoints(tmp_path):
