@@ -112,12 +112,14 @@ def main() -> int:
   print("|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['arm']} | {r['seed']} | {fmt(r['knn_top1'])} | {fmt(r['probe_top1'])} | "
-          f"{fmt(r.get('head_knn_top1'))} | {fmt(r['group_acc'])} | {r['seconds']:.0f} |")
+          f"{fmt(r.get('head_knn_top1'))} | {fmt(r['group_acc'])} | {r['seconds'] or 0:.0f} |")
   for arm in dict.fromkeys(r["arm"] for r in rows):
-    knn = [r["knn_top1"] for r in rows if r["arm"] == arm]
-    probe = [r["probe_top1"] for r in rows if r["arm"] == arm]
-    print(f"mean {arm}: kNN {statistics.mean(knn):.4f}, probe {statistics.mean(probe):.4f} "
-          f"({len(knn)} seeds)")
+    means = {}
+    for key in ("knn_top1", "probe_top1", "head_knn_top1"):
+      values = [r.get(key) for r in rows if r["arm"] == arm and r.get(key) is not None]
+      means[key] = f"{statistics.mean(values):.4f} ({len(values)} seeds)" if values else "-"
+    print(f"mean {arm}: kNN {means['knn_top1']}, probe {means['probe_top1']}, head kNN "
+          f"{means['head_knn_top1']}")
   os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
   with open(args.json, "w") as f:
     json.dump(rows, f, indent=1)
