@@ -24,6 +24,7 @@ from typing import Sequence
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _EPS = 1e-12
 
@@ -269,7 +270,10 @@ def _check_npid_inputs(v: jnp.ndarray, bank: jnp.ndarray, index: jnp.ndarray,
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
   if not isinstance(index, jax.core.Tracer) and index.size:
-    lo, hi = int(jnp.min(index)), int(jnp.max(index))
+    # On the host: a concrete index closed over by a jitted function is still concrete, but
+    # jnp.min of it inside the trace would be a tracer.
+    values = np.asarray(index)
+    lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= bank.shape[0]:
       raise ValueError(f"NPID index must lie in [0, {bank.shape[0]}) (one memory-bank row per "
                        f"training image), got values in [{lo}, {hi}]; the bank has "
