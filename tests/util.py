@@ -107,3 +107,23 @@ def init_with_numpy_kernels(init_fn, *args, seed: int = 0):
     return jnp.asarray(rng.normal(scale=np.sqrt(2.0 / fan_in), size=shape.shape), jnp.float32)
 
   return jax.tree_util.tree_map_with_path(fill, shapes, small)
+
+
+# Heads, queues, banks and prototypes small enough for batches of 16 of the 64 tiny images.
+SMALL_METHOD_SIZES = {
+    "simclr": {},
+    "moco": {"queue_size": 64, "proj_hidden_dim": 16, "proj_dim": 8},
+    "byol": {"proj_hidden_dim": 16, "proj_dim": 8, "pred_hidden_dim": 16},
+    "swav": {"num_prototypes": 8, "queue_size": 0, "proj_hidden_dim": 16, "proj_dim": 8},
+    "barlow_twins": {"proj_hidden_dim": 16, "proj_dim": 16},
+    "npid": {"proj_dim": 8},
+    "dino": {"proj_hidden_dim": 16, "bottleneck_dim": 8, "out_dim": 12},
+}
+
+
+def small_method_config(directory: str, method: str) -> ml_collections.ConfigDict:
+  """`tiny_config` of `method` with its section shrunk by `SMALL_METHOD_SIZES`."""
+  config = tiny_config(directory, method=method)
+  for key, value in SMALL_METHOD_SIZES[method].items():
+    config.method[method][key] = value
+  return config

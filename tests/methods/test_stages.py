@@ -11,21 +11,11 @@ import pytest
 
 from ssljax.methods import build_method, registered_methods
 from ssljax.methods.base import Outputs, RunInfo
-from tests.util import tiny_config
+from tests.util import SMALL_METHOD_SIZES, small_method_config
 
 _KEY = jax.random.key(0)
 _N = 16
 _RUN = RunInfo(steps_per_epoch=4, total_steps=10, num_examples=64)
-# Small heads (and queues, banks, prototypes sized for a batch of 16).
-_SIZES = {
-    "simclr": {},
-    "moco": {"queue_size": 64, "proj_hidden_dim": 16, "proj_dim": 8},
-    "byol": {"proj_hidden_dim": 16, "proj_dim": 8, "pred_hidden_dim": 16},
-    "swav": {"num_prototypes": 8, "queue_size": 0, "proj_hidden_dim": 16, "proj_dim": 8},
-    "barlow_twins": {"proj_hidden_dim": 16, "proj_dim": 16},
-    "npid": {"proj_dim": 8},
-    "dino": {"proj_hidden_dim": 16, "bottleneck_dim": 8, "out_dim": 12},
-}
 # Embedding names per method, and the heads whose layers head_layers reports.
 _EMBEDDINGS = {
     "simclr": {"projection"}, "moco": {"query", "key"},
@@ -40,14 +30,12 @@ _HEADS = {
 
 
 def test_every_registered_method_is_covered():
-  assert set(_SIZES) == set(registered_methods())
+  assert set(SMALL_METHOD_SIZES) == set(registered_methods())
 
 
-@pytest.mark.parametrize("name", sorted(_SIZES))
+@pytest.mark.parametrize("name", sorted(SMALL_METHOD_SIZES))
 def test_stages_have_the_documented_shapes(name, tmp_path):
-  config = tiny_config(str(tmp_path), method=name)
-  for key, value in _SIZES[name].items():
-    config.method[name][key] = value
+  config = small_method_config(str(tmp_path), name)
   method = build_method(config, run=_RUN)
   views = tuple(jnp.zeros((_N, 16, 16, 1)) for _ in range(method.num_views))
   batch = {"views": views, "index": jnp.arange(_N, dtype=jnp.int32),
