@@ -18,7 +18,9 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-FMNIST_DIR=/usr/share/datasets/fashion-mnist
+# Where the Debian package dataset-fashion-mnist puts the files (the default config's
+# data.data_dir). Overridden only by the launcher's tests, with a stand-in apt-get.
+FMNIST_DIR=${SSLJAX_APT_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 

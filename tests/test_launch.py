@@ -77,13 +77,13 @@ def get_config(arg=None):
 """
 
 
-def _launch_train(tmp_path, *args) -> subprocess.CompletedProcess:
+def _launch_train(tmp_path, *args, env=None) -> subprocess.CompletedProcess:
   import sys
   fake = tmp_path / "python-train-fake"
   fake.write_text(_FAKE_PYTHON_TRAIN)
   fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
   env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable,
-         "TMPDIR": str(tmp_path)}
+         "TMPDIR": str(tmp_path), **(env or {})}
   return subprocess.run(["bash", os.path.join(_REPO, "launch", "local.sh"), "train", *args],
                         env=env, capture_output=True, text=True, timeout=300)
 
@@ -116,3 +116,48 @@ def test_train_with_a_dataset_argument_that_needs_no_local_files(tmp_path):
   result = _launch_train(tmp_path, "configs/swav.py:cifar100", "W")
   assert result.returncode == 0, result.stderr
   assert "RUN train --config configs/swav.py:cifar100 --workdir W" in result.stdout
+
+
+# A stand-in apt-get: `install dataset-fashion-mnist` writes the four files into the package's
+# directory (or fails with FAKE_APT_FAIL set); every call is logged.
+_FAKE_APT = """#!/usr/bin/env bash
+echo "apt-get $*" >> "$FAKE_APT_LOG"
+[ -n "${FAKE_APT_FAIL:-}" ] && { echo "E: Unable to locate package" >&2; exit 100; }
+if [ "$1" = install ]; then
+  mkdir -p "$SSLJAX_APT_FASHION_MNIST_DIR"
+  for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte \\
+           t10k-labels-idx1-ubyte; do : > "$SSLJAX_APT_FASHION_MNIST_DIR/$f.gz"; done
+fi
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the launcher runs apt-get only as root or sudo")
+@pytest.mark.parametrize("apt_fails", [False, True])
+def test_readme_command_one_installs_fashion_mnist_on_a_machine_without_it(tmp_path, apt_fails):
+  # README command 1 on a fresh machine: the default config reads the package's directory,
+  # which is empty, so the launcher installs the package with apt-get before training, or
+  # says how to get the files when apt-get cannot.
+  bin_dir, package_dir = tmp_path / "bin", tmp_path / "usr-share-fashion-mnist"
+  bin_dir.mkdir()
+  apt = bin_dir / "apt-get"
+  apt.write_text(_FAKE_APT)
+  apt.chmod(apt.stat().st_mode | stat.S_IXUSR)
+  config = tmp_path / "idx_config.py"
+  config.write_text(_IDX_CONFIG)
+  log = tmp_path / "apt.log"
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_APT_LOG": str(log),
+         "SSLJAX_APT_FASHION_MNIST_DIR": str(package_dir)}
+  if apt_fails:
+    env["FAKE_APT_FAIL"] = "1"
+  result = _launch_train(tmp_path, f"{config}:{package_dir}", "W", env=env)
+  if apt_fails:
+    assert result.returncode != 0 and "RUN" not in result.stdout
+    assert f"Fashion-MNIST is not in {package_dir} and apt-get could not install it" in (
+        result.stderr)
+    assert "--config.data.data_dir=DIR" in result.stderr
+  else:
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().splitlines() == [
+        "apt-get update -qq", "apt-get install -y -qq dataset-fashion-mnist"]
+    assert sorted(os.listdir(package_dir)) == sorted(f"{f}.gz" for f in _IDX_FILES)
+    assert f"RUN train --config {config}:{package_dir} --workdir W" in result.stdout
