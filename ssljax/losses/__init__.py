@@ -33,5 +33,6 @@ __all__ = [
     "cld_terms", "dino", "dino_center_update", "dino_terms", "gather_rows", "l2_normalize",
     "moco_infonce", "moco_infonce_terms", "multiview_nt_xent", "multiview_nt_xent_terms",
     "npid", "npid_nce", "npid_nce_log_z", "npid_softmax", "npid_terms", "nt_xent", "sinkhorn",
-    "swav", "swav_terms",
+    "swav", "swav_terms", "uota_gaussian_nll", "uota_precision_weights", "uota_second_moment",
+    "uota_view_weights",
 ]

@@ -68,7 +68,6 @@ from ssljax.methods.common import (check_ema_momenta, check_queue_length,
 from ssljax.models import build_encoder, compute_dtype
 from ssljax.models.heads import NormLinear, NormMLP
 
-PyTree = Any
 # The trained modules the key encoder copies by EMA (a wrapper may add other params).
 _QUERY_MODULES = ("encoder", "projector")
 

@@ -1,6 +1,5 @@
 """ssljax.analysis.geometry: every metric on synthetic data with a known answer."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

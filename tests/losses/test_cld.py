@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ssljax.losses import batch_kmeans, cld, cld_terms, l2_normalize
+from ssljax.losses import batch_kmeans, cld, cld_terms
 
 
 def _reference_kmeans(x: np.ndarray, k: int, iters: int):
