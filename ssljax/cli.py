@@ -5,7 +5,8 @@ r"""Command line: ``ssljax train``, ``ssljax eval`` and ``ssljax analyze``.
   ssljax eval --workdir runs/simclr [--config.eval.knn_k=20 ...]
   ssljax analyze --workdir runs/simclr [--out DIR] [--config.analysis.KEY=VALUE ...]
 
-``analyze`` is the geometry analysis of a checkpoint (encoder vs every head layer:
+``ssljax <command> --help`` lists a command's flags and where every config key is documented
+(``ssljax/config.py``). ``analyze`` is the geometry analysis of a checkpoint (encoder vs every head layer:
 probes, invariance, dimensionality, Jacobians, tangent-plane overlaps; docs/geometry.md).
 
 Configs are ml_collections files whose ``get_config(arg)`` returns a ConfigDict; the text after
@@ -38,6 +39,79 @@ from absl import flags
 from ml_collections import config_flags
 
 USAGE = __doc__
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+_CONFIG_KEYS = f"""\
+config keys:
+  Every key, with its default and a comment, is declared in
+    {os.path.join(_HERE, "config.py")}
+  (default_config: sections data, augment, model, method, optim, train, eval; the presets
+  set_dataset, set_augment_preset and set_cpu_job list the values they set). A method's own
+  section, method.<name>, is the default_section of
+    {os.path.join(_HERE, "methods", "<name>.py")}
+  and so is an add-on's (method.<addon>). The recipes per method and dataset are
+  configs/<method>.py. A run writes every key it used to <workdir>/config.json."""
+
+_EXIT_CODES = """\
+exit codes:
+  0 done; 1 an invalid config, a config that cannot resume the workdir's checkpoint, no intact
+  checkpoint, or another error; 74 a checkpoint could not be written (rerunning resumes from
+  the latest); 143 stopped by SIGTERM after checkpointing (rerunning resumes)."""
+
+TRAIN_HELP = f"""\
+usage: ssljax train --config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]
+
+Pretrains the method of a config file, checkpointing into DIR, then evaluates the encoder
+(kNN, linear probe) and writes DIR/results.json. On an existing DIR it resumes from the latest
+checkpoint.
+
+flags:
+  --config FILE[:ARG]  the config file; ARG is passed to its get_config (the dataset for
+                       configs/<method>.py: fashion_mnist (default), cifar10, cifar100,
+                       imagenet), e.g. --config configs/simclr.py:fashion_mnist
+  --workdir DIR        checkpoints, config.json, metrics.jsonl, tensorboard/, results.json
+  --config.KEY=VALUE   overrides one key of the config, e.g. --config.optim.lr=0.3 or
+                       --config.train.epochs=2; a key that does not exist is an error naming
+                       the valid keys. --config.method.addons=NAME adds an add-on's section
+                       first, so --config.method.NAME.KEY=VALUE can follow.
+  --log_level LEVEL    Python logging level (default INFO)
+  -h, --help           this message
+
+{_CONFIG_KEYS}
+
+{_EXIT_CODES}
+"""
+
+EVAL_HELP = f"""\
+usage: ssljax eval --workdir DIR [--config.eval.KEY=VALUE ...]
+
+Restores the latest checkpoint of DIR with the config saved there (DIR/config.json),
+evaluates the encoder (kNN, linear probe) and writes DIR/results.json.
+
+flags:
+  --workdir DIR        a directory written by ssljax train
+  --config.KEY=VALUE   overrides a key of the saved config, usually under eval, e.g.
+                       --config.eval.knn_k=20 or --config.eval.linear_probe=False
+  --log_level LEVEL    Python logging level (default INFO)
+  -h, --help           this message
+
+{_CONFIG_KEYS}
+
+{_EXIT_CODES}
+"""
+
+COMMAND_HELP = {"train": TRAIN_HELP, "eval": EVAL_HELP}
+
+
+def _wants_help(argv: list[str]) -> bool:
+  """Whether `argv` (the command's arguments) asks for help, before any ``--``."""
+  for arg in argv:
+    if arg == "--":
+      return False
+    if arg in ("-h", "--help", "--helpshort", "--helpfull"):
+      return True
+  return False
 
 # XLA:CPU options that speed up the convolution-heavy train step on CPUs: fusing dots and
 # reductions through YNNPACK and fast math gave 1.29x over no flags on the default job's step
@@ -197,10 +271,15 @@ def _exit_now(message: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
+  if len(argv) >= 3 and argv[1] == "help" and argv[2] in ("train", "eval", "analyze"):
+    argv = [argv[0], argv[2], "--help"]  # `ssljax help train` is `ssljax train --help`
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(USAGE)
     return 0 if len(argv) >= 2 else 2
   command, rest = argv[1], [argv[0]] + argv[2:]
+  if command in COMMAND_HELP and _wants_help(rest[1:]):
+    print(COMMAND_HELP[command])
+    return 0
   if command == "analyze":
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see ssljax.analysis.analyze
     _set_default_xla_flags()

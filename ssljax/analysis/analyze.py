@@ -553,14 +553,32 @@ def parse_overrides(config: ml_collections.ConfigDict, overrides: list[str]
   return config
 
 
+def _keys_help() -> str:
+  """The ``--help`` text's list of analysis keys with their defaults."""
+  lines = ["config keys (--config.analysis.KEY=VALUE, VALUE a Python literal), with their",
+           "defaults; each is declared with a comment in default_analysis_config of",
+           f"  {os.path.abspath(__file__)}", "and docs/geometry.md explains the protocol:"]
+  for key, value in default_analysis_config().items():
+    lines.append(f"  {key} = {value!r}")
+  return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  parser = argparse.ArgumentParser(prog="ssljax analyze", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--out", default=None)
-  parser.add_argument("--log_level", default="INFO")
-  args, rest = parser.parse_known_args(argv)
+  parser = argparse.ArgumentParser(
+      prog="ssljax analyze", usage="ssljax analyze --workdir DIR [--out DIR] "
+      "[--config.analysis.KEY=VALUE ...]", description=__doc__, epilog=_keys_help(),
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True,
+                      help="a directory written by ssljax train (its latest checkpoint)")
+  parser.add_argument("--out", default=None,
+                      help="where analysis.json, summary.md and the plots go "
+                      "(default: WORKDIR/analysis)")
+  parser.add_argument("--log_level", default="INFO", help="Python logging level")
+  try:
+    args, rest = parser.parse_known_args(argv)
+  except SystemExit as e:  # --help (0) or a bad flag (argparse's message is printed)
+    return 0 if e.code in (0, None) else 1
   try:
     config = parse_overrides(default_analysis_config(), rest)
   except ValueError as e:

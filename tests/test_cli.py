@@ -1,0 +1,79 @@
+"""``ssljax <command> --help``: usage, the flags and where the config keys are documented,
+exit code 0, whether called as a function or as the installed process."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ssljax import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("argv", [["train", "--help"], ["train", "-h"],
+                                  ["train", "--config", "configs/simclr.py", "--help"],
+                                  ["help", "train"]])
+def test_train_help_names_flags_and_where_keys_are_documented(argv, capsys):
+  assert cli.main(["ssljax", *argv]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("usage: ssljax train")
+  for flag in ("--config FILE[:ARG]", "--workdir DIR", "--config.KEY=VALUE", "--log_level",
+               "--help"):
+    assert flag in out, flag
+  config_py = os.path.join(ROOT, "ssljax", "config.py")
+  assert config_py in out and os.path.exists(config_py)
+  assert "config.json" in out and "exit codes" in out
+
+
+@pytest.mark.parametrize("argv", [["eval", "--help"], ["eval", "-h"], ["help", "eval"],
+                                  ["eval", "--workdir", "/nonexistent", "--help"]])
+def test_eval_help_needs_no_workdir(argv, capsys):
+  assert cli.main(["ssljax", *argv]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("usage: ssljax eval")
+  for flag in ("--workdir DIR", "--config.KEY=VALUE", "--log_level", "--help"):
+    assert flag in out, flag
+  assert os.path.join(ROOT, "ssljax", "config.py") in out
+
+
+def test_help_after_a_double_dash_is_not_a_request_for_help():
+  with pytest.raises(SystemExit, match="--workdir is required"):
+    cli.main(["ssljax", "eval", "--", "--help"])
+
+
+@pytest.mark.parametrize("argv", [["analyze", "--help"], ["help", "analyze"]])
+def test_analyze_help_lists_flags_and_every_analysis_key(argv, capsys):
+  from ssljax.analysis.analyze import default_analysis_config
+  assert cli.main(["ssljax", *argv]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("usage: ssljax analyze --workdir DIR")
+  for flag in ("--workdir", "--out", "--log_level", "--help"):
+    assert flag in out, flag
+  for key, value in default_analysis_config().items():
+    assert f"  {key} = {value!r}\n" in out, key
+  assert os.path.join(ROOT, "ssljax", "analysis", "analyze.py") in out
+
+
+def test_analyze_without_workdir_is_exit_1(capsys):
+  assert cli.main(["ssljax", "analyze"]) == 1
+  assert "--workdir" in capsys.readouterr().err
+
+
+def test_top_level_help_points_to_the_commands_help(capsys):
+  assert cli.main(["ssljax", "--help"]) == 0
+  out = capsys.readouterr().out
+  assert "ssljax <command> --help" in out
+  assert "ssljax train --config configs/simclr.py:fashion_mnist --workdir runs/simclr \\\n" in out
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_help_as_a_process_exits_0_quickly_without_jax(command):
+  # The console script's entry point is cli.main; `python -m ssljax.cli` runs the same code.
+  code = ("import sys; from ssljax import cli; rc = cli.main(['ssljax', %r, '--help']); "
+          "assert 'jax' not in sys.modules, 'help imported jax'; sys.exit(rc)" % command)
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                        text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith(f"usage: ssljax {command}")
