@@ -167,6 +167,8 @@ def default_config(method: str = "simclr",
   # and an epoch mean; it is refused unless this is True.
   c.train.allow_batch_size_change = False
   c.train.eval_every_steps = 0  # Periodic kNN monitor (0: only at the end).
+  # A tqdm bar when stderr is a terminal; off a terminal (log files, nohup, clusters) or when
+  # False, one log line per log_every_steps (step, epoch, loss, images/s, ETA) instead.
   c.train.progress_bar = True
 
   # ---------------------------------------------------------------- eval

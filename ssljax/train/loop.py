@@ -11,6 +11,11 @@ checkpoint is set aside and the newest intact one resumed (`Checkpointer.restore
 ``metrics.jsonl`` is cut back to the resumed step. SIGTERM (preemption) checkpoints the step
 in progress once and exits with 143; on multi-host runs the hosts stop at the step orbax's
 preemption sync point agrees on.
+
+Progress: ``train.progress_bar`` shows a tqdm bar only when stderr is a terminal. Otherwise
+(``progress_bar=False``, a log file, ``nohup``, a cluster job) process 0 logs one line every
+``train.log_every_steps`` steps (step, epoch, loss, images/s, ETA). Each periodic kNN monitor
+result is logged (or written above the bar).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -243,6 +249,41 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return results
 
 
+def use_progress_bar(progress_bar: bool, stream) -> bool:
+  """The interactive bar only on a terminal: in a log file its carriage-return updates pile
+  up, so off a TTY (``nohup``, clusters, pods) the loop logs one line per
+  ``train.log_every_steps`` instead."""
+  isatty = getattr(stream, "isatty", None)
+  return bool(progress_bar) and callable(isatty) and bool(isatty())
+
+
+def _clock(seconds: float) -> str:
+  seconds = max(int(round(seconds)), 0)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(step: int, total_steps: int, steps_per_epoch: int,
+                  means: dict[str, float], seconds_per_step: float) -> str:
+  """One log line of training progress: step, epoch, loss, images/s and the ETA.
+
+  The ETA assumes the remaining steps run at the last window's pace (periodic kNN monitors
+  excluded; the first window includes compilation, so its ETA is high).
+  """
+  eta = (total_steps - step) * seconds_per_step
+  return (f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f} of "
+          f"{total_steps / steps_per_epoch:.2f}): loss {means['train/loss']:.4f}, "
+          f"{means['train/images_per_sec']:.0f} images/s, ETA {_clock(eta)}")
+
+
+def monitor_line(step: int, steps_per_epoch: int, record: dict[str, Any],
+                 seconds: float) -> str:
+  """The periodic kNN monitor's result as one line."""
+  values = ", ".join(f"{key.removeprefix('monitor/')} {float(value):.4f}"
+                     for key, value in sorted(record.items()))
+  return (f"kNN monitor at step {step} (epoch {step / steps_per_epoch:.2f}): {values} "
+          f"({seconds:.1f} s)")
+
+
 def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
           writer: MetricWriter, monitor, start_step: int, total_steps: int,
           steps_per_epoch: int) -> TrainState:
@@ -255,10 +296,20 @@ def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
   pending: list[dict[str, jax.Array]] = []
   window_start, window_steps, window_excluded = time.time(), 0, 0.0
   bar = None
-  if tc.progress_bar and jax.process_index() == 0:
+  chief = jax.process_index() == 0
+  if chief and use_progress_bar(tc.progress_bar, sys.stderr):
     from tqdm import tqdm  # deferred: only the interactive bar needs it
     bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-               desc=f"{config.method.name}")
+               desc=f"{config.method.name}", file=sys.stderr)
+  elif chief and tc.progress_bar:
+    log.info("no progress bar: stderr is not a terminal; logging every %d steps",
+             tc.log_every_steps)
+
+  def report(line: str) -> None:  # above the bar, else a log line
+    if bar is not None:
+      bar.write(line, file=sys.stderr)
+    elif chief:
+      log.info("%s", line)
 
   def to_device(x):
     return data.to_global_array(x, mesh, sharding.spec)
@@ -296,6 +347,9 @@ def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
           if bar is not None:
             bar.set_postfix(loss=f"{means['train/loss']:.4f}",
                             img_s=f"{means['train/images_per_sec']:.0f}", refresh=False)
+          elif chief:
+            log.info("%s", progress_line(done, total_steps, steps_per_epoch, means,
+                                         seconds_per_step=elapsed / window_steps))
           pending, window_start, window_steps, window_excluded = [], time.time(), 0, 0.0
         if bar is not None:
           bar.update(1)
@@ -307,6 +361,7 @@ def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
           record = monitor(state)
           monitor_seconds = time.time() - monitor_start
           writer.write(done, {**record, "monitor/seconds": monitor_seconds})
+          report(monitor_line(done, steps_per_epoch, record, monitor_seconds))
           window_excluded += monitor_seconds  # keep evaluation out of images/s
         if stop.should_stop(done):
           log.warning("SIGTERM received at step %d: %s; exiting with 143", done,

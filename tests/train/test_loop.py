@@ -1,7 +1,10 @@
 """The trainer end to end: CLI, checkpoint/resume equivalence, and bad-input messages."""
 
+import io
 import json
+import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -44,12 +47,26 @@ def _final_params(workdir, config):
   return step, jax.device_get(state), meta
 
 
-def test_cli_trains_checkpoints_resumes_and_evaluates(tmp_path, capsys):
+def test_cli_trains_checkpoints_resumes_and_evaluates(tmp_path, capsys, caplog):
   config_path = _write_config_file(tmp_path)
   workdir = tmp_path / "run"
+  caplog.set_level(logging.INFO, logger="ssljax.train.loop")
+  # The bar is asked for, but stderr is captured (not a terminal): log lines, no bar.
   assert cli.main(["ssljax", "train", "--config", config_path, "--workdir", str(workdir),
-                   "--config.train.eval_every_steps=3"]) == 0
-  printed = json.loads(capsys.readouterr().out)
+                   "--config.train.eval_every_steps=3",
+                   "--config.train.progress_bar=True"]) == 0
+  captured = capsys.readouterr()
+  printed = json.loads(captured.out)
+  assert "\r" not in captured.err and "step/s" not in captured.err
+  lines = [r.getMessage() for r in caplog.records if r.name == "ssljax.train.loop"]
+  progress = [l for l in lines if l.startswith("step ")]
+  assert [l.split("/")[0] for l in progress] == ["step 2", "step 4", "step 6"]
+  assert re.fullmatch(r"step 6/6 \(epoch 1\.50 of 1\.50\): loss \d+\.\d{4}, \d+ images/s, "
+                      r"ETA 0:00:00", progress[-1]), progress[-1]
+  monitors = [l for l in lines if l.startswith("kNN monitor")]
+  assert [l.split(" (")[0] for l in monitors] == ["kNN monitor at step 3",
+                                                  "kNN monitor at step 6"]
+  assert all(re.search(r": knn_top1 [01]\.\d{4} \(\d+\.\d s\)$", l) for l in monitors)
   assert printed["steps"] == 6 and 0.0 <= printed["knn/top1"] <= 1.0
   results = json.loads((workdir / "results.json").read_text())
   assert results["knn/top1"] == printed["knn/top1"] and "linear_probe/top1" in results
@@ -72,6 +89,24 @@ def test_cli_trains_checkpoints_resumes_and_evaluates(tmp_path, capsys):
                    "--config.eval.linear_probe=False"]) == 0
   evaluated = json.loads(capsys.readouterr().out)
   assert evaluated["steps"] == 6 and "linear_probe/top1" not in evaluated
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_progress_bar_only_on_a_terminal_and_the_lines_it_logs_otherwise():
+  assert loop.use_progress_bar(True, _Terminal())
+  assert not loop.use_progress_bar(False, _Terminal())
+  assert not loop.use_progress_bar(True, io.StringIO())  # a log file, a pipe
+  assert not loop.use_progress_bar(True, object())  # a stream without isatty
+  means = {"train/loss": 4.56789, "train/images_per_sec": 3951.6}
+  assert loop.progress_line(50, 2340, 234, means, seconds_per_step=0.25) == (
+      "step 50/2340 (epoch 0.21 of 10.00): loss 4.5679, 3952 images/s, ETA 0:09:32")
+  assert loop.progress_line(1, 100000, 1000, means, 0.5).endswith("ETA 13:53:20")
+  assert loop.monitor_line(936, 234, {"monitor/knn_top1": np.float32(0.7712)}, 12.34) == (
+      "kNN monitor at step 936 (epoch 4.00): knn_top1 0.7712 (12.3 s)")
 
 
 def _method_config(directory: str, method: str):
