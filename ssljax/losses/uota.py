@@ -151,18 +151,26 @@ def precision_from_cholesky(log_diag: jnp.ndarray, lower: jnp.ndarray) -> jnp.nd
 
 
 def uota_gaussian_nll(log_diag: jnp.ndarray, lower: jnp.ndarray,
-                      delta: jnp.ndarray) -> jnp.ndarray:
+                      delta: jnp.ndarray, *, ridge: float = 0.0) -> jnp.ndarray:
   """Mean negative log-likelihood of the deviations under ``N(0, P^{-1})``, ``P = L L^T``.
 
-      NLL = mean_{j, i} (1/2) ||L^T delta_ji||^2 - sum_k log L_kk   (+ const)
+      NLL = mean_{j, i} (1/2) ||L^T delta_ji||^2 - sum_k log L_kk + (ridge / 2) tr(P)   (+ const)
 
-  Minimised over L on a fixed sample, ``P = Sigma^{-1}`` with Sigma the sample's second
-  moment (without ridge): the learned mode's fixed point is the closed form. The deviations are
-  constants (stop-gradient); only ``log_diag`` and ``lower`` get a gradient. This device's mean
-  (``pmean`` over devices is the global NLL).
+  Minimised over L on a fixed sample, ``P = (Sigma + ridge I)^{-1}`` with Sigma the sample's
+  second moment: the learned mode's fixed point is the closed form with ridge ``eps = ridge``.
+  The ridge term ``tr(P) = ||L||_F^2`` bounds the precision by ``1 / ridge`` in directions the
+  deviations do not span; without it (``ridge = 0``) maximum likelihood drives the precision
+  to infinity there as soon as the deviations are (near) low-rank, as early in training.
+  The deviations are constants (stop-gradient); only ``log_diag`` and ``lower`` get a
+  gradient. This device's mean (``pmean`` over devices is the global NLL).
   """
   chex.assert_rank(delta, 3)
+  if ridge < 0:
+    raise ValueError(f"uota_gaussian_nll: ridge must be >= 0, got {ridge}")
   delta = jax.lax.stop_gradient(delta).astype(jnp.float32).reshape(-1, delta.shape[-1])
   factor = jnp.tril(lower, k=-1) + jnp.diag(jnp.exp(log_diag))
   projected = delta @ factor
-  return 0.5 * jnp.mean(jnp.sum(projected ** 2, axis=-1)) - jnp.sum(log_diag)
+  nll = 0.5 * jnp.mean(jnp.sum(projected ** 2, axis=-1)) - jnp.sum(log_diag)
+  if ridge:
+    nll = nll + 0.5 * ridge * jnp.sum(factor ** 2)
+  return nll

@@ -22,11 +22,15 @@ Modes (``method.uota.mode``):
   {'log_diag': [d], 'lower': [d, d]}``, the Cholesky factor L of the precision ``P = L L^T``
   (diagonal ``exp(log_diag)``, so P is always positive definite). The add-on adds
   ``uota_gaussian_nll`` of the stop-gradient deviations to the loss, so the same optimiser
-  step fits L by maximum likelihood, in its own parameter group (``optimizer``, ``lr_scale``;
-  no weight decay, no LARS trust ratio), and the weights use P in place of ``Sigma^{-1}``. Its
-  fixed point on a stationary view distribution is the closed form's precision (without
-  ridge); it starts at ``P = I / init_scale**2`` and is fitted from step 0, so it has converged
-  by the switch-on.
+  step fits L by maximum likelihood, in its own parameter group (``optimizer``; no weight
+  decay, no LARS trust ratio), and the weights use P in place of ``Sigma^{-1}``. The group's
+  peak rate is ``learning_rate`` itself, not a fraction of the run's (a LARS rate of 3.0 is
+  far too fast for Adam on L), following the shape of the run's schedule (warm-up, cosine);
+  ``learning_rate = None`` uses ``lr_scale`` x the run's rate instead. The likelihood carries
+  the ridge ``(ridge / 2) tr(P)``, so its fixed point on a stationary view distribution is the
+  closed form's precision with ``eps = ridge``; without it the fit drives the precision to
+  infinity along directions the (early, near low-rank) deviations do not span. It starts at
+  ``P = I / init_scale**2`` and is fitted from step 0, so it has converged by the switch-on.
 
 Switch-on: the weights apply from step ``round(start_fraction * total_steps)`` (official: half
 of training, ``epoch_uota_starts`` 100 of 200); before that they are 1 and the run is the base
@@ -39,7 +43,7 @@ each view ``v`` (``uota_w_view<v>``: with ``augment.num_ood_crops`` the last vie
 out-of-distribution ones); learned mode also ``uota_nll``.
 
 Config: ``method.uota.{mode, temperature, num_global_views, eps, start_fraction, embedding,
-optimizer, lr_scale, init_scale}``.
+optimizer, learning_rate, lr_scale, ridge, init_scale}``.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from ssljax.losses.uota import (precision_from_cholesky, uota_deviations, uota_g
 from ssljax.methods.addons import add_params_entry, weight_terms
 from ssljax.methods.base import Method, ParamGroup, RunInfo, register_addon
 from ssljax.parallel import DATA_AXIS
+from ssljax.train.optim import peak_learning_rate
 
 _MODES = ("closed_form", "learned")
 
@@ -73,7 +78,9 @@ def default_section() -> ml_collections.ConfigDict:
   s.embedding = "projection"  # The base method's embedding the weights are computed from.
   # Learned mode: the view model's parameter group and its initial scale (P = I / scale^2).
   s.optimizer = "adam"
-  s.lr_scale = 0.05  # x the run's learning-rate schedule.
+  s.learning_rate = 1e-3  # The group's peak rate (schedule shape of the run); None: lr_scale.
+  s.lr_scale = 0.05  # x the run's learning-rate schedule, used when learning_rate is None.
+  s.ridge = 1e-4  # (ridge / 2) tr(P) in the likelihood: P <= 1 / ridge.
   s.init_scale = 0.1
   return s
 
@@ -87,6 +94,10 @@ def _check(hp: ml_collections.ConfigDict, method: Method) -> None:
     raise ValueError(f"method.uota.start_fraction must be in [0, 1], got {hp.start_fraction}")
   if hp.num_global_views < 1:
     raise ValueError(f"method.uota.num_global_views must be >= 1, got {hp.num_global_views}")
+  if hp.get("learning_rate") is not None and not hp.learning_rate > 0:
+    raise ValueError(f"method.uota.learning_rate must be > 0 or None, got {hp.learning_rate}")
+  if not hp.get("ridge", 0.0) >= 0:
+    raise ValueError(f"method.uota.ridge must be >= 0, got {hp.ridge}")
   if not hp.init_scale > 0:
     raise ValueError(f"method.uota.init_scale must be > 0, got {hp.init_scale}")
   if method.num_views < hp.num_global_views:
@@ -94,8 +105,12 @@ def _check(hp: ml_collections.ConfigDict, method: Method) -> None:
                      f"method.uota.num_global_views = {hp.num_global_views}")
 
 
-def with_uota(method: Method, hp: ml_collections.ConfigDict, run: RunInfo) -> Method:
+def with_uota(method: Method, hp: ml_collections.ConfigDict, run: RunInfo, *,
+              run_peak_lr: float | None = None) -> Method:
   """`method` with UOTA's view weights on its per-(view, image) terms (module docstring).
+
+  ``run_peak_lr`` is the run's peak learning rate, which turns the learned mode's absolute
+  ``learning_rate`` into its parameter group's ``lr_scale`` (without it, ``lr_scale``).
 
   Raises:
     ValueError: an invalid setting, or a base objective without per-(view, image) terms.
@@ -122,7 +137,8 @@ def with_uota(method: Method, hp: ml_collections.ConfigDict, run: RunInfo) -> Me
         init=lambda key, views: {
             "log_diag": jnp.full((dim_of(views),), -jnp.log(hp.init_scale), jnp.float32),
             "lower": jnp.zeros((dim_of(views), dim_of(views)), jnp.float32)},
-        group=ParamGroup(optimizer=hp.optimizer, lr_scale=hp.lr_scale, weight_decay=0.0))
+        group=ParamGroup(optimizer=hp.optimizer, lr_scale=_lr_scale(hp, run_peak_lr),
+                         weight_decay=0.0))
   weighted = dataclasses.replace(weight_terms(base, weights, addon="uota"),
                                  name=f"{method.name}+uota")
   if not learned:
@@ -132,11 +148,21 @@ def with_uota(method: Method, hp: ml_collections.ConfigDict, run: RunInfo) -> Me
     out = weighted.objective(params, method_state, outputs, batch, key=key, step=step,
                              axis_name=axis_name)
     delta = uota_deviations(embeddings(outputs), num_global_views=hp.num_global_views)
-    nll = uota_gaussian_nll(params["uota"]["log_diag"], params["uota"]["lower"], delta)
+    nll = uota_gaussian_nll(params["uota"]["log_diag"], params["uota"]["lower"], delta,
+                            ridge=hp.get("ridge", 0.0))
     return out._replace(value=out.value + nll, terms=None,
                         metrics={**out.metrics, "uota_nll": nll})
 
   return dataclasses.replace(weighted, objective=objective, decomposes=False)
+
+
+def _lr_scale(hp: ml_collections.ConfigDict, run_peak_lr: float | None) -> float:
+  if hp.get("learning_rate") is None or run_peak_lr is None:
+    return hp.lr_scale
+  if not run_peak_lr > 0:
+    raise ValueError(f"uota: the run's peak learning rate must be > 0 to scale "
+                     f"method.uota.learning_rate, got {run_peak_lr}")
+  return hp.learning_rate / run_peak_lr
 
 
 def _embeddings(hp: ml_collections.ConfigDict, outputs, method_name: str) -> jax.Array:
@@ -245,4 +271,5 @@ def weight_report(method: Method, config: ml_collections.ConfigDict, state, imag
 def uota_addon(method: Method, config: ml_collections.ConfigDict, axis_name: str | None,
                run: RunInfo) -> Method:
   del axis_name
-  return with_uota(method, config.method.uota, run)
+  return with_uota(method, config.method.uota, run,
+                   run_peak_lr=peak_learning_rate(config.optim, config.train.batch_size))

@@ -151,3 +151,38 @@ def test_learned_precision_converges_to_the_closed_form_on_a_stationary_distribu
   closed = jnp.linalg.inv(uota_second_moment(big, eps=0.0))
   learned = precision_from_cholesky(params["log_diag"], params["lower"])
   np.testing.assert_allclose(learned, closed, rtol=0.05, atol=0.05 * float(jnp.max(closed)))
+
+
+def test_the_ridge_bounds_the_fitted_precision_at_the_closed_form_with_that_ridge():
+  # Deviations in a 2-d subspace of R^4 (rank-deficient, as early in training): without a
+  # ridge the likelihood has no minimum (the precision grows without bound off the subspace);
+  # with (ridge / 2) tr(P) its minimum is (Sigma + ridge I)^{-1}, the closed form with eps.
+  rng = np.random.default_rng(5)
+  basis = np.linalg.qr(rng.normal(size=(4, 2)))[0]
+  sample = rng.normal(size=(6, 32, 2)) * np.array([0.3, 0.1])
+  centres = rng.normal(size=(32, 2))
+  delta = uota_deviations(jnp.asarray((centres[None] + sample) @ basis.T, jnp.float32))
+  ridge = 1e-2
+  tx = optax.adam(optax.cosine_decay_schedule(5e-2, 4000))
+
+  def fit(r, steps):
+    params = {"log_diag": jnp.zeros(4), "lower": jnp.zeros((4, 4))}
+    opt_state = tx.init(params)
+    objective = lambda p: uota_gaussian_nll(p["log_diag"], p["lower"], delta, ridge=r)
+    update = jax.jit(lambda p, o: tx.update(jax.grad(objective)(p), o))
+    for _ in range(steps):
+      updates, opt_state = update(params, opt_state)
+      params = optax.apply_updates(params, updates)
+    return params
+
+  params = fit(ridge, 4000)
+  closed = jnp.linalg.inv(uota_second_moment(delta, eps=ridge))
+  learned = precision_from_cholesky(params["log_diag"], params["lower"])
+  np.testing.assert_allclose(learned, closed, rtol=0.02, atol=0.02 * float(jnp.max(closed)))
+  assert float(jnp.linalg.eigvalsh(learned).max()) <= 1.02 / ridge
+  # Without the ridge the same fit runs away off the subspace.
+  unbounded = fit(0.0, 1000)
+  runaway = precision_from_cholesky(unbounded["log_diag"], unbounded["lower"])
+  assert float(jnp.linalg.eigvalsh(runaway).max()) > 10 / ridge
+  with pytest.raises(ValueError, match="ridge must be >= 0"):
+    uota_gaussian_nll(params["log_diag"], params["lower"], delta, ridge=-1.0)

@@ -149,8 +149,10 @@ def test_learned_mode_keeps_the_view_model_in_params_with_its_own_group(built):
   config, method, base, params, state = built("swav", "learned")
   hp = config.method.uota
   assert method.name == "swav+uota"
-  assert method.param_groups == {"uota": ParamGroup(optimizer="adam", lr_scale=0.05,
-                                                    weight_decay=0.0)}
+  # The group's peak rate is method.uota.learning_rate itself, whatever the run's rate.
+  run_peak = config.optim.lr * config.train.batch_size / config.optim.base_batch_size
+  assert method.param_groups == {"uota": ParamGroup(
+      optimizer="adam", lr_scale=pytest.approx(hp.learning_rate / run_peak), weight_decay=0.0)}
   np.testing.assert_allclose(params["uota"]["log_diag"], -np.log(hp.init_scale) * np.ones(8))
   rng = np.random.default_rng(3)
   entry = {"log_diag": jnp.asarray(rng.normal(scale=0.2, size=8) + 1.0, jnp.float32),
@@ -164,7 +166,8 @@ def test_learned_mode_keeps_the_view_model_in_params_with_its_own_group(built):
                          step=jnp.int32(6), axis_name=None).terms()
   z = jnp.stack(outputs.embeddings["projection"])
   nll = uota_gaussian_nll(entry["log_diag"], entry["lower"],
-                          uota_deviations(z / jnp.linalg.norm(z, axis=-1, keepdims=True)))
+                          uota_deviations(z / jnp.linalg.norm(z, axis=-1, keepdims=True)),
+                          ridge=hp.ridge)
   np.testing.assert_allclose(metrics["uota_nll"], nll, rtol=1e-5)
   np.testing.assert_allclose(value, reduce_terms(terms, w) + nll, rtol=1e-5)
   # params['uota'] is trained by the likelihood alone (the weights are constants for the
@@ -175,7 +178,7 @@ def test_learned_mode_keeps_the_view_model_in_params_with_its_own_group(built):
   eps = 1e-2
   for name, index in (("log_diag", (3,)), ("lower", (5, 2))):
     nll_at = lambda d: uota_gaussian_nll(
-        **{**entry, name: entry[name].at[index].add(d)}, delta=delta)
+        **{**entry, name: entry[name].at[index].add(d)}, delta=delta, ridge=hp.ridge)
     numeric = (nll_at(eps) - nll_at(-eps)) / (2 * eps)
     np.testing.assert_allclose(grad[name][index], numeric, rtol=2e-2, atol=2e-4)
   assert float(jnp.abs(grad["log_diag"]).max()) > 0
