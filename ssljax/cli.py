@@ -1,13 +1,16 @@
-r"""Command line: ``ssljax train``, ``ssljax eval`` and ``ssljax analyze``.
+r"""Command line: ``ssljax train``, ``ssljax eval``, ``ssljax analyze`` and ``ssljax sweep``.
 
   ssljax train --config configs/simclr.py:fashion_mnist --workdir runs/simclr \
       [--config.optim.lr=0.3 ...]
   ssljax eval --workdir runs/simclr [--config.eval.knn_k=20 ...]
   ssljax analyze --workdir runs/simclr [--out DIR] [--config.analysis.KEY=VALUE ...]
+  ssljax sweep --config configs/simclr.py:fashion_mnist --root runs/geo [--strengths ...]
 
 ``ssljax <command> --help`` lists a command's flags and where every config key is documented
 (``ssljax/config.py``). ``analyze`` is the geometry analysis of a checkpoint (encoder vs every head layer:
-probes, invariance, dimensionality, Jacobians, tangent-plane overlaps; docs/geometry.md).
+probes, invariance, dimensionality, Jacobians, tangent-plane overlaps; docs/geometry.md);
+``sweep`` trains and analyses one model per cell of a grid over augmentation strength and
+projector width/depth and draws the curves (``ssljax.analysis.sweep``).
 
 Configs are ml_collections files whose ``get_config(arg)`` returns a ConfigDict; the text after
 ``:`` in ``--config path:arg`` is the argument (the dataset for ``configs/<method>.py``; none:
@@ -271,7 +274,7 @@ def _exit_now(message: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
-  if len(argv) >= 3 and argv[1] == "help" and argv[2] in ("train", "eval", "analyze"):
+  if len(argv) >= 3 and argv[1] == "help" and argv[2] in ("train", "eval", "analyze", "sweep"):
     argv = [argv[0], argv[2], "--help"]  # `ssljax help train` is `ssljax train --help`
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(USAGE)
@@ -285,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     _set_default_xla_flags()
     from ssljax.analysis.analyze import main as analyze_main
     return analyze_main(rest[1:])
+  if command == "sweep":
+    from ssljax.analysis.sweep import main as sweep_main
+    return sweep_main(rest[1:])
   if command not in ("train", "eval"):
     print(f"ssljax: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
