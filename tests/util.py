@@ -118,6 +118,8 @@ SMALL_METHOD_SIZES = {
     "barlow_twins": {"proj_hidden_dim": 16, "proj_dim": 16},
     "npid": {"proj_dim": 8},
     "dino": {"proj_hidden_dim": 16, "bottleneck_dim": 8, "out_dim": 12},
+    "cissl": {"out_dim": 8, "teacher_hidden_dims": (16,)},
+    "dissl": {"num_classes": 12, "bottleneck_dim": 8, "teacher_hidden_dims": (16,)},
 }
 
 

@@ -13,6 +13,9 @@ a BatchNorm (``last_bn``, affine or not). ``num_layers = 1`` is a single linear 
 `DINOHead` is DINO's projection head: an MLP with GELU down to a bottleneck, an L2
 normalisation, and a weight-normalised linear layer with unit-norm weights (`UnitNormDense`),
 in the official DINO layout or in the layout of the DINO baseline of the DISSL/CISSL code.
+
+`ISSLHead` is the student / teacher head of CISSL and DISSL: optional Linear-BN-ReLU hidden
+layers, then a full-rank or low-rank (Linear-BN-Linear) output map, optionally a final BN.
 """
 
 from __future__ import annotations
@@ -230,3 +233,68 @@ class NormMLP(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="dense1")(x.astype(self.dtype))
     return NormLinear(self.out_dim, dtype=self.dtype, name="norm_linear")(nn.relu(x), train)
+
+
+class ISSLHead(nn.Module):
+  """The student and teacher heads of the CISSL / DISSL code (Dubois et al. 2022; official
+  issl/architectures/basic.py ``MLP`` and ``Linear``, issl/losses/contrastive.py and
+  dissl.py).
+
+  Layers, in order:
+    * per entry of ``hidden_dims``: Linear without bias - BN - ReLU (the official ``MLP``
+      drops the bias before a BN);
+    * ``bottleneck_dim > 0``: a low-rank output map, Linear(-> bottleneck_dim, no bias) - BN -
+      Linear(-> out_dim, bias) (the official ``Linear`` with ``bottleneck_size``; still
+      linear in its input, BN being affine at test time); else one Linear(-> out_dim, bias);
+    * ``out_bn``: BN after the output (the contrastive heads of the official code end with
+      ``BatchNorm1d(out_dim)``).
+
+  CISSL: student ``hidden_dims=(), out_dim=128, out_bn=True`` (linear probe shape), teacher
+  ``hidden_dims=(1024,), out_dim=128, out_bn=True``. DISSL: student ``hidden_dims=(),
+  bottleneck_dim=512, out_dim=C``, teacher ``hidden_dims=(1024,), bottleneck_dim=512,
+  out_dim=C``. The ``_mlp`` variants use ``hidden_dims=(2048, 2048)`` on both heads.
+
+  Init (official ``init_std_modules``): Linear weights normal with std 0.02 (PyTorch's
+  ``trunc_normal_(std=0.02)`` truncates at +-2 in absolute value, i.e. at 100 std, so it is a
+  plain normal), biases 0, BN scale 1 and bias 0. All BNs are affine (PyTorch's default).
+
+  Attributes:
+    hidden_dims: widths of the hidden layers (empty: a linear head).
+    out_dim: output width.
+    bottleneck_dim: rank of the low-rank output map; 0 for a full-rank Linear.
+    out_bn: BatchNorm after the output.
+    bn_momentum: Flax BN decay of running statistics.
+    axis_name: named axis for synchronised BN statistics.
+    dtype: computation dtype; the output is float32.
+  """
+
+  hidden_dims: tuple[int, ...]
+  out_dim: int
+  bottleneck_dim: int = 0
+  out_bn: bool = False
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+    init = nn.initializers.normal(stddev=0.02)
+
+    def dense(features: int, name: str, use_bias: bool) -> nn.Dense:
+      return nn.Dense(features, use_bias=use_bias, kernel_init=init, dtype=self.dtype,
+                      name=name)
+
+    def norm(name: str) -> nn.BatchNorm:
+      return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                          epsilon=1e-5, dtype=self.dtype,
+                          axis_name=self.axis_name if train else None, name=name)
+
+    x = x.astype(self.dtype)
+    for i, width in enumerate(self.hidden_dims):
+      x = nn.relu(norm(f"bn{i + 1}")(dense(width, f"dense{i + 1}", False)(x)))
+    if self.bottleneck_dim:
+      x = norm("bottleneck_bn")(dense(self.bottleneck_dim, "bottleneck", False)(x))
+    x = dense(self.out_dim, "out", True)(x)
+    if self.out_bn:
+      x = norm("out_bn")(x)
+    return x.astype(jnp.float32)
