@@ -89,8 +89,10 @@ def test_multicrop_views():
 
 
 def test_out_of_distribution_crops_are_the_last_small_crops_and_tiny():
+  # Crops only (no colour jitter or grayscale, which do not move the crop): one compile.
   policy = policies.build_policy(_config(policy="multicrop", num_small_crops=4,
-                                         num_ood_crops=2, ood_crop_scale=(0.01, 0.02)))
+                                         num_ood_crops=2, ood_crop_scale=(0.01, 0.02),
+                                         jitter_prob=0.0, grayscale_prob=0.0))
   assert [v.crop_scale for v in policy.views[2:]] == [(0.05, 0.4)] * 2 + [(0.01, 0.02)] * 2
   assert policy.view_sizes == (SIZE, SIZE, 8, 8, 8, 8)
   # A tiny crop covers at most 2% of the image: an image with a bright quarter and a dark
@@ -98,7 +100,7 @@ def test_out_of_distribution_crops_are_the_last_small_crops_and_tiny():
   image = np.zeros((1, SIZE, SIZE, 1), np.uint8)
   image[0, :SIZE // 2, :SIZE // 2] = 255
   keys = jax.random.split(jax.random.key(1), 16)
-  views = policy(keys, jnp.asarray(np.repeat(image, 16, axis=0)))
+  views = compiled(policy)(keys, np.repeat(image, 16, axis=0))
   spread = [float(jnp.mean(jnp.max(v, axis=(1, 2, 3)) - jnp.min(v, axis=(1, 2, 3))))
             for v in views[2:]]
   assert max(spread[2:]) < min(spread[:2]), spread
