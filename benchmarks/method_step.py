@@ -70,6 +70,12 @@ VARIANTS = {
     "simclr+uota": ("configs/simclr_uota.py:fashion_mnist", "simclr+uota", {}),
     "byol[multi-crop]": ("configs/byol_uota.py:fashion_mnist_base", "byol", {}),
     "byol+uota": ("configs/byol_uota.py:fashion_mnist", "byol+uota", {}),
+    # MetaMask's target (issue 18): its step within 2.5x of Barlow Twins + SimCLR on the same
+    # backbone without the meta step (the mask fixed).
+    "metamask[no meta step]": ("configs/metamask.py:fashion_mnist", "metamask",
+                               {"method.metamask.meta_step": False}),
+    "metamask[finite difference]": ("configs/metamask.py:fashion_mnist", "metamask",
+                                    {"method.metamask.second_order": "finite_difference"}),
 }
 
 
