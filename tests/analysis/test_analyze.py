@@ -51,16 +51,30 @@ def test_forward_layers_of_every_method(name, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  from ssljax.train.loop import train
+  """A workdir as ``ssljax train`` leaves it (config.json, a checkpoint), holding the
+  initial state: the analysis reads any checkpoint, and compiling the train step and the
+  final evaluation would cost ~25 s here (training and its checkpoints are tested in
+  tests/train)."""
+  from ssljax import data
+  from ssljax.train import loop
+  from ssljax.train.checkpoint import Checkpointer
   root = tmp_path_factory.mktemp("analyze")
   config = tiny_config(str(root), num_train=64, num_test=32)
   config.train.num_steps = 2
-  config.train.checkpoint_every_steps = 2
-  config.train.eval_every_steps = 0
-  config.eval.linear_probe = False
-  config.eval.plots = False
+  # The encoder's width (32), so the projector's first layers share its probe compilation.
+  config.method.simclr.proj_hidden_dim = 32
   workdir = str(root / "run")
-  train(config, workdir)
+  source = data.build_source(config.data, config.data.train_split)
+  steps_per_epoch, total_steps = loop.run_length(config, len(source))
+  _, init, _ = loop.build_state_and_step(config, loop.make_mesh(), tuple(source.image_shape),
+                                         steps_per_epoch, total_steps, len(source))
+  os.makedirs(workdir)
+  loop._save_config(config, workdir)
+  ckpt = Checkpointer(workdir)
+  ckpt.save(2, init().replace(step=jnp.int32(2)),
+            {"position": 2, "epoch": 2 / steps_per_epoch, "steps_per_epoch": steps_per_epoch})
+  ckpt.wait()
+  ckpt.close()
   return workdir
 
 
