@@ -31,21 +31,23 @@ fashion_mnist: CPU-sized. Everything but the method is the SimCLR default job
   ("CISSL / DISSL"); the full 26 epochs were not run.
 
 tinyimagenet: the official TinyImageNet Table 1 recipe (bin/tinyimagenet/base_tin.sh and
-  table1 scripts, config/decodability/dissl.yaml): ResNet-18 with a 3x3 stride-1 stem, 64 px
-  images, z = 512; heads as above with C = 16384; batch 256; Adam lr 2e-3 with (coupled)
-  weight decay 1e-6; 10 warmup epochs then cosine to 0; 300 epochs; gradients clipped
-  element-wise at 2; views RandomResizedCrop(64, scale 0.2-1), flip, colour jitter
-  0.4/0.4/0.4/0.1 with p 0.8, grayscale 0.1, no blur; TinyImageNet channel statistics.
+  table1 scripts, config/decodability/dissl.yaml): ResNet-18 with a 3x3 stride-1 stem followed
+  by the 3x3/2 max-pool (model.stem_pool), 64 px images, z = 512; heads as above with
+  C = 16384; batch 256; Adam lr 2e-3 with (coupled) weight decay 1e-6; 10 warmup epochs then
+  cosine to 0; 300 epochs; gradients clipped element-wise at 2; views
+  RandomResizedCrop(64, scale 0.2-1), flip, colour jitter 0.4/0.4/0.4/0.1 with p 0.8,
+  grayscale 0.1, no blur; TinyImageNet channel statistics.
   Data: the image-folder source on a local copy of tiny-imagenet-200, as
   ``<TIN_DIR>/train/<wnid>/images/*.JPEG`` (the archive's own layout) and the validation
   images sorted into class folders ``<TIN_DIR>/val_by_class/<wnid>/`` (the archive keeps them
   flat with val/val_annotations.txt; e.g. ``cd TIN_DIR && while read f c _; do mkdir -p
   val_by_class/$c; ln -s ../../val/images/$f val_by_class/$c/$f; done <
   val/val_annotations.txt``). The official code evaluates on this validation set ("test").
-  Deviations: the official stem keeps the 3x3/2 max-pool at 64 px (ssljax's 3x3 stem has
-  none: 4x the activations after the stem); fp16 mixed precision (here float32 unless
-  train.compute_dtype); bicubic crops (ssljax resizes bilinearly); the official warmup is
-  stepped per epoch from lr 0 (the first epoch trains at lr 0), here per step.
+  The "+ dim." cell (z = 2048 from the residual expansion block before pooling, 512 inner
+  channels) adds ``--config.model.expand_features=2048 --config.model.expand_bottleneck=512``.
+  Deviations: fp16 mixed precision (here float32 unless train.compute_dtype); bicubic crops
+  (ssljax resizes bilinearly); the official warmup is stepped per epoch from lr 0 (the first
+  epoch trains at lr 0), here per step.
   Hardware / time: one GPU in the official code; not run by ssljax (no GPU in this session).
   Published (not measured by ssljax): 45.1% TinyImageNet linear-probe accuracy (DINO in the
   same code: 43.3%); 48.0% with the representation widened to 2048 inside the backbone,
@@ -159,6 +161,7 @@ def _tinyimagenet(c):
   _issl_views(c, (0.4, 0.4, 0.4, 0.1))
   c.model.encoder = "resnet18"
   c.model.cifar_stem = True
+  c.model.stem_pool = True  # 3x3 stem + max-pool: the ISSL ResNet-18 for 50-100 px images
   _official_heads(c)
   _issl_optimizer(c, 256)
   c.train.epochs = 300.0

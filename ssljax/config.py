@@ -111,6 +111,11 @@ def default_config(method: str = "simclr",
   # > 0: a 1x1 conv + BN + ReLU to this many channels before pooling (wide representation
   # for the small CPU presets at little cost).
   c.model.expand_features = 0
+  # With expand_features: > 0 makes that expansion the residual BottleneckExpand block of the
+  # DISSL/CISSL code with this many inner channels (their "+ dim.": 512 -> 2048 with 512).
+  c.model.expand_bottleneck = 0
+  # With cifar_stem: a 3x3 stride-2 max-pool after the stem (DISSL/CISSL TinyImageNet ResNet).
+  c.model.stem_pool = False
   # BN without scale/bias on the pooled representation (standardised, centred features).
   c.model.output_bn = False
   c.model.sync_batchnorm = True  # BN statistics over the global batch (all devices).

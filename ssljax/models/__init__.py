@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from ssljax.models.heads import MLPHead
-from ssljax.models.resnet import PRESETS, BasicBlock, Bottleneck, ResNet
+from ssljax.models.resnet import PRESETS, BasicBlock, Bottleneck, BottleneckExpand, ResNet
 
-__all__ = ["MLPHead", "ResNet", "BasicBlock", "Bottleneck", "PRESETS", "build_encoder",
-           "compute_dtype"]
+__all__ = ["MLPHead", "ResNet", "BasicBlock", "Bottleneck", "BottleneckExpand", "PRESETS",
+           "build_encoder", "compute_dtype"]
 
 
 def compute_dtype(name: str) -> Any:
@@ -46,6 +46,8 @@ def build_encoder(config: ml_collections.ConfigDict, *, axis_name: str | None = 
       stem_stride=preset.stem_stride,
       zero_init_residual=config.model.zero_init_residual,
       expand_features=config.model.expand_features,
+      expand_bottleneck=config.model.expand_bottleneck,
+      stem_pool=config.model.stem_pool,
       output_bn=config.model.output_bn,
       bn_momentum=config.model.bn_momentum,
       axis_name=axis_name if config.model.sync_batchnorm else None,

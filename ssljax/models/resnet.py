@@ -19,6 +19,10 @@ With ``axis_name`` set, training-mode BN averages its statistics over that named
 (synchronised BN across devices); it must then run inside ``shard_map``/``pmap``.
 ``zero_init_residual`` zero-initialises the scale of the last BN of each block, so every
 residual block starts as the identity (Goyal et al.; used by Barlow Twins).
+
+Wider representations before pooling (``expand_features``): a 1x1 conv + BN + ReLU, or with
+``expand_bottleneck`` the residual `BottleneckExpand` block of the DISSL/CISSL code (the
+"+ dim." ResNet-18 with 2048 features).
 """
 
 from __future__ import annotations
@@ -92,6 +96,58 @@ class Bottleneck(nn.Module):
     return _add_shortcut(x, y, self.conv, self.norm, self.strides)
 
 
+# The ISSL code's conv init: truncated normal "std = sqrt(1/fan_in) / 0.8796" (the std of a
+# standard normal truncated to +-2), but truncated at +-2 in absolute value, so it is a plain
+# normal with variance (1 / 0.8796^2) / fan_in.
+_issl_conv_init = nn.initializers.variance_scaling(1.0 / 0.87962566103423978 ** 2, "fan_in",
+                                                   "normal")
+
+
+class BottleneckExpand(nn.Module):
+  """The DISSL/CISSL code's in-backbone dimension expansion (official
+  issl/architectures/cnn.py ``BottleneckExpand``), applied before global average pooling.
+
+  ``y = relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + tile(x))``: conv1 1x1 to
+  ``hidden`` channels, conv2 3x3 (stride 1), conv3 1x1 to ``out_channels``, no biases. The
+  residual repeats the input channels ``out_channels / C`` times (channel k is input channel
+  k mod C, einops ``'b c h w -> b (tile c) h w'``); when ``out_channels < C`` there is no
+  residual (the official non-residual case). Init as the official code: conv1 normal with std
+  ``1 / sqrt(hidden)`` (a Johnson-Lindenstrauss projection), conv2 and conv3 `_issl_conv_init`,
+  BN scale 1 and bias 0.
+
+  Attributes:
+    out_channels: output channels (a multiple of the input channels, or fewer).
+    hidden: channels of the two inner convolutions.
+    norm: BatchNorm constructor (training mode and axis already bound).
+    dtype: computation dtype.
+  """
+
+  out_channels: int
+  hidden: int
+  norm: ModuleDef
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    channels = x.shape[-1]
+    residual = self.out_channels >= channels
+    if residual and self.out_channels % channels:
+      raise ValueError(f"BottleneckExpand: {self.out_channels} output channels are not a "
+                       f"multiple of the {channels} input channels (the residual tiles them)")
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    y = conv(self.hidden, (1, 1), kernel_init=nn.initializers.normal(self.hidden ** -0.5),
+             name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = conv(self.hidden, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_issl_conv_init,
+             name="conv2")(y)
+    y = nn.relu(self.norm(name="bn2")(y))
+    y = conv(self.out_channels, (1, 1), kernel_init=_issl_conv_init, name="conv3")(y)
+    y = self.norm(name="bn3")(y)
+    if residual:
+      y = y + jnp.tile(x, (1,) * (x.ndim - 1) + (self.out_channels // channels,))
+    return nn.relu(y)
+
+
 class ResNet(nn.Module):
   """A ResNet trunk with global average pooling; returns ``[B, stage_widths[-1]*expansion]``.
 
@@ -106,6 +162,11 @@ class ResNet(nn.Module):
     zero_init_residual: zero-init the last BN scale in each block.
     expand_features: if > 0, a 1x1 convolution + BN + ReLU to this many channels before the
       pooling (a cheap way to a wide representation for the small presets; 0 = none).
+    expand_bottleneck: with ``expand_features``, > 0 replaces that 1x1 convolution by a
+      `BottleneckExpand` block with this many inner channels (the DISSL/CISSL "+ dim."
+      backbone: 512 -> 2048 features with 512 inner channels).
+    stem_pool: with the 3x3 stem, a 3x3 stride-2 max-pool after it (the DISSL/CISSL
+      ResNet-18 for 50-100 px images, e.g. TinyImageNet).
     output_bn: if True, a BatchNorm without scale or bias on the pooled output: each feature is
       standardised (batch statistics in training, running or re-estimated ones in eval), so
       the representation is centred rather than all-positive after the ReLU, which spreads
@@ -126,6 +187,8 @@ class ResNet(nn.Module):
   stem_stride: int = 1
   zero_init_residual: bool = False
   expand_features: int = 0
+  expand_bottleneck: int = 0
+  stem_pool: bool = False
   output_bn: bool = False
   bn_momentum: float = 0.9
   axis_name: str | None = None
@@ -163,6 +226,8 @@ class ResNet(nn.Module):
     if self.cifar_stem:
       x = conv(stem, (3, 3), (self.stem_stride, self.stem_stride), name="stem_conv")(x)
       x = nn.relu(norm(name="stem_bn")(x))
+      if self.stem_pool:
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
       x = conv(stem, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="stem_conv")(x)
       x = nn.relu(norm(name="stem_bn")(x))
@@ -174,7 +239,10 @@ class ResNet(nn.Module):
         x = self.block(features=features, strides=strides, conv=conv, norm=norm,
                        zero_init_residual=self.zero_init_residual,
                        name=f"stage{i + 1}_block{j + 1}")(x)
-    if self.expand_features:
+    if self.expand_features and self.expand_bottleneck:
+      x = BottleneckExpand(self.expand_features, self.expand_bottleneck, norm=norm,
+                           dtype=self.dtype, name="expand")(x)
+    elif self.expand_features:
       x = conv(self.expand_features, (1, 1), name="expand_conv")(x)
       x = nn.relu(norm(name="expand_bn")(x))
     x = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
