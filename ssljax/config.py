@@ -147,7 +147,9 @@ def default_config(method: str = "simclr",
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.schedule = "warmup_cosine"  # 'warmup_cosine' | 'constant'
+  # 'warmup_cosine' | 'constant' | 'warmup_cosine_per_epoch' (the DISSL/CISSL code's: the
+  # rate changes once per epoch; the first epoch runs at the warmup start, see train/optim.py).
+  c.optim.schedule = "warmup_cosine"
   c.optim.warmup_epochs = 1.0
   c.optim.warmup_init_fraction = 0.0  # Warmup starts at lr * this.
   c.optim.final_lr_fraction = 0.0  # Cosine ends at lr * this.

@@ -17,6 +17,13 @@ step; ``constant``. ``restart_fraction`` > 0 reproduces the official UOTA code's
 step ``round(restart_fraction * total_steps)`` on, the same cosine (same progress) runs from a
 peak of ``restart_peak_scale`` x the peak, so the rate jumps up (x2 at mid-training) and decays
 to the same end. The peak is ``lr * global_batch / base_batch_size`` (linear scaling).
+
+``warmup_cosine_per_epoch`` is the schedule of the DISSL/CISSL code (pl_bolts
+``LinearWarmupCosineAnnealingLR`` stepped once per epoch): constant within an epoch, for epoch
+``e = step // steps_per_epoch`` with W = ``warmup_epochs`` (whole) and E epochs in the run,
+``start + (peak - start) e / max(W - 1, 1)`` for e < W (the first epoch runs at ``start``, 0
+by default, and the peak comes at epoch W - 1), then ``end + (peak - end) (1 + cos(pi (e - W) /
+(E - W))) / 2``.
 """
 
 from __future__ import annotations
@@ -41,9 +48,11 @@ def build_schedule(optim: ml_collections.ConfigDict, *, global_batch: int, total
   peak = peak_learning_rate(optim, global_batch)
   if optim.schedule == "constant":
     return optax.constant_schedule(peak)
+  if optim.schedule == "warmup_cosine_per_epoch":
+    return _per_epoch_warmup_cosine(optim, peak, total_steps, steps_per_epoch)
   if optim.schedule != "warmup_cosine":
-    raise ValueError(f"optim.schedule must be 'warmup_cosine' or 'constant', got "
-                     f"{optim.schedule!r}")
+    raise ValueError(f"optim.schedule must be 'warmup_cosine_per_epoch', 'warmup_cosine' or "
+                     f"'constant', got {optim.schedule!r}")
   warmup = int(round(optim.warmup_epochs * steps_per_epoch))
   warmup = min(warmup, max(total_steps - 1, 0))
   start, end = peak * optim.warmup_init_fraction, peak * optim.final_lr_fraction
@@ -60,6 +69,30 @@ def build_schedule(optim: ml_collections.ConfigDict, *, global_batch: int, total
                                              peak)
     cosine = end + (top - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
     return jnp.where(step < warmup, ramp, cosine)
+
+  return schedule
+
+
+def _per_epoch_warmup_cosine(optim: ml_collections.ConfigDict, peak: float, total_steps: int,
+                             steps_per_epoch: int) -> optax.Schedule:
+  """``warmup_cosine_per_epoch`` (see the module docstring)."""
+  warmup = optim.warmup_epochs
+  if warmup < 0 or float(warmup) != int(warmup):
+    raise ValueError("optim.warmup_epochs must be a whole number of epochs >= 0 for "
+                     f"optim.schedule='warmup_cosine_per_epoch', got {warmup}")
+  if optim.restart_fraction:
+    raise ValueError("optim.restart_fraction is not supported with "
+                     "optim.schedule='warmup_cosine_per_epoch'")
+  warmup = int(warmup)
+  epochs = max(-(-total_steps // max(steps_per_epoch, 1)), 1)  # the epochs the run enters
+  start, end = peak * optim.warmup_init_fraction, peak * optim.final_lr_fraction
+
+  def schedule(step):
+    epoch = (jnp.asarray(step, jnp.int32) // max(steps_per_epoch, 1)).astype(jnp.float32)
+    ramp = start + (peak - start) * epoch / max(warmup - 1, 1)
+    progress = jnp.clip((epoch - warmup) / max(epochs - warmup, 1), 0.0, 1.0)
+    cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(epoch < warmup, ramp, cosine)
 
   return schedule
 
