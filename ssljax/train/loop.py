@@ -164,7 +164,7 @@ def build_state_and_step(config, mesh, image_shape, steps_per_epoch, total_steps
                      f"policy {config.augment.policy!r} makes {policy.num_views}")
   schedule = build_schedule(config.optim, global_batch=config.train.batch_size,
                             total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-  tx = build_optimizer(config.optim, schedule)
+  tx = build_optimizer(config.optim, schedule, method.param_groups)
   init = jax.jit(functools.partial(init_train_state, method, tx, policy, image_shape,
                                    config.seed), out_shardings=replicated(mesh))
   step = compile_train_step(make_per_device_step(method, tx, policy, schedule), mesh)

@@ -216,3 +216,28 @@ def test_cli_rejects_unknown_config_key(tmp_path):
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="not an ssljax workdir"):
     loop.evaluate_workdir(str(tmp_path))
+
+
+def test_the_trainer_gives_parameter_groups_their_own_optimiser(tmp_path):
+  # UOTA's learned view model asks for Adam at its own rate (method.uota.learning_rate) while
+  # the rest trains with the run's SGD: after one step at a constant schedule, Adam has moved
+  # every coordinate of params['uota'] with a non-zero gradient by its rate (its first update
+  # is lr * g / |g|), which plain SGD at 0.1 would not.
+  config = tiny_config(str(tmp_path), method="simclr", addons=("uota",))
+  config.method.uota.mode = "learned"
+  config.method.uota.learning_rate = 1e-3
+  config.optim.name = "sgd"
+  config.optim.schedule = "constant"
+  mesh = loop.make_mesh()
+  _, init, step = loop.build_state_and_step(config, mesh, (16, 16, 1), 4, 6, 64)
+  state = init()
+  before = jax.device_get(state.params)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, size=(16, 16, 16, 1), dtype=np.uint8)
+  state, _ = step(state, images, np.arange(16, dtype=np.int32), np.zeros(16, np.int32))
+  after = jax.device_get(state.params)
+  moved = np.abs(after["uota"]["log_diag"] - before["uota"]["log_diag"])
+  np.testing.assert_allclose(moved, 1e-3, rtol=1e-2)
+  encoder_moved = max(float(np.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(after["encoder"]), jax.tree.leaves(before["encoder"])))
+  assert encoder_moved > 0
