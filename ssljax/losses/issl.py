@@ -79,7 +79,9 @@ def cissl(
     teacher_a, teacher_b: ``[n, d]`` teacher head outputs of the same views.
     temperature: t > 0 (official default 0.07).
     axis_name: if given, the candidates are the teacher outputs of every device on this axis
-      (global-batch negatives) and the loss is this device's mean over its 2n anchors.
+      (global-batch negatives, as SimCLR's) and the loss is this device's mean over its 2n
+      anchors. (The official code gathers nothing: under DDP each GPU contrasts its own
+      batch; pass None inside a per-device function for that.)
 
   Returns:
     ``(loss, metrics)``: the float32 scalar loss and metrics ``pos_sim`` (mean cosine of an
