@@ -27,6 +27,8 @@ import statistics
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # run as a script from a checkout without installing
+  sys.path.insert(0, REPO_ROOT)
 ARMS = ("npid", "npidcld", "moco", "mococld", "byol", "byolcld")
 _INSTANCE_HEAD = {"npid": ("head/output", "npid"), "moco": ("projector/output", "moco"),
                   "byol": ("projector/output", None)}
