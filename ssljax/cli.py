@@ -27,8 +27,16 @@ apply).
 Exit codes: 0 done; 1 an invalid config, a config that cannot resume the workdir's checkpoint,
 no intact checkpoint, or another error (a message, no traceback, for the first three); 74 a
 checkpoint could not be written (EX_IOERR: full disk, unwritable directory; earlier
-checkpoints are kept and rerunning the command resumes from the latest); 143 stopped by
-SIGTERM after checkpointing (rerunning resumes).
+checkpoints are kept and rerunning the command resumes from the latest); 69 the processes of
+a multi-host run did not all connect within ``--distributed_timeout``; 143 stopped by SIGTERM
+after checkpointing (rerunning resumes).
+
+Multi-host: ``--distributed`` (auto-detected TPU pod, SLURM, Open MPI, Kubernetes) or
+``--coordinator_address HOST:PORT --num_processes N --process_id I`` (or the environment
+variables ``SSLJAX_DISTRIBUTED``, ``SSLJAX_COORDINATOR_ADDRESS``, ``SSLJAX_NUM_PROCESSES``,
+``SSLJAX_PROCESS_ID``, ``SSLJAX_DISTRIBUTED_TIMEOUT``) start ``jax.distributed`` before
+anything touches a device (``ssljax.parallel.initialize_distributed``); ``launch/slurm.sbatch``
+and ``launch/tpu_pod.sh`` run it on clusters.
 """
 
 from __future__ import annotations
@@ -60,7 +68,25 @@ _EXIT_CODES = """\
 exit codes:
   0 done; 1 an invalid config, a config that cannot resume the workdir's checkpoint, no intact
   checkpoint, or another error; 74 a checkpoint could not be written (rerunning resumes from
-  the latest); 143 stopped by SIGTERM after checkpointing (rerunning resumes)."""
+  the latest); 69 the processes of a multi-host run did not all connect within
+  --distributed_timeout; 143 stopped by SIGTERM after checkpointing (rerunning resumes)."""
+
+_DISTRIBUTED_HELP = """\
+multi-host (TPU pods, GPU clusters, several processes on one machine):
+  Run the same command in every process. Each loads its share of every global batch; only
+  process 0 writes config.json, metrics, plots and results; all write the checkpoints
+  (the workdir must be one directory that every process sees: a shared filesystem).
+  --distributed        start jax.distributed, detecting the cluster: Cloud TPU pod VMs,
+                       SLURM (srun, one task per GPU or per node), Open MPI, Kubernetes
+                       (env SSLJAX_DISTRIBUTED=1; --nodistributed or =0 switches it off)
+  --coordinator_address HOST:PORT  --num_processes N  --process_id I
+                       explicit set-up anywhere else (all three; implies --distributed);
+                       env SSLJAX_COORDINATOR_ADDRESS, SSLJAX_NUM_PROCESSES, SSLJAX_PROCESS_ID
+  --distributed_timeout SECONDS
+                       how long a process waits for the others (default 300; env
+                       SSLJAX_DISTRIBUTED_TIMEOUT); then it exits with 69 and says what to
+                       check. train.batch_size must be divisible by the process count.
+  Flags win over the environment. On CPU the processes talk through gloo."""
 
 TRAIN_HELP = f"""\
 usage: ssljax train --config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]
@@ -81,6 +107,8 @@ flags:
   --log_level LEVEL    Python logging level (default INFO)
   -h, --help           this message
 
+{_DISTRIBUTED_HELP}
+
 {_CONFIG_KEYS}
 
 {_EXIT_CODES}
@@ -98,6 +126,8 @@ flags:
                        --config.eval.knn_k=20 or --config.eval.linear_probe=False
   --log_level LEVEL    Python logging level (default INFO)
   -h, --help           this message
+
+{_DISTRIBUTED_HELP}
 
 {_CONFIG_KEYS}
 
@@ -136,6 +166,7 @@ def _parse(argv: list[str], command: str):
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.",
                       flag_values=fv)
   flags.DEFINE_string("log_level", "INFO", "Python logging level.", flag_values=fv)
+  _define_distributed_flags(fv)
   if command == "train":
     config = _load_train_config(argv)
     where = "this config"
@@ -163,6 +194,40 @@ def _parse(argv: list[str], command: str):
   except ValueError as e:
     raise SystemExit(f"ssljax {command}: {e}") from None
   return fv
+
+
+def _define_distributed_flags(fv) -> None:
+  """The multi-process flags (ssljax.parallel.distributed_settings reads them)."""
+  flags.DEFINE_bool("distributed", None, "Start jax.distributed (multi-host).", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Number of processes.", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "This process's id, 0..N-1.", flag_values=fv)
+  flags.DEFINE_integer("distributed_timeout", None, "Seconds to wait for every process.",
+                       flag_values=fv)
+
+
+def _start_distributed(fv, command: str) -> None:
+  """Connects the processes of a multi-host run when the flags or environment ask for it.
+
+  An explicit process count is checked against the global batch before connecting, so a
+  wrong count fails at once on every process rather than after the rendezvous.
+  """
+  from ssljax import parallel
+  try:
+    settings = parallel.distributed_settings(
+        distributed=fv.distributed, coordinator_address=fv.coordinator_address,
+        num_processes=fv.num_processes, process_id=fv.process_id,
+        timeout_s=fv.distributed_timeout)
+    if settings.num_processes and command == "train":
+      parallel.check_processes_divide_batch(fv.config.train.batch_size,
+                                            settings.num_processes)
+    if settings.enabled:
+      logging.info("starting jax.distributed (%s)",
+                   f"process {settings.process_id} of {settings.num_processes}, coordinator "
+                   f"{settings.coordinator_address}" if settings.explicit else "auto-detected")
+    parallel.initialize_distributed(settings)
+  except (parallel.DistributedSetupError, ValueError) as e:
+    raise SystemExit(f"ssljax {command}: {e}") from None
 
 
 def _load_train_config(argv: list[str]):
@@ -299,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=getattr(logging, fv.log_level.upper(), logging.INFO),
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  _start_distributed(fv, command)
   from ssljax.train import loop  # deferred: keeps `ssljax --help` fast
   from ssljax.train.checkpoint import (CheckpointMismatchError, CheckpointSaveError,
                                        NoIntactCheckpointError)

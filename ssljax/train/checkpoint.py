@@ -258,6 +258,9 @@ class Checkpointer:
         target = os.path.join(self.damaged_directory, f"{step}.{suffix}")
         suffix += 1
       shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:  # the others reload only after process 0 has moved it
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"ssljax_move_damaged_{step}")
     self._manager.reload()
 
   def wait(self) -> None:

@@ -12,6 +12,11 @@ checkpoint is set aside and the newest intact one resumed (`Checkpointer.restore
 in progress once and exits with 143; on multi-host runs the hosts stop at the step orbax's
 preemption sync point agrees on.
 
+Multi-host (``jax.distributed`` started by ``ssljax train --distributed ...``, see
+`ssljax.parallel`): every process runs this same function on the same workdir; each loads its
+rows of every global batch, all take part in checkpointing (orbax writes the shared arrays
+once), and only process 0 writes ``config.json``, metrics, plots and ``results.json``.
+
 Progress: ``train.progress_bar`` shows a tqdm bar only when stderr is a terminal. Otherwise
 (``progress_bar=False``, a log file, ``nohup``, a cluster job) process 0 logs one line every
 ``train.log_every_steps`` steps (step, epoch, loss, images/s, ETA). Each periodic kNN monitor
@@ -199,9 +204,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # ------------------------------------------------------------------ mesh
   mesh = make_mesh()
-  check_batch_divisible(config.train.batch_size, mesh)
-  log.info("devices: %d x %s, processes: %d", jax.device_count(), jax.devices()[0].platform,
-           jax.process_count())
+  try:
+    check_batch_divisible(config.train.batch_size, mesh)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  log.info("devices: %d x %s, processes: %d (this is process %d, %d local devices)",
+           jax.device_count(), jax.devices()[0].platform, jax.process_count(),
+           jax.process_index(), jax.local_device_count())
 
   # ------------------------------------------------------------------ input
   train_source = data.build_source(config.data, config.data.train_split)
@@ -214,7 +223,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   restored = ckpt.restore_latest_intact(jax.eval_shape(init))
-  _save_config(config, workdir)
+  if jax.process_index() == 0:  # one writer; every process saves its part of checkpoints
+    _save_config(config, workdir)
   if restored is None:
     state = init()
   else:
