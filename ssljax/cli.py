@@ -86,6 +86,10 @@ multi-host (TPU pods, GPU clusters, several processes on one machine):
                        how long a process waits for the others (default 300; env
                        SSLJAX_DISTRIBUTED_TIMEOUT); then it exits with 69 and says what to
                        check. train.batch_size must be divisible by the process count.
+  --local_device_ids 0,1,...
+                       the local GPUs this process drives (env SSLJAX_LOCAL_DEVICE_IDS);
+                       under SLURM JAX gives each task the one GPU of its local rank, so
+                       one process per node with several GPUs needs them all listed.
   Flags win over the environment. On CPU the processes talk through gloo."""
 
 TRAIN_HELP = f"""\
@@ -204,6 +208,8 @@ def _define_distributed_flags(fv) -> None:
   flags.DEFINE_integer("process_id", None, "This process's id, 0..N-1.", flag_values=fv)
   flags.DEFINE_integer("distributed_timeout", None, "Seconds to wait for every process.",
                        flag_values=fv)
+  flags.DEFINE_string("local_device_ids", None, "Local accelerator ids of this process.",
+                      flag_values=fv)
 
 
 def _start_distributed(fv, command: str) -> None:
@@ -217,7 +223,7 @@ def _start_distributed(fv, command: str) -> None:
     settings = parallel.distributed_settings(
         distributed=fv.distributed, coordinator_address=fv.coordinator_address,
         num_processes=fv.num_processes, process_id=fv.process_id,
-        timeout_s=fv.distributed_timeout)
+        timeout_s=fv.distributed_timeout, local_device_ids=fv.local_device_ids)
     if settings.num_processes and command == "train":
       parallel.check_processes_divide_batch(fv.config.train.batch_size,
                                             settings.num_processes)

@@ -38,6 +38,10 @@ ENV_VARS = {
     "num_processes": "SSLJAX_NUM_PROCESSES",
     "process_id": "SSLJAX_PROCESS_ID",
     "timeout": "SSLJAX_DISTRIBUTED_TIMEOUT",        # seconds to wait for every process
+    # Comma-separated local accelerator ids this process drives (e.g. 0,1,2,3 for one
+    # process per node with 4 GPUs). Unset: JAX's default, which under SLURM and Open MPI is
+    # the one GPU of the task's local rank (one process per GPU), elsewhere every device.
+    "local_device_ids": "SSLJAX_LOCAL_DEVICE_IDS",
 }
 DEFAULT_TIMEOUT_S = 300  # jax.distributed's own default initialization_timeout
 # Exit code of a process whose start-up rendezvous failed (EX_UNAVAILABLE of sysexits.h).
@@ -98,6 +102,7 @@ class DistributedSettings:
   num_processes: int | None = None
   process_id: int | None = None
   timeout_s: int = DEFAULT_TIMEOUT_S
+  local_device_ids: tuple[int, ...] | None = None
 
   @property
   def explicit(self) -> bool:
@@ -111,7 +116,7 @@ _FALSE = ("0", "false", "no", "off", "")
 def distributed_settings(*, distributed: bool | None = None,
                          coordinator_address: str | None = None,
                          num_processes: int | None = None, process_id: int | None = None,
-                         timeout_s: int | None = None,
+                         timeout_s: int | None = None, local_device_ids: str | None = None,
                          environ: Mapping[str, str] | None = None) -> DistributedSettings:
   """The settings from the flags' values (None: not given), else from `ENV_VARS`.
 
@@ -144,6 +149,13 @@ def distributed_settings(*, distributed: bool | None = None,
   process_id = from_env("process_id", process_id, int)
   timeout_s = from_env("timeout", timeout_s, int)
   timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+  local_device_ids = from_env("local_device_ids", local_device_ids, str)
+  if local_device_ids is not None:
+    try:
+      local_device_ids = tuple(int(i) for i in str(local_device_ids).split(",") if i.strip())
+    except ValueError:
+      raise DistributedSetupError(f"--local_device_ids must be comma-separated integers "
+                                  f"(e.g. 0,1,2,3), got {local_device_ids!r}") from None
   if timeout_s < 1:
     raise DistributedSetupError(f"--distributed_timeout must be >= 1 second, got {timeout_s}")
   given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
@@ -155,7 +167,8 @@ def distributed_settings(*, distributed: bool | None = None,
           f"{', '.join(k for k, v in given.items() if v is not None)} is given; drop one")
     return DistributedSettings(timeout_s=timeout_s)
   if all(v is None for v in given.values()):
-    return DistributedSettings(enabled=bool(distributed), timeout_s=timeout_s)
+    return DistributedSettings(enabled=bool(distributed), timeout_s=timeout_s,
+                               local_device_ids=local_device_ids)
   missing = [k for k, v in given.items() if v is None]
   if missing:
     raise DistributedSetupError(
@@ -176,7 +189,8 @@ def distributed_settings(*, distributed: bool | None = None,
         f"--process_id must be in 0..{num_processes - 1} for --num_processes "
         f"{num_processes}, got {process_id}; give each process its own id, 0 on the "
         f"coordinator's host")
-  return DistributedSettings(True, coordinator_address, num_processes, process_id, timeout_s)
+  return DistributedSettings(True, coordinator_address, num_processes, process_id, timeout_s,
+                             local_device_ids)
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -289,6 +303,8 @@ def initialize_distributed(settings: DistributedSettings | None = None, *,
     jax.distributed.initialize(
         coordinator_address=settings.coordinator_address,
         num_processes=settings.num_processes, process_id=settings.process_id,
+        local_device_ids=(list(settings.local_device_ids)
+                          if settings.local_device_ids is not None else None),
         initialization_timeout=settings.timeout_s + 30)
   except ValueError as e:
     if settings.explicit:

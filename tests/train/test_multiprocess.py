@@ -222,6 +222,10 @@ def test_settings_from_flags_and_environment():
   assert parallel.distributed_settings(process_id=1, environ=env).process_id == 1
   assert not parallel.distributed_settings(distributed=False,
                                            environ={"SSLJAX_DISTRIBUTED": "1"}).enabled
+  # One process per node with 4 GPUs (launch/slurm.sbatch, SSLJAX_TASKS=node).
+  node = parallel.distributed_settings(environ={"SSLJAX_DISTRIBUTED": "1",
+                                                "SSLJAX_LOCAL_DEVICE_IDS": "0,1,2,3"})
+  assert node.enabled and node.local_device_ids == (0, 1, 2, 3)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -230,6 +234,7 @@ def test_settings_from_flags_and_environment():
     (dict(coordinator_address="h:1", num_processes=2, process_id=2), r"in 0\.\.1"),
     (dict(distributed=False, num_processes=2), "switched off"),
     (dict(distributed=True, timeout_s=0), ">= 1 second"),
+    (dict(distributed=True, local_device_ids="0;1"), "comma-separated integers"),
 ])
 def test_inconsistent_settings_name_the_fix(kwargs, match):
   with pytest.raises(parallel.DistributedSetupError, match=match):
