@@ -14,7 +14,7 @@ os.environ["XLA_FLAGS"] = (
 # The suite is bound by XLA compile time (tiny models, few steps): LLVM's optimisation level
 # changes how fast the CPU code runs, not what it computes, and at 0 a train step compiles in
 # half the time (tests/methods/test_moco.py 61 s -> 33 s on 2 cores). An optimisation level
-# given in XLA_FLAGS wins (e.g. 2 to test with the level users get).
+# given in XLA_FLAGS wins (e.g. 3, the default users get).
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
