@@ -75,7 +75,8 @@ _DISTRIBUTED_HELP = """\
 multi-host (TPU pods, GPU clusters, several processes on one machine):
   Run the same command in every process. Each loads its share of every global batch; only
   process 0 writes config.json, metrics, plots and results; all write the checkpoints
-  (the workdir must be one directory that every process sees: a shared filesystem).
+  (the workdir must be one directory that every process sees: a shared filesystem
+  or a gs:// bucket).
   --distributed        start jax.distributed, detecting the cluster: Cloud TPU pod VMs,
                        SLURM (srun, one task per GPU or per node), Open MPI, Kubernetes
                        (env SSLJAX_DISTRIBUTED=1; --nodistributed or =0 switches it off)
@@ -103,7 +104,8 @@ flags:
   --config FILE[:ARG]  the config file; ARG is passed to its get_config (the dataset for
                        configs/<method>.py: fashion_mnist (default), cifar10, cifar100,
                        imagenet), e.g. --config configs/simclr.py:fashion_mnist
-  --workdir DIR        checkpoints, config.json, metrics.jsonl, tensorboard/, results.json
+  --workdir DIR        checkpoints, config.json, metrics.jsonl, tensorboard/, results.json;
+                       a bucket (gs://bucket/run) needs gcsfs (pip install gcsfs)
   --config.KEY=VALUE   overrides one key of the config, e.g. --config.optim.lr=0.3 or
                        --config.train.epochs=2; a key that does not exist is an error naming
                        the valid keys. --config.method.addons=NAME adds an add-on's section
@@ -176,10 +178,14 @@ def _parse(argv: list[str], command: str):
     where = "this config"
   else:
     from ssljax.train.loop import load_workdir_config
+    from ssljax.train.paths import WorkdirError
     workdir = _peek_flag(argv, "workdir")
     if workdir is None:
       raise SystemExit("ssljax eval: --workdir is required")
-    config = load_workdir_config(workdir)
+    try:
+      config = load_workdir_config(workdir)
+    except WorkdirError as e:
+      raise SystemExit(f"ssljax eval: {e}") from None
     where = "this workdir's config"
   _check_override_keys(argv, config, where)
   # The config is loaded above; the flag holds it and applies the --config.<key> overrides.
@@ -374,13 +380,14 @@ def main(argv: list[str] | None = None) -> int:
   from ssljax.train import loop  # deferred: keeps `ssljax --help` fast
   from ssljax.train.checkpoint import (CheckpointMismatchError, CheckpointSaveError,
                                        NoIntactCheckpointError)
+  from ssljax.train.paths import WorkdirError
   from ssljax.train.validate import ConfigError
   try:
     if command == "train":
       results = loop.train(fv.config, fv.workdir)
     else:
       results = loop.evaluate_workdir(fv.workdir, fv.config)
-  except (ConfigError, CheckpointMismatchError, NoIntactCheckpointError) as e:
+  except (ConfigError, CheckpointMismatchError, NoIntactCheckpointError, WorkdirError) as e:
     raise SystemExit(f"ssljax {command}: {e}") from None
   except CheckpointSaveError as e:
     _exit_now(f"ssljax {command}: {e}", EXIT_CHECKPOINT_NOT_WRITTEN)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import tempfile
 from typing import Any
 
 import jax
@@ -29,6 +30,7 @@ from ssljax.eval.linear_probe import linear_probe
 from ssljax.eval.plots import plot_training_curves
 from ssljax.eval.precise_bn import precise_batch_stats
 from ssljax.methods.base import Method
+from ssljax.train.paths import is_local, workdir_path
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +199,19 @@ def write_results(config: ml_collections.ConfigDict, workdir: str,
       "host": platform.node(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
-  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  if config.eval.plots and os.path.exists(metrics):
-    plot_training_curves(metrics, os.path.join(workdir, "training_curves.png"))
+  directory = workdir_path(workdir)
+  (directory / "results.json").write_text(json.dumps(record, indent=2, sort_keys=True),
+                                          encoding="utf-8")
+  metrics = directory / "metrics.jsonl"
+  if not (config.eval.plots and metrics.exists()):
+    return
+  if is_local(directory):
+    plot_training_curves(os.fspath(metrics), os.fspath(directory / "training_curves.png"))
+    return
+  with tempfile.TemporaryDirectory(prefix="ssljax-plot-") as tmp:  # bucket: drawn locally
+    local_metrics, local_png = os.path.join(tmp, "metrics.jsonl"), os.path.join(tmp, "plot.png")
+    with open(local_metrics, "w", encoding="utf-8") as f:
+      f.write(metrics.read_text(encoding="utf-8"))
+    plot_training_curves(local_metrics, local_png)
+    with open(local_png, "rb") as f:
+      (directory / "training_curves.png").write_bytes(f.read())

@@ -20,6 +20,11 @@ the next `save` or at `wait`. Earlier checkpoints are left as they were. orbax's
 of a failed save may then wait for its coordination timeout (20 minutes) before the
 interpreter can exit, which is why ``ssljax train`` ends the process itself after reporting.
 
+The workdir may be a bucket (``gs://bucket/run``): paths are `etils.epath` paths
+(`ssljax.train.paths`), which orbax writes to directly; only local workdirs are made absolute.
+On multi-host runs every process calls `save` and `restore` (orbax writes each array once,
+from the process that holds it, and process 0 commits the step).
+
 Kept small on purpose so that moving to orbax's V1 API later is local to this module.
 """
 
@@ -34,6 +39,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from ssljax.train.paths import is_local, workdir_path
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -98,8 +105,9 @@ class Checkpointer:
   """Saves and restores ``(state, meta)`` pairs under ``<workdir>/checkpoints``."""
 
   def __init__(self, workdir: str, *, max_to_keep: int = 2):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.damaged_directory = os.path.abspath(os.path.join(workdir, "checkpoints-damaged"))
+    root = workdir_path(workdir)  # absolute if local; gs:// reaches orbax as it is
+    self.directory = root / "checkpoints"
+    self.damaged_directory = root / "checkpoints-damaged"
     self._pending: int | None = None
     self._failed: CheckpointSaveError | None = None
     try:
@@ -121,14 +129,15 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def _committed_steps(self) -> list[int]:
-    names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+    names = [p.name for p in self.directory.iterdir()] if self.directory.is_dir() else []
     return sorted(int(n) for n in names if n.isdigit())
 
   def _save_failed(self, step: int | None, error: BaseException) -> CheckpointSaveError:
     kept = [s for s in self._committed_steps() if s != step]
     where = f"the latest complete one is step {kept[-1]}" if kept else "none was completed"
     try:  # TensorStore reports a full disk as RESOURCE_EXHAUSTED, without ENOSPC's words
-      free = f" ({shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free there)"
+      free = (f" ({shutil.disk_usage(os.fspath(self.directory)).free / 2**20:.1f} MiB free "
+              f"there)" if is_local(self.directory) else "")
     except OSError:
       free = ""
     self._failed = CheckpointSaveError(
@@ -195,7 +204,7 @@ class Checkpointer:
         from the checksums written with it.
     """
     self.check_structure(step, like)
-    has_sums = os.path.isdir(os.path.join(self.directory, str(step), "checksums"))
+    has_sums = (self.directory / str(step) / "checksums").is_dir()
     args = dict(state=ocp.args.StandardRestore(self._abstract(like)),
                 meta=ocp.args.JsonRestore())
     if has_sums:
@@ -251,13 +260,13 @@ class Checkpointer:
 
   def _move_damaged(self, step: int) -> None:
     if jax.process_index() == 0:
-      os.makedirs(self.damaged_directory, exist_ok=True)
-      target = os.path.join(self.damaged_directory, str(step))
+      self.damaged_directory.mkdir(parents=True, exist_ok=True)
+      target = self.damaged_directory / str(step)
       suffix = 1
-      while os.path.exists(target):
-        target = os.path.join(self.damaged_directory, f"{step}.{suffix}")
+      while target.exists():
+        target = self.damaged_directory / f"{step}.{suffix}"
         suffix += 1
-      shutil.move(os.path.join(self.directory, str(step)), target)
+      (self.directory / str(step)).rename(target)
     if jax.process_count() > 1:  # the others reload only after process 0 has moved it
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"ssljax_move_damaged_{step}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import signal
 import sys
 import time
@@ -46,6 +45,7 @@ from ssljax.parallel import (DATA_AXIS, check_batch_divisible, data_sharded, mak
 from ssljax.train.checkpoint import Checkpointer
 from ssljax.train.metrics import MetricWriter
 from ssljax.train.optim import build_optimizer, build_schedule
+from ssljax.train.paths import workdir_path
 from ssljax.train.step import (TrainState, compile_train_step, init_train_state,
                                make_per_device_step)
 from ssljax.train.validate import ConfigError, check_resume_compatible, validate_config
@@ -79,39 +79,36 @@ def _upgraded(text: str) -> str:
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  path = os.path.join(workdir, "config.json")
+  directory = workdir_path(workdir)
+  path = directory / "config.json"
   text = config_to_json(config)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      previous = f.read()
+  if path.exists():
+    previous = path.read_text(encoding="utf-8")
     if previous != text and _upgraded(previous) != text:
       log.warning("config differs from the one this workdir was started with; the saved "
                   "%s is kept as config.previous.json", path)
-      with open(os.path.join(workdir, "config.previous.json"), "w", encoding="utf-8") as f:
-        f.write(previous)
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(text)
+      (directory / "config.previous.json").write_text(previous, encoding="utf-8")
+  path.write_text(text, encoding="utf-8")
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = workdir_path(workdir) / "config.json"
+  if not path.exists():
     raise FileNotFoundError(f"{path} not found: {workdir} is not an ssljax workdir (run "
                             f"`ssljax train --config ... --workdir {workdir}` first)")
-  with open(path, encoding="utf-8") as f:
-    return config_from_json(f.read())
+  return config_from_json(path.read_text(encoding="utf-8"))
 
 
 def _stored_resume_config(workdir: str) -> ml_collections.ConfigDict | None:
   """The stored config of `workdir` if it holds a checkpoint to resume, else None."""
-  steps = os.path.join(workdir, "checkpoints")
-  if not (os.path.isdir(steps) and any(n.isdigit() for n in os.listdir(steps))):
+  directory = workdir_path(workdir)
+  steps = directory / "checkpoints"
+  if not (steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir())):
     return None
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = directory / "config.json"
+  if not path.exists():
     return None
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = path.read_text(encoding="utf-8")
   try:
     return config_from_json(text)
   except (KeyError, ValueError, TypeError) as e:
@@ -194,9 +191,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       was written).
     CheckpointMismatchError, NoIntactCheckpointError: see `Checkpointer`.
     CheckpointSaveError: a checkpoint could not be written (training stopped).
+    WorkdirError: a bucket workdir (gs://) without its filesystem package.
   """
   check_method_sections(config)
   validate_config(config)
+  workdir_path(workdir)  # a gs:// workdir without gcsfs fails here, before any work
   stored = _stored_resume_config(workdir)
   if stored is not None:
     check_resume_compatible(stored, config, workdir)
@@ -220,7 +219,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ------------------------------------------------------------------ init / restore
   method, init, step_fn = build_state_and_step(config, mesh, image_shape, steps_per_epoch,
                                                total_steps, len(train_source))
-  os.makedirs(workdir, exist_ok=True)
+  workdir_path(workdir).mkdir(parents=True, exist_ok=True)
   ckpt = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   restored = ckpt.restore_latest_intact(jax.eval_shape(init))
   if jax.process_index() == 0:  # one writer; every process saves its part of checkpoints
@@ -418,9 +417,9 @@ def restore_latest(workdir: str, config: ml_collections.ConfigDict | None = None
   steps_per_epoch, total_steps = run_length(config, len(train_source))
   method, init, _ = build_state_and_step(config, mesh, tuple(train_source.image_shape),
                                          steps_per_epoch, total_steps, len(train_source))
-  directory = os.path.join(workdir, "checkpoints")
+  directory = workdir_path(workdir) / "checkpoints"
   ckpt = (Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
-          if os.path.isdir(directory) else None)
+          if directory.is_dir() else None)
   restored = ckpt.restore_latest_intact(jax.eval_shape(init)) if ckpt is not None else None
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {directory}; train first with "
