@@ -24,9 +24,9 @@
 #                    the pod's state that `describe` would report.
 #
 # WORKDIR must be one directory every worker sees (orbax writes each checkpoint from all
-# workers; worker 0 writes config.json, metrics and results): a shared filesystem mounted at
-# the same path on every worker (e.g. Filestore). A gs:// bucket is the usual choice once
-# ssljax's cloud workdirs land (issue 20 item 4); until then local paths only.
+# workers; worker 0 writes config.json, metrics and results): usually a gs:// bucket
+# (gs://bucket/run; gcsfs is installed with ssljax below), or a shared filesystem mounted at
+# the same path on every worker (e.g. Filestore).
 #
 # Preemption: ssljax checkpoints when a worker gets SIGTERM (maintenance, Spot reclaim) and
 # stops on every worker at the same step. A preempted pod is not restarted by Cloud TPU:
@@ -126,7 +126,7 @@ copy_code() {
 install() {
   # ssljax needs Python >= 3.11 and the TPU VM images ship 3.10: uv (installed if missing)
   # provides a 3.11 virtualenv, ~/ssljax-venv, reused on later runs.
-  on_workers all "set -e; export PATH=\$HOME/.local/bin:\$PATH; command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; [ -x $VENV/bin/python ] || uv venv -q -p 3.11 $VENV; cd $REMOTE_DIR && uv pip install -q -p $VENV/bin/python -e . 'jax[tpu]'"
+  on_workers all "set -e; export PATH=\$HOME/.local/bin:\$PATH; command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; [ -x $VENV/bin/python ] || uv venv -q -p 3.11 $VENV; cd $REMOTE_DIR && uv pip install -q -p $VENV/bin/python -e . 'jax[tpu]' gcsfs"
 }
 
 start_training() {  # CONFIG WORKDIR ARGS...: starts detached on every worker
