@@ -307,3 +307,36 @@ def test_command_line_start_up_errors(tmp_path):
   assert "no cluster was detected" in out["no_cluster"][1]
   assert "--coordinator_address HOST:PORT" in out["no_cluster"][1]
   assert not os.path.exists(workdir)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_checkpointed_step(tmp_path):
+  """Preemption of one host: JAX's preemption notifier and orbax's sync point make every
+  process checkpoint the same step and exit 143 (what launch/slurm.sbatch requeues on)."""
+  (tmp_path / "data").mkdir()
+  config = tiny_config(str(tmp_path / "data"))
+  with config.unlocked():
+    config.train.num_steps = 400
+    config.train.checkpoint_every_steps = 1000
+    config.train.log_every_steps = 10
+  (tmp_path / "config.json").write_text(config_to_json(config))
+  (tmp_path / "json_config.py").write_text(_JSON_CONFIG)
+  workdir = str(tmp_path / "w")
+  procs = _two_processes(
+      _train_args(f"{tmp_path / 'json_config.py'}:{tmp_path / 'config.json'}", workdir),
+      _env(2), workdir)
+  deadline = time.time() + 300
+  while True:
+    with open(procs[0].log, encoding="utf-8") as f:
+      if "step 20/400" in f.read():
+        break
+    assert time.time() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.5)
+  procs[1].terminate()
+  for p in procs:
+    assert p.wait(timeout=120) == 143
+  steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")))
+  assert len(steps) == 1 and steps[0] < 400
+  for p in procs:
+    with open(p.log, encoding="utf-8") as f:
+      assert f"SIGTERM received at step {steps[0]}" in f.read()
