@@ -87,7 +87,8 @@ def cissl(
     ``(loss, metrics)``: the float32 scalar loss and metrics ``pos_sim`` (mean cosine of an
     anchor with the other view's teacher output), ``self_sim`` (with its own view's),
     ``neg_sim`` (with the other images'), ``accuracy`` (share of anchors whose largest logit
-    is one of their two positives) and ``I_q_zm`` (log 2N - loss, the official code's
+    is one of their two positives; near 1 as soon as the student and teacher agree on the same
+    view, so ``pos_sim`` is the informative one) and ``I_q_zm`` (log 2N - loss, the official code's
     monitored lower bound).
 
   Raises:
