@@ -25,7 +25,7 @@ import pytest
 
 from ssljax import parallel
 from ssljax.config import config_to_json
-from tests.util import tiny_config
+from tests.util import small_method_config, tiny_config
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -104,16 +104,9 @@ def _two_processes(args: list[str], env: dict[str, str], logs: str) -> list[subp
                  f"{logs}.{i}.log") for i in range(2)]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """One process x 4 devices and two processes x 2 devices, 6 SimCLR steps each
-  (checkpoints at 3 and 6); then the two-process run resumed from its step-3 checkpoint."""
-  root = tmp_path_factory.mktemp("multiprocess")
-  (root / "data").mkdir()
-  config = tiny_config(str(root / "data"))
-  with config.unlocked():
-    config.eval.linear_probe = False
-    config.eval.plots = False
+def _train_three_ways(root, config) -> dict:
+  """Trains `config` with one process x 4 devices and two processes x 2 devices (6 steps,
+  checkpoints at 3 and 6), and resumes the two-process run from its step-3 checkpoint."""
   (root / "config.json").write_text(config_to_json(config))
   (root / "json_config.py").write_text(_JSON_CONFIG)
   config_arg = f"{root / 'json_config.py'}:{root / 'config.json'}"
@@ -141,6 +134,18 @@ def runs(tmp_path_factory):
   return {"one": one, "two": two, "resumed": resumed, "seconds": time.time() - started}
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """SimCLR trained three ways (`_train_three_ways`)."""
+  root = tmp_path_factory.mktemp("multiprocess")
+  (root / "data").mkdir()
+  config = tiny_config(str(root / "data"))
+  with config.unlocked():
+    config.eval.linear_probe = False
+    config.eval.plots = False
+  return _train_three_ways(root, config)
+
+
 def _losses(workdir: str) -> dict[int, float]:
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     records = [json.loads(line) for line in f]
@@ -166,7 +171,7 @@ def _checksums(workdir: str, step: int) -> dict[str, str]:
     return json.load(f)
 
 
-def test_two_processes_train_like_one_process_with_as_many_devices(runs):
+def _assert_same_training(runs) -> None:
   one, two = _losses(runs["one"]), _losses(runs["two"])
   assert sorted(one) == sorted(two) == [2, 4, 6]
   np.testing.assert_allclose([two[s] for s in (2, 4, 6)], [one[s] for s in (2, 4, 6)],
@@ -186,11 +191,32 @@ def test_two_processes_train_like_one_process_with_as_many_devices(runs):
       np.testing.assert_array_equal(b[key], a[key], err_msg=key)
 
 
-def test_two_process_resume_is_bit_exact(runs):
+def _assert_bit_exact_resume(runs) -> None:
   for log in (f"{runs['resumed']}.0.log", f"{runs['resumed']}.1.log"):
     with open(log, encoding="utf-8") as f:
       assert "resumed from step 3" in f.read()
   assert _checksums(runs["resumed"], 6) == _checksums(runs["two"], 6)
+
+
+def test_two_processes_train_like_one_process_with_as_many_devices(runs):
+  _assert_same_training(runs)
+
+
+def test_two_process_resume_is_bit_exact(runs):
+  _assert_bit_exact_resume(runs)
+
+
+@pytest.mark.slow
+def test_moco_queue_two_processes_like_one_and_bit_exact_resume(tmp_path):
+  """MoCo's queue is filled from keys gathered over every device of every process."""
+  (tmp_path / "data").mkdir()
+  config = small_method_config(str(tmp_path / "data"), "moco")
+  with config.unlocked():
+    config.eval.linear_probe = False
+    config.eval.plots = False
+  runs = _train_three_ways(tmp_path, config)
+  _assert_same_training(runs)
+  _assert_bit_exact_resume(runs)
 
 
 def test_only_process_0_writes_metrics_and_results(runs):
