@@ -51,7 +51,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   ``train.batch_size``, ``train.log_every_steps``, ``train.checkpoint_every_steps``,
   ``train.keep_checkpoints`` and ``eval.batch_size`` integers >= 1; ``train.num_steps`` and
   ``train.eval_every_steps`` integers >= 0; ``train.epochs`` finite and > 0 when
-  ``train.num_steps`` is 0.
+  ``train.num_steps`` is 0; ``data.mean`` and ``data.std`` one value per channel
+  (``data.channels``), the standard deviations finite and > 0.
   """
   problems = []
 
@@ -85,6 +86,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not _is_number(epochs) or not math.isfinite(epochs) or epochs <= 0:
       problems.append(f"train.epochs = {epochs!r} must be a finite number > 0 when "
                       f"train.num_steps is 0; e.g. --config.train.epochs=10")
+  channels = _get(config, "data.channels")
+  for key in ("data.mean", "data.std"):
+    value = _get(config, key)
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if len(values) != channels or not all(_is_number(v) and math.isfinite(v) for v in values):
+      problems.append(f"{key} = {value!r} needs one finite number per channel (data.channels "
+                      f"= {channels!r}); e.g. --config.{key}=\"{(0.5,) * 3!r}\" for RGB")
+    elif key == "data.std" and min(values) <= 0:
+      problems.append(f"data.std = {value!r} must be > 0 for every channel (images are "
+                      f"divided by it)")
   if problems:
     raise ConfigError("invalid config (nothing was written):\n  " + "\n  ".join(problems))
 

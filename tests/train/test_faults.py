@@ -63,6 +63,9 @@ def _snapshot(directory) -> dict[str, tuple[int, int]]:
     ("train.log_every_steps", 0, r"train\.log_every_steps = 0 .*log_every_steps=50"),
     ("train.checkpoint_every_steps", 0, r"train\.checkpoint_every_steps = 0 must be"),
     ("train.keep_checkpoints", 0, r"train\.keep_checkpoints = 0 .*delete every one"),
+    ("data.mean", (0.5, 0.5, 0.5), r"data\.mean = \(0\.5, 0\.5, 0\.5\) needs one finite "
+     r"number per channel \(data\.channels = 1\)"),
+    ("data.std", (0.0,), r"data\.std = \(0\.0,\) must be > 0 for every channel"),
 ])
 def test_invalid_config_is_refused_before_anything_is_written(tmp_path, key, value, message):
   config = tiny_config(str(tmp_path))
