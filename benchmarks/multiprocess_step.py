@@ -1,7 +1,8 @@
 r"""Step time of a two-process run (jax.distributed over gloo, 2 CPU devices per process) over
 the one-process run with the same 4 devices, on the default job's model and batch.
 
-  python benchmarks/multiprocess_step.py [--steps 40] [--out benchmarks/results/multiprocess_step.json]
+  python benchmarks/multiprocess_step.py [--steps 40] [--set KEY=VALUE ...]
+      [--out benchmarks/results/multiprocess_step.json]
 
 Both runs are `ssljax train` subprocesses on the same generated data (2,048 class-blob images of
 28x28x1, tests/util.py's generator; the recipe of configs/simclr.py:fashion_mnist otherwise:
@@ -64,10 +65,12 @@ def _config(directory: str, steps: int, log_every: int) -> str:
   return f"{os.path.join(directory, 'json_config.py')}:{path}"
 
 
-def _run(config: str, workdir: str, processes: int, devices_per_process: int) -> dict:
+def _run(config: str, workdir: str, processes: int, devices_per_process: int,
+         overrides: list[str]) -> dict:
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": _REPO,
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
-  base = [sys.executable, "-m", "ssljax.cli", "train", "--config", config, "--workdir", workdir]
+  base = [sys.executable, "-m", "ssljax.cli", "train", "--config", config, "--workdir", workdir,
+          *(f"--config.{o}" for o in overrides)]
   if processes > 1:
     with socket.socket() as s:
       s.bind(("localhost", 0))
@@ -96,20 +99,22 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=40)
   parser.add_argument("--log-every", type=int, default=10)
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config override for both runs, e.g. model.sync_batchnorm=False")
   parser.add_argument("--out", default=os.path.join(_REPO, "benchmarks", "results",
                                                     "multiprocess_step.json"))
   args = parser.parse_args()
   with tempfile.TemporaryDirectory(prefix="ssljax-mp-") as tmp:
     config = _config(tmp, args.steps, args.log_every)
-    one = _run(config, os.path.join(tmp, "one"), 1, 4)
-    two = _run(config, os.path.join(tmp, "two"), 2, 2)
+    one = _run(config, os.path.join(tmp, "one"), 1, 4, args.set)
+    two = _run(config, os.path.join(tmp, "two"), 2, 2, args.set)
   with open("/proc/loadavg", encoding="utf-8") as f:
     load = f.read().split()[:3]
   record = {
       "what": "ssljax train step, 2 processes x 2 CPU devices (gloo) vs 1 process x 4 devices",
       "one_process": one, "two_processes": two,
       "step_time_ratio_two_over_one": one["images_per_sec"] / two["images_per_sec"],
-      "batch_size": 256, "steps": args.steps, "log_every_steps": args.log_every,
+      "overrides": args.set, "batch_size": 256, "steps": args.steps, "log_every_steps": args.log_every,
       "machine": f"{platform.node()}, {os.cpu_count()} cores, load average {' '.join(load)}",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
