@@ -333,3 +333,14 @@ def test_the_compiled_step_on_eight_devices_equals_one_device(tmp_path):
     jax.tree_util.tree_map_with_path(lambda path, a, b: np.testing.assert_array_less(
         np.abs(a - b).max(), 1e-3 * np.abs(b).max() + 1e-4, jax.tree_util.keystr(path)),
         state8.opt_state, state1.opt_state)
+
+
+@pytest.mark.slow
+def test_remat_backbone_gives_the_same_step(built, tmp_path):
+  config, method, views, params, state, schedule, tx = built
+  remat = build_method(_config(str(tmp_path), remat_backbone=True))
+  out, _ = _update(method, tx, schedule, params, state, views)
+  out_remat, _ = _update(remat, tx, schedule, params, state, views)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  jax.tree.map(close, out_remat.params, out.params)
+  jax.tree.map(close, out_remat.method_state, out.method_state)
