@@ -24,8 +24,10 @@ fashion_mnist: CPU-sized. Everything but the method is the SimCLR default job
   as a second positive); temperature 0.2, the SimCLR job's tuned value, instead of the
   official 0.07 (which was tuned with Adam on TinyImageNet), so that the temperature is not a
   second difference. No gradient clipping, as the SimCLR job.
-  Measured: the 2-epoch comparison with SimCLR and DISSL is in docs/results.md
-  ("CISSL / DISSL"); the full 26 epochs were not run.
+  Measured (2026-12-02, 2-core Intel Xeon CPU, jax 0.10.2), 2 epochs (`--config.train.epochs=2`),
+  seeds 0 / 1: kNN top-1 0.8107 / 0.8233 (k=200, t=0.1), linear probe 0.8701 / 0.8821,
+  against SimCLR's 0.8117 / 0.8118 and 0.8806 / 0.8796 under the same budget
+  (docs/results.md, "CISSL / DISSL"); the full 26 epochs were not run.
 
 tinyimagenet: the official TinyImageNet Table 1 recipe (bin/tinyimagenet/base_tin.sh and
   table1 scripts, config/decodability/cissl.yaml): ResNet-18 with a 3x3 stride-1 stem followed

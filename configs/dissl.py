@@ -27,8 +27,10 @@ fashion_mnist: CPU-sized. Everything but the method is the SimCLR default job
   two C-wide output layers are most of the step's cost on 2 CPU cores, and 2048 is still 8x
   the batch (the official 16384 is 64x its batch of 256). No gradient clipping, as the SimCLR
   job.
-  Measured: the 2-epoch comparison with SimCLR and CISSL is in docs/results.md
-  ("CISSL / DISSL"); the full 26 epochs were not run.
+  Measured (2026-12-02, 2-core Intel Xeon CPU, jax 0.10.2), 2 epochs (`--config.train.epochs=2`),
+  seeds 0 / 1: kNN top-1 0.7788 / 0.7823 (k=200, t=0.1), linear probe 0.8565 / 0.8593,
+  against SimCLR's 0.8117 / 0.8118 and 0.8806 / 0.8796 under the same budget
+  (docs/results.md, "CISSL / DISSL"); the full 26 epochs were not run.
 
 tinyimagenet: the official TinyImageNet Table 1 recipe (bin/tinyimagenet/base_tin.sh and
   table1 scripts, config/decodability/dissl.yaml): ResNet-18 with a 3x3 stride-1 stem followed
