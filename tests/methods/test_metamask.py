@@ -344,3 +344,30 @@ def test_remat_backbone_gives_the_same_step(built, tmp_path):
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   jax.tree.map(close, out_remat.params, out.params)
   jax.tree.map(close, out_remat.method_state, out.method_state)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_bit_exactly(tmp_path, monkeypatch):
+  from ssljax.train import loop
+  from tests.train.test_loop import _final_params
+  config = _config(str(tmp_path))
+  config.eval.linear_probe = False
+  loop.train(config, str(tmp_path / "straight"))
+  _, straight, _ = _final_params(tmp_path / "straight", config)
+  real_next = data.HostLoader.__next__
+  calls = {"n": 0}
+
+  def interrupting_next(self):  # Ctrl-C before the fifth batch: checkpoint at step 4
+    calls["n"] += 1
+    if calls["n"] == 5:
+      raise KeyboardInterrupt
+    return real_next(self)
+
+  monkeypatch.setattr(data.HostLoader, "__next__", interrupting_next)
+  with pytest.raises(KeyboardInterrupt):
+    loop.train(config, str(tmp_path / "resumed"))
+  monkeypatch.setattr(data.HostLoader, "__next__", real_next)
+  loop.train(config, str(tmp_path / "resumed"))
+  step, resumed, _ = _final_params(tmp_path / "resumed", config)
+  assert step == 6
+  jax.tree.map(np.testing.assert_array_equal, resumed, straight)  # params, mask, opt state
