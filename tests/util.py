@@ -120,6 +120,7 @@ SMALL_METHOD_SIZES = {
     "dino": {"proj_hidden_dim": 16, "bottleneck_dim": 8, "out_dim": 12},
     "cissl": {"out_dim": 8, "teacher_hidden_dims": (16,)},
     "dissl": {"num_classes": 12, "bottleneck_dim": 8, "teacher_hidden_dims": (16,)},
+    "metamask": {"bt_hidden_dim": 16, "bt_dim": 16, "cl_hidden_dim": 16, "cl_dim": 8},
 }
 
 
@@ -128,4 +129,6 @@ def small_method_config(directory: str, method: str) -> ml_collections.ConfigDic
   config = tiny_config(directory, method=method)
   for key, value in SMALL_METHOD_SIZES[method].items():
     config.method[method][key] = value
+  if method == "metamask":  # its meta step is a virtual SGD step: it refuses LARS
+    config.optim.name = "sgd"
   return config

@@ -22,11 +22,13 @@ _EMBEDDINGS = {
     "byol": {"projection", "prediction", "target"}, "swav": {"projection", "scores"},
     "barlow_twins": {"projection"}, "npid": {"embedding"}, "dino": {"student", "teacher"},
     "cissl": {"student", "teacher"}, "dissl": {"student", "teacher"},
+    "metamask": {"projection", "contrastive"},
 }
 _HEADS = {
     "simclr": ("projector",), "moco": ("projector",), "byol": ("projector", "predictor"),
     "swav": ("projector", "prototypes"), "barlow_twins": ("projector",), "npid": ("head",),
     "dino": ("head",), "cissl": ("student", "teacher"), "dissl": ("student", "teacher"),
+    "metamask": ("bt_projector", "cl_projector"),
 }
 
 
@@ -68,7 +70,7 @@ def test_stages_have_the_documented_shapes(name, tmp_path):
   if method.decomposes:
     assert terms.shape == (len(views), _N)
   else:
-    assert terms is None and name in ("barlow_twins", "dissl")
+    assert terms is None and name in ("barlow_twins", "dissl", "metamask")
   names = list(layers)
   assert names[0] == "encoder" and layers["encoder"].shape == (len(features) * _N,
                                                                features[0].shape[1])
