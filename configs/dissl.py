@@ -76,7 +76,7 @@ imagenet: the released ResNet-50 models' setting as far as the README states it:
 """
 
 from ssljax.config import (config_dataset, default_config, set_augment_preset, set_cpu_job,
-                           set_dataset)
+                           set_dataset, set_issl_optimizer, set_issl_views)
 
 TINYIMAGENET = dict(
     source="image_folder", name="tinyimagenet", data_dir="", train_split="train",
@@ -122,32 +122,6 @@ def _fashion_mnist(c):
   c.optim.grad_clip_value = 0.0
 
 
-def _issl_optimizer(c, batch_size):
-  """The official optimiser: Adam 2e-3, weight decay 1e-6, per-epoch warmup 10 + cosine,
-  clip 2."""
-  c.optim.name = "adam"
-  c.optim.lr = 2e-3
-  c.optim.base_batch_size = batch_size  # the lr is for the recipe's batch as given
-  c.optim.weight_decay = 1e-6
-  c.optim.schedule = "warmup_cosine_per_epoch"
-  c.optim.warmup_epochs = 10.0
-  c.optim.final_lr_fraction = 0.0
-  c.optim.grad_clip_value = 2.0
-  c.train.batch_size = batch_size
-
-
-def _issl_views(c, jitter):
-  c.augment.policy = "simclr"
-  c.augment.strength = 1.0
-  c.augment.crop_scale = (0.2, 1.0)
-  c.augment.flip_prob = 0.5
-  c.augment.jitter = jitter
-  c.augment.jitter_prob = 0.8
-  c.augment.grayscale_prob = 0.1
-  c.augment.blur_prob = 0.0
-  c.augment.solarize_prob = 0.0
-
-
 def _official_heads(c):
   hp = c.method.dissl
   hp.num_classes = 16384
@@ -162,23 +136,23 @@ def _official_heads(c):
 
 
 def _tinyimagenet(c):
-  _issl_views(c, (0.4, 0.4, 0.4, 0.1))
+  set_issl_views(c, (0.4, 0.4, 0.4, 0.1))
   c.model.encoder = "resnet18"
   c.model.cifar_stem = True
   c.model.stem_pool = True  # 3x3 stem + max-pool: the ISSL ResNet-18 for 50-100 px images
   _official_heads(c)
-  _issl_optimizer(c, 256)
+  set_issl_optimizer(c, 256)
   c.train.epochs = 300.0
   c.train.checkpoint_every_steps = 5000
   c.train.eval_every_steps = 19500  # every 50 epochs (390 steps per epoch)
 
 
 def _cifar(c):
-  _issl_views(c, (0.2, 0.2, 0.2, 0.05))
+  set_issl_views(c, (0.2, 0.2, 0.2, 0.05))
   c.model.encoder = "resnet18"
   c.model.cifar_stem = True
   _official_heads(c)
-  _issl_optimizer(c, 256)
+  set_issl_optimizer(c, 256)
   c.train.epochs = 300.0
   c.train.checkpoint_every_steps = 5000
   c.train.eval_every_steps = 19500  # every 100 epochs (195 steps per epoch)
@@ -190,7 +164,7 @@ def _imagenet(c):
   c.model.cifar_stem = False
   c.train.compute_dtype = "bfloat16"
   _official_heads(c)
-  _issl_optimizer(c, 2560)
+  set_issl_optimizer(c, 2560)
   c.train.epochs = 100.0
   c.train.checkpoint_every_steps = 2500
   c.eval.batch_size = 4096

@@ -326,6 +326,34 @@ def set_augment_preset(c: ml_collections.ConfigDict, name: str) -> None:
     c.augment[key] = value
 
 
+def set_issl_optimizer(c: ml_collections.ConfigDict, batch_size: int) -> None:
+  """The ISSL code's optimiser (configs/cissl.py, configs/dissl.py): Adam 2e-3, weight decay
+  1e-6, per-epoch warmup 10 + cosine, element-wise clip 2, at the recipe's batch."""
+  c.optim.name = "adam"
+  c.optim.lr = 2e-3
+  c.optim.base_batch_size = batch_size  # the lr is for the recipe's batch as given
+  c.optim.weight_decay = 1e-6
+  c.optim.schedule = "warmup_cosine_per_epoch"
+  c.optim.warmup_epochs = 10.0
+  c.optim.final_lr_fraction = 0.0
+  c.optim.grad_clip_value = 2.0
+  c.train.batch_size = batch_size
+
+
+def set_issl_views(c: ml_collections.ConfigDict, jitter: tuple[float, ...]) -> None:
+  """The ISSL code's views (SimCLR policy, crops 0.2-1, the given jitter with p 0.8, grayscale
+  0.1, no blur or solarisation), shared by configs/cissl.py and configs/dissl.py."""
+  c.augment.policy = "simclr"
+  c.augment.strength = 1.0
+  c.augment.crop_scale = (0.2, 1.0)
+  c.augment.flip_prob = 0.5
+  c.augment.jitter = jitter
+  c.augment.jitter_prob = 0.8
+  c.augment.grayscale_prob = 0.1
+  c.augment.blur_prob = 0.0
+  c.augment.solarize_prob = 0.0
+
+
 def set_cpu_job(c: ml_collections.ConfigDict) -> None:
   """Sets the backbone and run length of the CPU-sized Fashion-MNIST jobs.
 
