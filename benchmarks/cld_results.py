@@ -29,21 +29,11 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run as a script from a checkout without installing
   sys.path.insert(0, REPO_ROOT)
+
+from run_table import finished_runs, metric_series  # noqa: E402  (benchmarks/)
 ARMS = ("npid", "npidcld", "moco", "mococld", "byol", "byolcld")
 _INSTANCE_HEAD = {"npid": ("head/output", "npid"), "moco": ("projector/output", "moco"),
                   "byol": ("projector/output", None)}
-
-
-def _metric_series(workdir: str, key: str) -> list[tuple[int, float]]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  series = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        if key in record:
-          series.append((record["step"], record[key]))
-  return series
 
 
 def head_knn(workdir: str) -> float:
@@ -88,25 +78,14 @@ def main() -> int:
   parser.add_argument("--plot", default="")
   args = parser.parse_args()
   rows = []
-  for arm in args.arms.split(","):
-    for seed in args.seeds:
-      workdir = os.path.join(args.root, f"{arm}_s{seed}")
-      path = os.path.join(workdir, "results.json")
-      if not os.path.exists(path):
-        print(f"missing: {workdir} (not run or not finished)", file=sys.stderr)
-        continue
-      with open(path) as f:
-        results = json.load(f)
-      row = {"arm": arm, "seed": seed, "workdir": workdir,
-             "knn_top1": results.get("knn/top1"), "probe_top1": results.get("linear_probe/top1"),
-             "seconds": results.get("total_seconds_this_session"),
-             "epochs": results.get("epochs"), "date": results.get("date")}
-      for key in ("group_acc", "cld_loss"):
-        series = _metric_series(workdir, f"train/{key}")
-        row[key] = series[-1][1] if series else None
-      if args.head_knn:
-        row["head_knn_top1"] = head_knn(workdir)
-      rows.append(row)
+  for row, _ in finished_runs(args.root, args.arms.split(","), args.seeds):
+    workdir = row["workdir"]
+    for key in ("group_acc", "cld_loss"):
+      series = metric_series(workdir, f"train/{key}")
+      row[key] = series[-1][1] if series else None
+    if args.head_knn:
+      row["head_knn_top1"] = head_knn(workdir)
+    rows.append(row)
 
   fmt = lambda x: "-" if x is None else f"{x:.4f}"
   print("| arm | seed | kNN top-1 (backbone) | linear probe | kNN top-1 (128-d head) | "
@@ -131,7 +110,7 @@ def main() -> int:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
-      series = _metric_series(r["workdir"], "train/group_acc")
+      series = metric_series(r["workdir"], "train/group_acc")
       if series:
         ax.plot(*zip(*series), label=f"{r['arm']} seed {r['seed']}")
     ax.set_xlabel("step")

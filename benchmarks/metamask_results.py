@@ -27,21 +27,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
+from run_table import finished_runs, metric_series  # noqa: E402  (benchmarks/)
+
 ARMS = ("mm", "bt", "nometa")
 MASK_KEYS = ("mask_mean", "mask_min", "mask_max", "mask_below_0.1", "mask_above_0.9",
              "meta_grad_norm")
-
-
-def _series(workdir: str, key: str) -> list[tuple[int, float]]:
-  out = []
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        if key in record:
-          out.append((record["step"], record[key]))
-  return out
 
 
 def _restore(workdir: str):
@@ -90,7 +80,7 @@ def plot(rows, path: str) -> None:
               ylabel="mask")
   axes[0].legend()
   for ax, r in zip(axes[1:], runs):
-    hists = [_series(r["workdir"], f"train/mask_hist_{k}") for k in range(10)]
+    hists = [metric_series(r["workdir"], f"train/mask_hist_{k}") for k in range(10)]
     steps = [s for s, _ in hists[0]]
     grid = np.array([[v for _, v in h] for h in hists])
     ax.imshow(grid, aspect="auto", origin="lower", extent=(steps[0], steps[-1], 0, 1))
@@ -110,35 +100,22 @@ def main() -> int:
   parser.add_argument("--json", default="benchmarks/results/metamask_results.json")
   args = parser.parse_args()
   rows = []
-  for arm in args.arms.split(","):
-    for seed in args.seeds:
-      workdir = os.path.join(args.root, f"{arm}_s{seed}")
-      path = os.path.join(workdir, "results.json")
-      if not os.path.exists(path):
-        print(f"missing: {workdir} (not run or not finished)", file=sys.stderr)
-        continue
-      with open(path) as f:
-        results = json.load(f)
-      row = {"arm": arm, "seed": seed, "workdir": workdir,
-             "knn_top1": results.get("knn/top1"),
-             "probe_top1": results.get("linear_probe/top1"),
-             "pretrain_seconds": results.get("pretrain_seconds_this_session"),
-             "seconds": results.get("total_seconds_this_session"),
-             "epochs": results.get("epochs")}
-      for key in MASK_KEYS:
-        series = _series(workdir, f"train/{key}")
-        if series:
-          row[key] = series[-1][1]
-      if args.official_knn or args.plot:
-        run, variables = _restore(workdir)
-        if args.official_knn:
-          row["knn_k5_t1_top1"] = official_knn(run, variables)
-        if "mask" in run.state.params:
-          import jax
-          row["mask"] = [float(m) for m in jax.nn.sigmoid(
-              jax.device_get(run.state.params["mask"]["alpha"]))]
-      rows.append(row)
-      print({k: v for k, v in row.items() if k != "mask"}, flush=True)
+  for row, _ in finished_runs(args.root, args.arms.split(","), args.seeds):
+    workdir = row["workdir"]
+    for key in MASK_KEYS:
+      series = metric_series(workdir, f"train/{key}")
+      if series:
+        row[key] = series[-1][1]
+    if args.official_knn or args.plot:
+      run, variables = _restore(workdir)
+      if args.official_knn:
+        row["knn_k5_t1_top1"] = official_knn(run, variables)
+      if "mask" in run.state.params:
+        import jax
+        row["mask"] = [float(m) for m in jax.nn.sigmoid(
+            jax.device_get(run.state.params["mask"]["alpha"]))]
+    rows.append(row)
+    print({k: v for k, v in row.items() if k != "mask"}, flush=True)
   if args.plot:
     plot(rows, args.plot)
     print(f"wrote {args.plot}")
