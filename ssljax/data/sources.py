@@ -599,25 +599,12 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None,
   import tensorflow_datasets as tfds  # Lazy: heavy import, only this source needs it.
 
   builder = tfds.builder(name, data_dir=data_dir)
+  unprepared_source = None
   if not builder.is_prepared():
-    if not download:
-      raise FileNotFoundError(
-          f"TFDS dataset {name!r} is not prepared: looked in {builder.data_dir!r} "
-          f"(data_dir={data_dir!r}; None means $TFDS_DATA_DIR or ~/tensorflow_datasets). "
-          "Point --config.data.data_dir (or TFDS_DATA_DIR) at the directory holding the "
-          "prepared dataset, or allow preparing it with --config.data.download=True.")
-    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    try:
-      builder.download_and_prepare()
-    except Exception as e:
-      if not _caused_by_missing_tensorflow(e):
-        raise
-      raise RuntimeError(
-          f"Preparing TFDS dataset {name!r} needs TensorFlow, which is not installed: "
-          "TFDS encodes the images with it while writing most datasets. Install it "
-          "(pip install tensorflow), prepare the dataset once elsewhere with "
-          "file_format='array_record' and point data.data_dir at it, or use a local "
-          "source (data.source='fashion_mnist_idx' or 'cifar' with the raw files).") from e
+    if download:
+      builder = _prepare_array_record(tfds, name, data_dir)
+    else:
+      unprepared_source = _unprepared_data_source(builder, name, split, data_dir)
   features = builder.info.features
   if image_key not in features:
     raise ValueError(
@@ -626,8 +613,9 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None,
   has_label = label_key in features
   random_access = {f.value for f in tfds.core.FileFormat.with_random_access()}
   formats = {f.value for f in builder.info.available_file_formats()}
-  if formats & random_access:
-    examples = builder.as_data_source(split=split)
+  if unprepared_source is not None or formats & random_access:
+    examples = (unprepared_source if unprepared_source is not None
+                else builder.as_data_source(split=split))
     images, labels = _materialise_data_source(examples, name, image_key,
                                               label_key if has_label else None)
   else:
@@ -649,6 +637,54 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None,
   return ArraySource(images, labels.astype(np.int32))
 
 
+def _prepare_array_record(tfds: Any, name: str, data_dir: str | None) -> Any:
+  """Downloads and prepares `name` in the array_record format; returns its builder."""
+  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  try:
+    builder.download_and_prepare()
+  except Exception as e:
+    if not _caused_by_missing_tensorflow(e):
+      raise
+    raise RuntimeError(
+        f"Preparing TFDS dataset {name!r} needs TensorFlow, which is not installed: "
+        "TFDS encodes the images with it while writing most datasets. Install it "
+        "(pip install tensorflow), prepare the dataset once elsewhere with "
+        "file_format='array_record' and point data.data_dir at it, or use a local "
+        "source (data.source='fashion_mnist_idx' or 'cifar' with the raw files).") from e
+  return builder
+
+
+def _unprepared_data_source(builder: Any, name: str, split: str,
+                            data_dir: str | None) -> Any:
+  """The random-access source TFDS serves for a builder whose data_dir holds no prepared data.
+
+  On disk that fails, and the error says where to point ``data.data_dir``. It succeeds when
+  TFDS serves the examples from elsewhere: under ``tfds.testing.mock_data`` every builder's
+  data_dir is replaced by one that does not exist (so ``is_prepared()`` is False) and random
+  examples are generated from the dataset's features.
+  """
+  try:
+    return builder.as_data_source(split=split)
+  except Exception as e:  # TFDS raises NotImplementedError, KeyError or ValueError here.
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} is not prepared: looked in {builder.data_dir!r} "
+        f"(data_dir={data_dir!r}; None means $TFDS_DATA_DIR or ~/tensorflow_datasets). "
+        "Point --config.data.data_dir (or TFDS_DATA_DIR) at the directory holding the "
+        "prepared dataset, or allow preparing it with --config.data.download=True.") from e
+
+
+def _read_examples(examples: Any, keys: list[int]) -> list[Any]:
+  """``examples[k]`` for every k of `keys`, in one batched read where the source allows it.
+
+  ``tfds.testing.mock_data`` (TFDS 4.9.10) installs a batched read that fails with a
+  TypeError (it is stored unbound on the mocked source); one read per key works there.
+  """
+  try:
+    return examples.__getitems__(keys)
+  except TypeError:
+    return [examples[k] for k in keys]
+
+
 def _materialise_data_source(examples: Any, name: str, image_key: str,
                              label_key: str | None,
                              chunk: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
@@ -659,7 +695,7 @@ def _materialise_data_source(examples: Any, name: str, image_key: str,
   images, labels = None, np.zeros((num,), np.int64)
   for start in range(0, num, chunk):
     keys = list(range(start, min(start + chunk, num)))
-    for i, example in zip(keys, examples.__getitems__(keys)):
+    for i, example in zip(keys, _read_examples(examples, keys)):
       image = np.asarray(example[image_key])
       if images is None:
         images = np.empty((num, *image.shape), image.dtype)

@@ -415,10 +415,11 @@ def test_load_arrays(tmp_path):
 
 # ----------------------------------------------------------------------------- TFDS
 #
-# `tfds.testing.mock_data` cannot serve these tests: it replaces every builder's data_dir
-# (so "is it prepared?" cannot be checked) and its mocked `__getitems__` is unbound in
-# TFDS 4.9.10. Instead, real array_record datasets are prepared on disk; TFDS writes
-# array_record without TensorFlow when examples carry already-encoded PNG bytes.
+# `tfds.testing.mock_data` replaces every builder's data_dir, so "is it prepared?" and the
+# file formats cannot be checked under it: the tests of those prepare real array_record
+# datasets on disk (TFDS writes array_record without TensorFlow when examples carry
+# already-encoded PNG bytes). The mock_data tests check that a user's tests can mock ssljax's
+# TFDS input.
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -549,6 +550,64 @@ def test_tfds_tfrecord_needs_tensorflow(tfds_dir, tmp_path):
     load_tfds("fashion_mnist", "train", data_dir=str(tmp_path))
   assert "pip install tensorflow" in str(error.value)
   assert "file_format='array_record'" in str(error.value)
+
+
+def _mocked_examples(name: str, split: str) -> list[dict]:
+  """The examples `tfds.testing.mock_data` serves for `name`, read through TFDS itself."""
+  examples = tfds.data_source(name, split=split)
+  return [examples[i] for i in range(len(examples))]
+
+
+def test_tfds_under_mock_data():
+  with tfds.testing.mock_data(num_examples=7):
+    expected = _mocked_examples("fashion_mnist", "train")
+    source = load_tfds("fashion_mnist", "train")
+    # With download=True TFDS's (mocked) preparation runs first; the examples are the same.
+    prepared = load_tfds("fashion_mnist", "train", data_dir="/nonexistent", download=True)
+  assert source.images.shape == (7, 28, 28, 1) and source.images.dtype == np.uint8
+  np.testing.assert_array_equal(source.images, np.stack([e["image"] for e in expected]))
+  np.testing.assert_array_equal(source.labels, [e["label"] for e in expected])
+  assert source.labels.dtype == np.int32 and source.has_labels
+  assert source.images.std() > 0  # random images, not a blank default
+  np.testing.assert_array_equal(prepared.images, source.images)
+  np.testing.assert_array_equal(prepared.labels, source.labels)
+
+
+def test_tfds_mock_data_policy_errors_are_reported_as_not_prepared():
+  # USE_FILES needs the dataset's metadata files, which TFDS ships for few datasets.
+  with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES):
+    with pytest.raises(FileNotFoundError, match="not prepared") as info:
+      load_tfds("fashion_mnist", "train")
+  assert "metadata" in str(info.value.__cause__)
+
+
+def _readme_tfds_command() -> list[str]:
+  """The argv of the README's `ssljax train ... --config.data.source=tfds` command."""
+  import shlex
+
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+    text = f.read().replace("\\\n", " ")
+  commands = [line for line in text.splitlines()
+              if line.startswith("ssljax train") and "--config.data.source=tfds" in line]
+  assert len(commands) == 1, commands
+  argv = shlex.split(commands[0])
+  return [os.path.join(root, a) if a.startswith("configs/") else a for a in argv]
+
+
+def test_readme_tfds_command_reads_mock_data(tmp_path):
+  from ssljax import cli
+
+  argv = _readme_tfds_command()
+  argv = [a.replace("DATA_DIR", str(tmp_path)) for a in argv]
+  assert argv[:2] == ["ssljax", "train"]
+  config = cli._parse([argv[0]] + argv[2:], "train").config  # as cli.main() passes them
+  assert (config.data.source, config.data.name) == ("tfds", "mnist")
+  assert tuple(config.data.mean) == (0.1307,) and tuple(config.data.std) == (0.3081,)
+  with tfds.testing.mock_data(num_examples=5):
+    for split in (config.data.train_split, config.data.test_split):
+      loaded = build_source(config.data, split)  # checks size, channels and classes
+      assert loaded.image_shape == (28, 28, 1) and len(loaded) == 5
 
 
 # ----------------------------------------------------------------------------- build_source
