@@ -87,23 +87,36 @@ def multiview_nt_xent(
     views: Sequence[jnp.ndarray],
     *,
     temperature: float,
+    positives: str = "mean_log",
     axis_name: str | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """NT-Xent over V >= 2 views per image: every other view of the same image is a positive.
 
   The V * N projections are L2-normalised; each is an anchor i with positives P(i) (the V - 1
-  other views of its image) and candidates every projection but itself:
+  other views of its image) and candidates every projection but itself, with
+  ``Z_i = sum_{k != i} exp(s_ik / t)``. Two ways to combine the positives of an anchor:
 
-      l(i) = -1/(V-1) sum_{p in P(i)} log exp(s_ip / t) / sum_{k != i} exp(s_ik / t),
+      positives="mean_log" (default; Khosla et al. 2020, "Supervised Contrastive Learning",
+      Sec. 3.2.2, L_out): each positive is its own log-ratio, averaged,
+          l(i) = -1/(V-1) sum_{p in P(i)} log (exp(s_ip / t) / Z_i);
+      positives="log_sum" (solo-learn's multi-crop SimCLR, ``solo/losses/simclr.py``
+      ``simclr_loss_func``: ``-log(pos / (pos + neg))``): one log of the summed positives,
+          l(i) = -log (sum_{p in P(i)} exp(s_ip / t) / Z_i);
       L = mean over all V * N anchors.
 
-  With V = 2 this is exactly `nt_xent`. Views may come from crops of different resolutions
-  (multi-crop SimCLR): they are interchangeable here, each an anchor and each a candidate, as in
-  solo-learn's multi-crop SimCLR; the positives of an anchor weigh equally.
+  ssljax's choice is the mean of logs: every positive pair gets its own pull, however well
+  the anchor already matches its other positives (in the log of a sum an easy positive
+  dominates and the hard ones, e.g. small crops, get little gradient), and SupCon reports it
+  trains better than the log-of-sum form (Sec. 3.2.2: L_out beats L_in on ImageNet).
+  ``"log_sum"`` is the form to reproduce solo-learn's multi-crop runs. With V = 2 there is one
+  positive, the two forms are the same and both are exactly `nt_xent` (SimCLR, Chen et al.
+  2020, Sec. 2.1, Eq. 1). Views may come from crops of different resolutions (multi-crop
+  SimCLR): they are interchangeable here, each an anchor and each a candidate, as in solo-learn.
 
   Args:
     views: V arrays ``[n, d]`` of projections, row i of each from image i (this device's rows).
     temperature: t > 0.
+    positives: ``"mean_log"`` or ``"log_sum"``, as above.
     axis_name: if given, negatives come from every device's projections on this axis and the
       returned loss is this device's mean over its V * n anchors (the package's convention:
       the mean over devices is the global loss, and so is the mean of the gradients).
@@ -113,7 +126,7 @@ def multiview_nt_xent(
     pairs), ``neg_sim`` (mean cosine to the other images' projections) and ``accuracy``
     (share of anchors whose most similar candidate is one of their positives).
   """
-  per_anchor, metrics = _nt_xent_anchor_losses(views, temperature, axis_name)
+  per_anchor, metrics = _nt_xent_anchor_losses(views, temperature, positives, axis_name)
   return jnp.mean(per_anchor), metrics
 
 
@@ -121,6 +134,7 @@ def multiview_nt_xent_terms(
     views: Sequence[jnp.ndarray],
     *,
     temperature: float,
+    positives: str = "mean_log",
     axis_name: str | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """`multiview_nt_xent` before its reduction: per-(view, image) terms ``[V, n]``.
@@ -135,15 +149,21 @@ def multiview_nt_xent_terms(
   Returns:
     ``(terms, metrics)`` with float32 ``terms`` of shape ``[V, n]`` (this device's rows).
   """
-  per_anchor, metrics = _nt_xent_anchor_losses(views, temperature, axis_name)
+  per_anchor, metrics = _nt_xent_anchor_losses(views, temperature, positives, axis_name)
   num_views = len(views)
   return per_anchor.reshape(num_views, -1) / num_views, metrics
 
 
-def _nt_xent_anchor_losses(views: Sequence[jnp.ndarray], temperature: float,
+_POSITIVE_FORMS = ("mean_log", "log_sum")
+
+
+def _nt_xent_anchor_losses(views: Sequence[jnp.ndarray], temperature: float, positives: str,
                            axis_name: str | None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """Per-anchor losses ``[V n]`` (view-major) and metrics of `multiview_nt_xent`."""
   views = list(views)
+  if positives not in _POSITIVE_FORMS:
+    raise ValueError(f"positives must be one of {_POSITIVE_FORMS} (mean of per-positive logs, "
+                     f"or log of the summed positives as solo-learn), got {positives!r}")
   if len(views) < 2:
     raise ValueError(f"NT-Xent needs at least 2 views per image, got {len(views)}")
   chex.assert_rank(views, 2)
@@ -170,7 +190,10 @@ def _nt_xent_anchor_losses(views: Sequence[jnp.ndarray], temperature: float,
   is_self = jax.nn.one_hot(anchor_column, num_views * n_global, dtype=jnp.bool_)
   is_pos = same_image & ~is_self
   logits = jnp.where(is_self, -jnp.inf, sims / temperature)
-  pos_logit = jnp.sum(jnp.where(is_pos, logits, 0.0), axis=1) / (num_views - 1)
+  if positives == "mean_log":
+    pos_logit = jnp.sum(jnp.where(is_pos, logits, 0.0), axis=1) / (num_views - 1)
+  else:
+    pos_logit = jax.nn.logsumexp(jnp.where(is_pos, logits, -jnp.inf), axis=1)
   per_anchor = jax.nn.logsumexp(logits, axis=1) - pos_logit  # [V n], view-major
 
   pos_sim = jnp.sum(jnp.where(is_pos, sims, 0.0), axis=1) / (num_views - 1)

@@ -9,9 +9,12 @@ More than two views (``augment.num_views > 2``, or the ``'multicrop'`` policy's 
 every view the policy makes is used, the loss is `multiview_nt_xent` (each other view of the
 same image is a positive), the encoder runs once per resolution on the concatenated views of
 that resolution and the projector once on all of them (as solo-learn's multi-crop SimCLR).
-With two views this is exactly the two-view method above.
+``method.simclr.positives`` picks how an anchor's positives combine: ``"mean_log"`` (default,
+SupCon's L_out) or ``"log_sum"`` (solo-learn's loss); see `multiview_nt_xent`. With two views
+both are exactly the two-view method above.
 
-Config: ``method.simclr.{temperature, proj_hidden_dim, proj_dim, proj_layers, proj_last_bn}``.
+Config: ``method.simclr.{temperature, positives, proj_hidden_dim, proj_dim, proj_layers,
+proj_last_bn}``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def default_section() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   # ---------------------------------------------------------------- method
   s.temperature = 0.2
+  s.positives = "mean_log"  # > 2 views: "mean_log" (SupCon L_out) or "log_sum" (solo-learn).
   s.proj_hidden_dim = 512
   s.proj_dim = 128
   s.proj_layers = 2  # Linear layers in the projector (>= 1).
@@ -74,9 +78,10 @@ def simclr(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInf
   def objective(params, method_state, outputs, batch, *, key, step, axis_name):
     del params, batch, key, step
     z = outputs.embeddings["projection"]
-    value, metrics = multiview_nt_xent(z, temperature=hp.temperature, axis_name=axis_name)
+    value, metrics = multiview_nt_xent(z, temperature=hp.temperature, positives=hp.positives,
+                                       axis_name=axis_name)
     terms = lambda: multiview_nt_xent_terms(z, temperature=hp.temperature,
-                                            axis_name=axis_name)[0]
+                                            positives=hp.positives, axis_name=axis_name)[0]
     return Objective(value, terms, metrics, method_state)
 
   return Method(name="simclr", encoder=encoder, init=init,

@@ -184,6 +184,45 @@ def test_multiview_invariant_to_view_order():
   np.testing.assert_allclose(permuted, base, rtol=1e-5)
 
 
+def test_multiview_positive_forms_hand_computed():
+  # t = 1, two images, three views in 2-D: image 0 has views (e1, e1, e2), image 1 their
+  # negatives. Anchor e1 (views a, b of image 0): positives at cosine 1 and 0, negatives at
+  # -1, -1, 0, so Z = e + 1 + 2/e + 1; mean_log gives log Z - (1 + 0)/2, log_sum gives
+  # log Z - log(e + 1). Anchor e2 (view c): positives at 0 and 0, negatives at 0, 0, -1, so
+  # Z = 4 + 1/e; mean_log gives log Z, log_sum gives log Z - log 2. Image 1 mirrors image 0.
+  e = math.e
+  image0 = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+  views = [jnp.asarray(np.stack([image0[v], -image0[v]])) for v in range(3)]
+  z_ab, z_c = math.log(e + 2 + 2 / e), math.log(4 + 1 / e)
+  mean_log = (2 * (z_ab - 0.5) + z_c) / 3
+  log_sum = (2 * (z_ab - math.log(e + 1)) + (z_c - math.log(2))) / 3
+  np.testing.assert_allclose(multiview_nt_xent(views, temperature=1.0)[0], mean_log, rtol=1e-6)
+  got, _ = multiview_nt_xent(views, temperature=1.0, positives="log_sum")
+  np.testing.assert_allclose(got, log_sum, rtol=1e-6)
+  assert abs(mean_log - log_sum) > 0.1  # the forms differ with more than one positive
+  terms, _ = multiview_nt_xent_terms(views, temperature=1.0, positives="log_sum")
+  np.testing.assert_allclose(terms[:, 0] * 3,
+                             [z_ab - math.log(e + 1)] * 2 + [z_c - math.log(2)], rtol=1e-6)
+
+
+def test_multiview_positive_forms_agree_with_two_views():
+  rng = np.random.default_rng(11)
+  z_a, z_b = (rng.normal(size=(6, 4)).astype(np.float32) for _ in range(2))
+  views = [jnp.asarray(z_a), jnp.asarray(z_b)]
+  mean_log, _ = multiview_nt_xent(views, temperature=0.3)
+  log_sum, _ = multiview_nt_xent(views, temperature=0.3, positives="log_sum")
+  np.testing.assert_allclose(log_sum, mean_log, rtol=1e-6)
+  np.testing.assert_allclose(log_sum, _reference_nt_xent(z_a, z_b, 0.3), rtol=1e-5)
+  grad = lambda form: jax.grad(lambda v: multiview_nt_xent(
+      [v, views[1]], temperature=0.3, positives=form)[0])(views[0])
+  np.testing.assert_allclose(grad("log_sum"), grad("mean_log"), rtol=1e-5, atol=1e-7)
+
+
+def test_multiview_unknown_positive_form_names_the_choices():
+  with pytest.raises(ValueError, match="mean_log.*log_sum.*got 'sum'"):
+    multiview_nt_xent([jnp.eye(2)] * 3, temperature=0.1, positives="sum")
+
+
 def test_multiview_bad_inputs():
   with pytest.raises(ValueError, match="at least 2 views"):
     multiview_nt_xent([jnp.ones((2, 3))], temperature=0.1)
