@@ -77,7 +77,7 @@ def default_config(method: str = "simclr",
   # ---------------------------------------------------------------- augment
   c.augment = ml_collections.ConfigDict()
   c.augment.policy = "simclr"  # 'simclr' | 'moco_v2' | 'byol' | 'multicrop'
-  c.augment.strength = 1.0  # DECISIONS.md convention; scales crop, jitter and grayscale.
+  c.augment.strength = 1.0  # Scales crop, jitter and grayscale (ISSL code's convention).
   c.augment.crop_size = 28  # Output resolution of the (global) crops.
   c.augment.crop_scale = (0.08, 1.0)  # Area fraction range of random resized crop.
   c.augment.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)

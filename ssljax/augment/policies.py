@@ -23,7 +23,9 @@ Flip, blur and solarize are not scaled, nor is the jitter probability. s = 1 lea
 values unchanged. With the config values crop_scale = (0.2, 1), jitter = (0.4, 0.4, 0.4, 0.1),
 jitter_prob = 0.8, grayscale_prob = 0.1 this is exactly the convention of the DISSL/CISSL code
 (crop lower bound 0.2/s clipped to 1, jitter (0.4s, 0.4s, 0.4s, 0.1s) with p = 0.8, grayscale
-0.1s; SPEC 2.5 and 3.3, DECISIONS "Geometry analysis"), which the geometry analysis sweeps.
+0.1s; YannDubs/Invariant-Self-Supervised-Learning ``utils/data/augmentations/simclr.py``).
+ssljax's choice: this one ``strength`` knob for every policy, because the geometry analysis
+sweeps augmentation strength and needs one scale that means the same for every method.
 
 Grayscale datasets (C = 1) use the same policies: colour jitter reduces to brightness and
 contrast, grayscale conversion is the identity, and the views keep one channel.

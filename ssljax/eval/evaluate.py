@@ -1,4 +1,8 @@
-"""Evaluation of a trained encoder: weighted kNN and an offline linear probe (DECISIONS.md).
+"""Evaluation of a trained encoder: weighted kNN and an offline linear probe.
+
+ssljax's choice: the same two protocols for every method (kNN k = 200, t = 0.1 and the
+held-out-selected linear probe), because each paper evaluates differently and one protocol
+makes every results row comparable.
 
 Features are the encoder's pooled output (pre-projector) in inference mode, on un-augmented
 images of the train and test splits. With ``eval.precise_bn_examples > 0`` the BatchNorm

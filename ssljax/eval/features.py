@@ -1,6 +1,6 @@
 """Frozen-encoder feature extraction for the kNN and linear-probe evaluations.
 
-The evaluation protocols of SPEC section 7 run on features of un-augmented images computed by
+The kNN and linear-probe protocols run on features of un-augmented images computed by
 the frozen encoder in eval mode (BatchNorm with running statistics). This module turns a pure
 ``apply_fn(variables, x) -> [b, D]`` into features of a whole uint8 image array:
 

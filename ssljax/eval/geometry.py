@@ -1,4 +1,9 @@
-"""Shape of a cloud of features: spectrum, effective rank, PCA whitening (SPEC 3.3, item 3).
+"""Shape of a cloud of features: spectrum, effective rank, PCA whitening.
+
+The dimensionality measures of the geometry analysis (Cosentino et al. 2022, "Toward a
+Geometrical Understanding of Self-supervised Contrastive Learning", which has no official
+code; ssljax's choice of measures: effective rank after Roy & Vetterli 2007, the components
+needed for 90% / 99% of the variance, and the spectrum).
 
 All functions take host arrays ``[n, d]`` (one row per example) and compute in float64 with
 NumPy: they run once per evaluation on at most a few hundred thousand rows, where exactness
@@ -9,7 +14,7 @@ matters more than speed, and the d x d covariance is all that is decomposed.
   components_for(x, f)     fewest principal components whose variance reaches fraction f
   pca_whitening(x, eps)    (mean, W): (y - mean) @ W has identity covariance on x, up to eps
 
-Effective rank depends on n (use n >= 5 d) and on centring (SPEC 3.4); every function here
+Effective rank depends on n (use n >= 5 d) and on centring; every function here
 centres with the mean of its own input.
 """
 

@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classifier on frozen features (SPEC 7.1).
+"""Weighted k-nearest-neighbour classifier on frozen features (NPID, Wu et al. 2018, Sec. 3.4).
 
 The InstDisc / MoCo-monitor protocol, as in CLD's ``test.py`` and MetaMask's ``knn_predict``.
 With L2-normalised bank features F [N, D], bank labels y [N] and a query q [D]:
@@ -8,8 +8,9 @@ With L2-normalised bank features F [N, D], bank labels y [N] and a query q [D]:
   w_i = exp(s_i / t)                        for i in I
   score_c = sum_{i in I, y_i = c} w_i       [num_classes]
 
-prediction = argmax_c score_c; top-5 = the five highest scores. DECISIONS "Evaluation": always
-report k = 200, t = 0.1 on the L2-normalised backbone feature; MetaMask's own protocol is
+prediction = argmax_c score_c; top-5 = the five highest scores. ssljax's choice: always
+report k = 200, t = 0.1 (CLD's and the MoCo demo's values) on the L2-normalised backbone
+feature, so every method is measured alike; MetaMask's own protocol (its ``utils.py``) is
 k = 5, t = 1.0.
 
 The bank is moved to the device once; queries are processed in chunks of ``chunk_size`` rows by

@@ -1,4 +1,10 @@
-"""Offline linear probe on frozen features (SPEC 7.2 recommendation, DECISIONS "Evaluation").
+"""Offline linear probe on frozen features.
+
+ssljax's choice: one probe for every method, trained on pre-extracted features with its
+learning rate and weight decay picked on a held-out part of the train split, because the
+papers' own probes all differ (optimiser, epochs, augmentation, selection) and a single
+protocol makes rows comparable; each paper's protocol stays an option where a number is
+compared with that paper.
 
 Protocol:
   1. Split the train features: a seeded random ``holdout_fraction`` is held out, the rest fits.
@@ -19,8 +25,9 @@ Steps 3 and 5 are each one compiled program: the grid is vmapped, epochs and min
 order. W and b start at zero (the problem is convex) and both are decayed.
 
 Deviation from the papers' probes: no augmentation (pre-extracted features), and the selection
-uses a held-out part of the train split, never the test set (DISSL picks its weight decay on
-test; SPEC 7.2).
+uses a held-out part of the train split, never the test set (the DISSL/CISSL code,
+YannDubs/Invariant-Self-Supervised-Learning ``config/downstream_task/``, picks its weight
+decay on test).
 """
 
 from __future__ import annotations

@@ -1,17 +1,23 @@
-"""Clustering losses: SwAV's Sinkhorn-Knopp codes and swapped prediction (SPEC 6.4).
+"""Clustering losses: SwAV's Sinkhorn-Knopp codes and swapped prediction.
+
+SwAV: Caron et al. 2020, Sec. 3.1 (swapped prediction, Eq. 1-2; online codes by
+Sinkhorn-Knopp, Eq. 3), as in facebookresearch/swav ``main_swav.py`` (``train`` and
+``distributed_sinkhorn``) and its fork in ssl-codelab/uota ``main_uota.py``.
 
 ``sinkhorn`` turns prototype scores into soft cluster assignments ("codes") that spread the
 samples equally over the prototypes; ``swav`` trains every crop to predict the codes of the
-other crops. The codes carry no gradient (SPEC 8.1), so all the cross-device coupling of SwAV
-sits in ``sinkhorn``: with ``axis_name`` it normalises over the global batch, and each device
-gets the rows of the codes the single-device computation would give its samples.
-``swav`` is then a plain per-sample mean, and the distributed convention of
-``ssljax.losses.contrastive`` holds without any collective in it: the mean over devices of the
-per-device losses (and of their gradients) is the loss (gradient) of the global batch.
+other crops. The codes carry no gradient (the official code computes them under
+``torch.no_grad()``), so all the cross-device coupling of SwAV sits in ``sinkhorn``: with
+``axis_name`` it normalises over the global batch, and each device gets the rows of the codes
+the single-device computation would give its samples. ``swav`` is then a plain per-sample mean,
+and the distributed convention of ``ssljax.losses.contrastive`` holds without any collective in
+it: the mean over devices of the per-device losses (and of their gradients) is the loss
+(gradient) of the global batch.
 
-UOTA (SPEC 1.3) reweights SwAV per (image, predicted crop). ``swav_terms`` returns those
-per-sample, per-crop terms and ``swav`` takes the weights as ``view_weights``; the SwAV method
-exposes the terms to add-ons through its objective (``ssljax.methods.addons.weight_terms``).
+UOTA (Wang et al. 2021; ssl-codelab/uota ``main_uota.py`` ``train``) reweights SwAV per (image,
+predicted crop). ``swav_terms`` returns those per-sample, per-crop terms and ``swav`` takes the
+weights as ``view_weights``; the SwAV method exposes the terms to add-ons through its objective
+(``ssljax.methods.addons.weight_terms``).
 
 Scope of the convention: ``pmap`` or ``shard_map(check_vma=False)``, as stated in
 ``ssljax.losses.contrastive``.
@@ -46,7 +52,7 @@ def sinkhorn(
     num_iters: int = 3,
     axis_name: str | None = None,
 ) -> jnp.ndarray:
-  """SwAV's Sinkhorn-Knopp codes for a batch of prototype scores (SPEC 6.4).
+  """SwAV's Sinkhorn-Knopp codes for a batch of prototype scores (``distributed_sinkhorn``).
 
   With ``B`` the global number of rows (every device's rows along `axis_name`) and ``K``
   prototypes, in float32 and under ``stop_gradient``:
@@ -139,9 +145,10 @@ def swav_terms(
       t[j, i] = 1 / (A (V - 1)) * sum_{c in S, c != j} CE(q_{c,i}, p_{j,i}),
       CE(q, p) = -sum_k q_k log p_k,
 
-  so that the SwAV loss of SPEC 6.4, ``mean_{c in S} mean_{j != c} mean_i CE(q_c, p_j)``,
-  equals ``sum_j mean_i t[j, i]``. A per-(image, view) weight ``w[j, i]`` on the predicted
-  side, as UOTA applies it (SPEC 1.3: the codes are not weighted), gives
+  so that the SwAV loss of ``main_swav.py``, ``mean_{c in S} mean_{j != c} mean_i CE(q_c,
+  p_j)``, equals ``sum_j mean_i t[j, i]``. A per-(image, view) weight ``w[j, i]`` on the
+  predicted side, as UOTA applies it (``main_uota.py`` multiplies the predicted crop's term;
+  the codes are not weighted), gives
   ``sum_j mean_i w[j, i] t[j, i]``. The codes are treated as constants (stop-gradient).
 
   Args:
@@ -178,7 +185,7 @@ def swav(
     crops_for_assign: Sequence[int] = (0, 1),
     view_weights: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """SwAV's swapped-prediction loss (SPEC 6.4), optionally weighted per (view, sample).
+  """SwAV's swapped-prediction loss (Sec. 3.1), optionally weighted per (view, sample).
 
       L = (1/A) sum_{c in S} (1/(V-1)) sum_{j != c} mean_i CE(q_{c,i}, softmax(s_{j,i} / T))
         = sum_j mean_i w[j, i] t[j, i]        (w = 1 unless `view_weights` is given)

@@ -55,7 +55,10 @@ def nt_xent(
     temperature: float,
     axis_name: str | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """SimCLR's NT-Xent loss (normalised temperature-scaled cross-entropy), SPEC 6.1.
+  """SimCLR's NT-Xent loss (normalised temperature-scaled cross-entropy).
+
+  Chen et al. 2020, Sec. 2.1, Eq. 1; google-research/simclr ``objective.py``
+  ``add_contrastive_loss``.
 
   For N images with two views, the 2N projections are L2-normalised and every projection is
   an anchor whose positive is the other view of the same image and whose negatives are the
@@ -214,7 +217,10 @@ def moco_infonce(
     temperature: float,
     axis_name: str | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """MoCo's InfoNCE loss: each query against its key and a queue of past keys (SPEC 6.2).
+  """MoCo's InfoNCE loss: each query against its key and a queue of past keys.
+
+  He et al. 2020, Sec. 3.1, Eq. 1 (the queue: Sec. 3.2); facebookresearch/moco
+  ``moco/builder.py`` ``MoCo.forward``.
 
   With q_i and k_i L2-normalised and Q the queue of K earlier keys:
 
@@ -311,7 +317,10 @@ def npid_softmax(
     temperature: float,
     axis_name: str | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """NPID's non-parametric softmax over the whole memory bank (SPEC 6.6, 5.5).
+  """NPID's non-parametric softmax over the whole memory bank.
+
+  Wu et al. 2018, Sec. 3.1, Eq. 2; as CLD's NPID branch runs it (frank-xwang/
+  CLD-UnsupervisedLearning ``train_cifar_npid_cld.py`` with ``lib/LinearAverage.py``).
 
   Each example i is its own class, represented by its bank row m_{index_i}:
 
@@ -378,7 +387,7 @@ def npid_nce_log_z(
     temperature: float,
     axis_name: str | None = None,
 ) -> jnp.ndarray:
-  """log Z, NPID's estimate of the softmax normaliser from one batch (SPEC 6.6).
+  """log Z, NPID's estimate of the softmax normaliser from one batch (Wu et al. 2018, Sec. 3.2).
 
       Z = N * mean_{i, c} exp(m_c.v_i / t)
 
@@ -415,7 +424,7 @@ def npid_nce(
     log_z: jnp.ndarray | float,
     axis_name: str | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """The NCE approximation of NPID's softmax (the original NPID, SPEC 6.6).
+  """The NCE approximation of NPID's softmax (the original NPID, Wu et al. 2018, Sec. 3.2).
 
   With P(j | v) = exp(m_j.v / t) / Z (Z fixed, see `npid_nce_log_z`), uniform noise
   P_n = 1 / N and K noise rows j_1..j_K per example, the probability that row j came from

@@ -1,9 +1,12 @@
 """Distillation losses: a student matches a target network's output on another view.
 
 * `byol_regression`: BYOL's normalised regression of a prediction onto a target projection
-  (SPEC 6.3).
+  (Grill et al. 2020, Sec. 3.1, Eq. 2; deepmind-research ``byol/utils/helpers.py``
+  ``regression_loss``).
 * `dino`: DINO's cross-entropy between a centred, sharpened teacher distribution and the
-  student distribution over every (teacher view, other student view) pair (SPEC 2.3b), with
+  student distribution over every (teacher view, other student view) pair (Caron et al. 2021,
+  Sec. 3.1; facebookresearch/dino ``main_dino.py`` ``DINOLoss``, and the DINO baseline of the
+  DISSL/CISSL code, YannDubs/Invariant-Self-Supervised-Learning ``issl/losses/dino.py``), with
   `dino_center_update` for the running centre the method keeps in its state.
 
 Distributed convention (as in ``ssljax.losses.contrastive``): the functions run per device on
@@ -28,7 +31,7 @@ from ssljax.losses.contrastive import l2_normalize
 
 def byol_regression(p: jnp.ndarray, target: jnp.ndarray
                     ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """BYOL's regression loss between predictions and targets (SPEC 6.3).
+  """BYOL's regression loss between predictions and targets (Grill et al. 2020, Sec. 3.1).
 
       L = (1/n) sum_i || p_i / ||p_i|| - t_i / ||t_i|| ||^2 = (1/n) sum_i (2 - 2 cos(p_i, t_i))
 
@@ -128,9 +131,10 @@ def dino(
       P = {(t, s): t < T, s < S, s != t}.
 
   This is the loss of the official DINO code (every teacher global crop against every other
-  crop, averaged over the pairs) and of the DINO baseline in the DISSL/CISSL code (SPEC 2.3b,
-  two views: the mean of the two cross-view terms). The teacher distribution is a target, so
-  it is under ``stop_gradient`` here, as the official ``DINOLoss`` detaches it.
+  crop, averaged over the pairs) and of the DINO baseline in the DISSL/CISSL code
+  (``issl/losses/dino.py``, two views: the mean of the two cross-view terms). The teacher
+  distribution is a target, so it is under ``stop_gradient`` here, as the official
+  ``DINOLoss`` detaches it.
 
   The centre is one vector ``[K]`` for every teacher view (official DINO) or one per teacher
   view ``[T, K]``: the DISSL/CISSL code updates the centre between its two view pairs, so its

@@ -47,7 +47,7 @@ def batch_standardize(z: jnp.ndarray, *, unbiased_std: bool = False,
     official Barlow Twins code, whose BN is synchronised over all GPUs).
   * ``unbiased_std=True``: ``(z - mean) / std`` with the unbiased sample standard deviation
     ``std = sqrt(sum((z - mean)^2) / (N - 1))`` and no epsilon (``torch.Tensor.std`` as in
-    MetaMask's ``loss.py``, SPEC 4.3). A constant column divides by zero, as there.
+    jiangmengli/MetaMask ``loss.py``). A constant column divides by zero, as there.
 
   Args:
     z: ``[n, d]`` this device's rows.
@@ -75,7 +75,7 @@ def barlow_twins(
     unbiased_std: bool = False,
     axis_name: str | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """Barlow Twins' redundancy-reduction loss (Zbontar et al. 2021), SPEC 6.5.
+  """Barlow Twins' redundancy-reduction loss (Zbontar et al. 2021, Sec. 2, Eq. 1-2).
 
   With ``N`` the global batch and ``D`` the projection width, each view is standardised per
   feature over the global batch (`batch_standardize`), and the ``D x D`` cross-correlation of
@@ -87,7 +87,7 @@ def barlow_twins(
   Defaults follow facebookresearch/barlowtwins ``main.py``: biased variance with epsilon 1e-5
   (its synchronised non-affine ``BatchNorm1d``), ``C`` divided by the global batch and summed
   over GPUs (``all_reduce``), lambda 0.0051. ``unbiased_std=True`` is MetaMask's variant
-  (SPEC 4.3: unbiased ``std``, no epsilon, ``C`` still divided by ``N``); MetaMask's lambda
+  (MetaMask ``loss.py``: unbiased ``std``, no epsilon, ``C`` still divided by ``N``); its lambda
   (5e-3) is passed as `lambda_offdiag`, this flag does not change it. ``C`` is computed in
   float32 at the highest matmul precision (TPUs would otherwise round its inputs to bf16).
 

@@ -1,4 +1,4 @@
-"""Barlow Twins (Zbontar et al. 2021): encoder + projector trained to decorrelate (SPEC 6.5).
+"""Barlow Twins (Zbontar et al. 2021, Sec. 2): encoder + projector trained to decorrelate.
 
 As in facebookresearch/barlowtwins ``main.py``:
 
@@ -6,11 +6,11 @@ As in facebookresearch/barlowtwins ``main.py``:
   without bias and no BN (``proj_bias`` adds biases, as solo-learn's CIFAR projector has);
 * each view goes through encoder and projector in its own forward pass (``y1`` and ``y2``
   separately), so every BatchNorm normalises each view with that view's statistics and
-  updates its running statistics twice per step, view a first (SPEC 8.5);
+  updates its running statistics twice per step, view a first (``BarlowTwins.forward``);
 * loss: `ssljax.losses.barlow_twins` on the two projections (batch standardisation and the
   cross-correlation over the global batch, the official code's synchronised BN and
   ``all_reduce``), times ``scale_loss`` (1 officially; solo-learn's CIFAR recipe uses 0.1).
-  ``unbiased_std`` selects MetaMask's standardisation (SPEC 4.3).
+  ``unbiased_std`` selects MetaMask's standardisation (jiangmengli/MetaMask ``loss.py``).
 
 With ``model.sync_batchnorm`` and ``axis_name`` set, the network's BatchNorm statistics span
 the global batch too (the official code converts every BN to SyncBatchNorm). Evaluation uses
@@ -51,10 +51,10 @@ def build_projector(config: ml_collections.ConfigDict,
 def default_section() -> ml_collections.ConfigDict:
   """``config.method.barlow_twins`` with its defaults."""
   s = ml_collections.ConfigDict()
-  # Barlow Twins (SPEC 6.5). Defaults: the official ImageNet loss; solo-learn CIFAR sizes.
+  # Barlow Twins. Defaults: the official ImageNet loss (main.py); solo-learn CIFAR sizes.
   s.lambda_offdiag = 0.0051
   s.scale_loss = 1.0  # Multiplies the loss (solo-learn CIFAR: 0.1).
-  s.unbiased_std = False  # MetaMask's standardisation (SPEC 4.3).
+  s.unbiased_std = False  # MetaMask's standardisation (its loss.py).
   s.proj_hidden_dim = 2048
   s.proj_dim = 2048
   s.proj_layers = 3

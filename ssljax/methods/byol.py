@@ -1,10 +1,11 @@
-"""BYOL (Grill et al. 2020): an online network regresses an EMA target network (SPEC 6.3).
+"""BYOL (Grill et al. 2020, Sec. 3.1): an online network regresses an EMA target network.
 
 Online: encoder -> projector -> predictor (both MLPs Linear-BN-ReLU-Linear); target: encoder
 -> projector, an exponential moving average of the online weights kept in
 ``method_state['target']`` with its own BatchNorm statistics under
 ``method_state['batch_stats']['target_encoder' / 'target_projector']`` (its own forward in
-training mode, SPEC 8.2). For views v1, v2 with predictions p and target projections t,
+training mode, as deepmind-research ``byol/byol_experiment.py`` runs the target network).
+For views v1, v2 with predictions p and target projections t,
 
     L = byol_regression(p_1, sg(t_2)) + byol_regression(p_2, sg(t_1)),
 
@@ -56,7 +57,7 @@ _NUM_TARGET_VIEWS = 2
 def default_section() -> ml_collections.ConfigDict:
   """``config.method.byol`` with its defaults."""
   s = ml_collections.ConfigDict()
-  # BYOL (SPEC 6.3). Defaults: solo-learn CIFAR (projector 4096 -> 256, predictor 4096).
+  # BYOL. Defaults: solo-learn CIFAR, byol.yaml (projector 4096 -> 256, predictor 4096).
   s.proj_hidden_dim = 4096
   s.proj_dim = 256
   s.pred_hidden_dim = 4096

@@ -26,7 +26,8 @@ def cosine_ema_momentum(step: jax.Array, total_steps: int, base: float,
                         final: float = 1.0) -> jax.Array:
   """BYOL's schedule: ``final - (final - base) * (cos(pi * step / total) + 1) / 2``.
 
-  Rises from `base` at step 0 to `final` at `total_steps` (SPEC 6.3).
+  Rises from `base` at step 0 to `final` at `total_steps` (BYOL, Grill et al. 2020, Sec. 3.2;
+  deepmind-research ``byol/utils/schedules.py`` ``target_ema``).
   """
   progress = jnp.clip(step.astype(jnp.float32) / max(total_steps, 1), 0.0, 1.0)
   return final - (final - base) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0

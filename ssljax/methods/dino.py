@@ -1,4 +1,8 @@
-"""DINO (Caron et al. 2021) as the DISSL/CISSL code implements it (SPEC 2.3b).
+"""DINO (Caron et al. 2021) as the DISSL/CISSL code implements it.
+
+That code (YannDubs/Invariant-Self-Supervised-Learning: ``issl/losses/dino.py``,
+``config/decodability/dino.yaml``, the head in ``issl/architectures/basic.py``) is the DINO
+baseline of the DISSL/CISSL paper's Table 1 (Dubois et al. 2022).
 
 Student: encoder + `DINOHead` (trained, ``params``). Teacher: an EMA copy of both, in
 ``method_state['teacher']``, with its own BN statistics (``batch_stats['teacher_encoder' /
@@ -95,7 +99,7 @@ def _check_config(hp: ml_collections.ConfigDict) -> None:
 def default_section() -> ml_collections.ConfigDict:
   """``config.method.dino`` with its defaults."""
   s = ml_collections.ConfigDict()
-  # DINO as in the DISSL/CISSL repository (SPEC 2.3b).
+  # DINO as in the DISSL/CISSL repository (issl/losses/dino.py, config/decodability/dino.yaml).
   s.proj_hidden_dim = 1024
   s.bottleneck_dim = 256
   s.out_dim = 1000  # Outputs of the weight-normalised last layer.
@@ -107,7 +111,7 @@ def default_section() -> ml_collections.ConfigDict:
   s.ema_momentum = 0.996
   s.ema_momentum_final = 1.0
   s.freeze_last_layer_epochs = 1.0
-  # Head layout (DINOHead); defaults: the ISSL code, SPEC 2.3b. Official DINO / solo-learn:
+  # Head layout (DINOHead); defaults: issl/architectures/basic.py. Official DINO / solo-learn:
   # proj_layers 3, proj_bn False, proj_bias True, normalize_before_bottleneck False.
   s.proj_layers = 2  # Linear layers before the unit-norm one, bottleneck included.
   s.proj_bn = True  # BN after each hidden linear layer.

@@ -1,10 +1,14 @@
 """MoCo v2 (He et al. 2020; Chen et al. 2020): queries against an EMA key encoder and a queue.
 
-SPEC 6.2. The query encoder + projector are trained (``params``); the key encoder + projector
-are an EMA copy of them (``method_state['key_params']``) that keeps its own BatchNorm
-statistics (``method_state['batch_stats']['key_encoder']``, SPEC 8.2: its forward runs in
-train mode). ``method_state['queue']`` ``[queue_size, proj_dim]`` holds L2-normalised keys of
-earlier batches (initialised as normalised Gaussian vectors, as the official code does) and
+He et al. 2020, Sec. 3.2 (queue, momentum update Eq. 2); v2's MLP head and recipe: Chen et al.
+2020; official code: facebookresearch/moco ``moco/builder.py`` and its CIFAR-10 demo
+(``colab-notebook`` branch, ``colab/moco_cifar10_demo.ipynb``). The query encoder + projector
+are trained (``params``); the key encoder + projector are an EMA copy of their parameters
+(``method_state['key_params']``) that keeps its own BatchNorm statistics
+(``method_state['batch_stats']['key_encoder']``: as in ``builder.py``, the key encoder's
+forward runs in train mode and so updates its own running statistics).
+``method_state['queue']`` ``[queue_size, proj_dim]`` holds L2-normalised keys of earlier
+batches (initialised as normalised Gaussian vectors, as the official code does) and
 ``method_state['queue_pointer']`` the row the next keys are written to. One step:
 
   1. each query view -> encoder -> projector -> q; each key view -> key encoder -> key
@@ -22,17 +26,19 @@ View layouts (``method.moco.symmetric`` and ``method.moco.num_views``):
   * symmetric (the official CIFAR-10 demo; solo-learn's MoCo V2+): also query view 1 against
     key view 0; the loss is the mean of the two terms, and both keys go into the one queue,
     those of view 0 first (the demo's ``cat([k1, k2])``): 2 x global batch rows per step.
-  * three views (CLD's MoCo instance branch, SPEC 5.5 and 11.2): the queries of views 0 and 1
-    against the key of view 2; the loss is the mean of the two terms; the key is enqueued once.
+  * three views (CLD's MoCo instance branch, frank-xwang/CLD-UnsupervisedLearning
+    ``train_cifar_moco_cld.py`` ``--three-imgs``): the queries of views 0 and 1 against the
+    key of view 2; the loss is the mean of the two terms; the key is enqueued once.
 
 Deliberate deviations, each a choice where the sources differ or cannot be copied:
   * No Shuffle-BN. The key encoder's BN uses the same setting as the query encoder's
     (``model.sync_batchnorm``): with synchronised BN the statistics of both span the global
     batch, which removes the per-device statistics that Shuffle-BN was designed to decouple;
     without sync BN the per-device leak Shuffle-BN prevents is present.
-  * Symmetric loss: the official demo sums the two terms, solo-learn (and SPEC 6.2) average
-    them; ssljax averages. The demo's SGD update is reproduced exactly with twice its
-    learning rate and half its weight decay (``configs/moco.py:cifar10``).
+  * Symmetric loss: the official demo sums the two terms, solo-learn
+    (``solo/methods/mocov2plus.py``) averages them; ssljax averages. The demo's SGD update is
+    reproduced exactly with twice its learning rate and half its weight decay
+    (``configs/moco.py:cifar10``).
   * Symmetric queue: solo-learn keeps one queue per view (q1 meets only past keys of view 2);
     ssljax keeps the official demo's single queue fed with the keys of both views.
   * Projector: (Linear - ReLU) x (layers - 1) - Linear with no BatchNorm, MoCo v2's and
@@ -219,7 +225,7 @@ def build_moco(config: ml_collections.ConfigDict, axis_name: str | None,
 def default_section() -> ml_collections.ConfigDict:
   """``config.method.moco`` with its defaults."""
   s = ml_collections.ConfigDict()
-  # MoCo v2 (SPEC 6.2). Defaults: solo-learn's MoCo V2+ CIFAR recipe, smaller queue.
+  # MoCo v2. Defaults: solo-learn's MoCo V2+ CIFAR recipe (mocov2plus.yaml), smaller queue.
   s.temperature = 0.2
   s.queue_size = 4096  # Keys kept; a multiple of the global batch.
   # EMA momentum of the key encoder, cosine-increased from `ema_momentum` to
@@ -234,7 +240,7 @@ def default_section() -> ml_collections.ConfigDict:
   # `NormLinear` (proj_layers 1) or Linear - ReLU - NormLinear, "NormMLP" (proj_layers 2).
   s.norm_linear = False
   # 2: query view 0, key view 1 (and the reverse if `symmetric`). 3: CLD's three-view MoCo
-  # (SPEC 5.5): queries of views 0 and 1 against the key of view 2; needs
+  # (train_cifar_moco_cld.py): queries of views 0 and 1 against the key of view 2; needs
   # augment.num_views >= 3 and symmetric = False.
   s.num_views = 2
   return s

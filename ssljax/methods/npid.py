@@ -1,6 +1,8 @@
 """NPID / InstDisc (Wu et al. 2018): instance discrimination against a memory bank.
 
-SPEC 6.6 and 5.5. Network: encoder + a linear head to ``proj_dim`` (128), L2-normalised:
+Wu et al. 2018, Sec. 3.1-3.2; official code zhirongw/lemniscate.pytorch, and CLD's copy
+(frank-xwang/CLD-UnsupervisedLearning ``train_cifar_npid_cld.py``, ``lib/LinearAverage.py``,
+``lib/NCEAverage.py``). Network: encoder + a linear head to ``proj_dim`` (128), L2-normalised:
 v = norm(W h + b). ``method_state['bank']`` ``[N, proj_dim]`` holds one row per training
 image (N = the training-set size), initialised uniform in [-s, s] with s = 1/sqrt(d/3) and
 not normalised, as the official ``LinearAverage``/``NCEAverage`` do (rows then have norm ~1).
@@ -17,13 +19,13 @@ One step, on view 0 (``num_views = 1``):
      indices of every device are gathered first, so each device writes the same rows and the
      replicated banks stay equal. The bank is a constant for the gradient.
 
-Two views (``num_views = 2``, CLD's ``--two-imgs``, SPEC 5.5): the loss is the mean over both
-views, each against the bank as it was before the step, and the rows are then updated once
-per view (view 0, then view 1). CLD's NPID branch writes the bank inside the backward pass
-of its memory op, in the order PyTorch's autograd runs the two views' nodes (likely view 1
-first) and after one view's gradient may already see the other's update; that order is not
-reproduced bit for bit here (equal in expectation). In NCE mode every view draws its own
-noise and Z is estimated from view 0.
+Two views (``num_views = 2``, CLD's ``--two-imgs`` in ``train_cifar_npid_cld.py``): the loss is
+the mean over both views, each against the bank as it was before the step, and the rows are
+then updated once per view (view 0, then view 1). CLD's NPID branch writes the bank inside the
+backward pass of its memory op, in the order PyTorch's autograd runs the two views' nodes
+(likely view 1 first) and after one view's gradient may already see the other's update; that
+order is not reproduced bit for bit here (equal in expectation). In NCE mode every view draws
+its own noise and Z is estimated from view 0.
 
 Noise rows come from the loss key folded with the row's position in the global batch, so a
 row draws the same noise whatever the number of devices. The batch holds distinct dataset
@@ -186,7 +188,7 @@ def build_npid(config: ml_collections.ConfigDict, axis_name: str | None,
 def default_section() -> ml_collections.ConfigDict:
   """``config.method.npid`` with its defaults."""
   s = ml_collections.ConfigDict()
-  # NPID / InstDisc (SPEC 6.6). Defaults: CLD's CIFAR setting.
+  # NPID / InstDisc. Defaults: CLD's CIFAR setting (scripts for train_cifar_npid_cld.py).
   s.temperature = 0.1  # Original paper: 0.07.
   s.proj_dim = 128
   s.bank_size = 0  # Memory-bank rows; 0 = the training-set size (must equal it).

@@ -1,7 +1,8 @@
-"""SimCLR (Chen et al. 2020): encoder + MLP projector trained with NT-Xent (SPEC 6.1).
+"""SimCLR (Chen et al. 2020, Sec. 2.1): encoder + MLP projector trained with NT-Xent.
 
 Both views go through the networks in one concatenated forward pass, so BatchNorm sees the
-two views together (SPEC 8.5; the original SimCLR and the ISSL code do this). With
+two views together (the original SimCLR, google-research/simclr ``model.py``, and the ISSL
+code, YannDubs/Invariant-Self-Supervised-Learning ``issl/issl.py``, do this). With
 ``axis_name`` set, BN statistics and the NT-Xent negatives span the global batch (SimCLR's
 cross-replica BN and negatives).
 

@@ -1,6 +1,7 @@
 """SwAV (Caron et al. 2020): swapped prediction of Sinkhorn cluster codes, multi-crop, queue.
 
-Follows ``main_swav.py`` of the official code as UOTA forks it (SPEC 6.4, 1.3, 11.6):
+Follows ``main_swav.py`` of the official code (facebookresearch/swav) as UOTA forks it
+(ssl-codelab/uota ``main_uota.py``, ``train``):
 
 * Network: encoder -> projector (Linear - BN - ReLU - Linear, ``proj_hidden_dim`` ->
   ``proj_dim``) -> L2 normalisation -> prototypes. The prototypes are a plain
@@ -12,11 +13,11 @@ Follows ``main_swav.py`` of the official code as UOTA forks it (SPEC 6.4, 1.3, 1
 * Multi-crop: views are grouped into runs of consecutive views with the same resolution
   (the 'multicrop' policy gives 2 global crops, then the small ones); each run goes through
   the encoder in one concatenated forward pass, then all crops go through the projector
-  together (SPEC 8.5; the official ``forward`` does exactly this), so BatchNorm sees them
+  together (the official ``src/resnet50.py`` ``forward`` does exactly this), so BatchNorm sees them
   together.
 * Codes: for each assignment crop c (``crops_for_assign``, the global crops) the codes are
   ``sinkhorn(s_c)`` (float32, no gradient, normalised over the global batch with
-  ``axis_name``). Loss: ``ssljax.losses.swav`` (SPEC 6.4).
+  ``axis_name``). Loss: ``ssljax.losses.swav`` (Caron et al. 2020, Sec. 3.1).
 * Prototypes are frozen (no gradient, no weight decay, no update) for the first
   ``round(freeze_prototypes_epochs * steps_per_epoch)`` steps via ``Method.update_mask``
   (official: ``freeze_prototypes_niters``, gradient set to None).
@@ -223,7 +224,7 @@ def build_swav(config: ml_collections.ConfigDict, axis_name: str | None,
 def default_section() -> ml_collections.ConfigDict:
   """``config.method.swav`` with its defaults."""
   s = ml_collections.ConfigDict()
-  # SwAV (SPEC 6.4). Defaults: solo-learn CIFAR (no multi-crop there; use the 'multicrop'
+  # SwAV. Defaults: solo-learn CIFAR, swav.yaml (no multi-crop there; use the 'multicrop'
   # augment policy for 2 global + V local crops).
   s.temperature = 0.1
   s.epsilon = 0.05  # Sinkhorn entropy regularisation.

@@ -1,6 +1,6 @@
 """Projection / prediction heads.
 
-`MLPHead` covers the projector and predictor shapes used by the methods in SPEC:
+`MLPHead` covers the projector and predictor shapes of the methods' official code:
   * SimCLR (solo-learn): Linear(d -> 2048) - BN - ReLU - Linear(-> 256)
   * SimCLR (original) / MetaMask / ISSL: the same with a BN after the last layer too
   * BYOL projector and predictor: Linear(-> 4096) - BN - ReLU - Linear(-> 256)
@@ -120,7 +120,7 @@ class DINOHead(nn.Module):
   Two layouts appear in the reference code:
     * official DINO (Caron et al. 2021) and solo-learn: ``num_layers=3``, ``use_bn=False``
       (ResNet runs), ``use_bias=True``, normalisation *after* the bottleneck;
-    * the DINO baseline of the DISSL/CISSL code (SPEC 2.3b; issl/architectures/basic.py
+    * the DINO baseline of the DISSL/CISSL code (issl/architectures/basic.py
       ``MLP`` with ``FlattenCosine``): ``num_layers=2`` (z -> 1024 -> 256), ``use_bn=True``,
       ``use_bias=False``, and ``normalize_before_bottleneck=True``: that code normalises the
       hidden features and then applies the bottleneck and the unit-norm layer as one

@@ -5,7 +5,8 @@ The encoder maps float images in [0, 1], shape ``[B, H, W, C]``, to pooled featu
 train-time views, evaluation images and exported checkpoints can never disagree on the
 normalisation.
 
-Variants (SPEC 0.4):
+Variants (the official code's: CLD ``models/resnet_cifar.py``, lightly 1.0.8
+``lightly/models/resnet.py`` for MetaMask, ISSL ``issl/architectures/cnn.py``, torchvision):
   * CIFAR stem: 3x3 conv, stride 1, no max-pool (CLD, MetaMask, solo-learn CIFAR recipes);
   * ImageNet stem: 7x7 conv stride 2, BN, ReLU, 3x3 max-pool stride 2 (torchvision);
   * ``resnet_small`` / ``resnet_tiny``: a 3x3 stride-2 stem and three stages of one

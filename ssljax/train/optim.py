@@ -1,4 +1,8 @@
-"""Optimisers and learning-rate schedules built from ``config.optim`` (SPEC 8.6, 8.7).
+"""Optimisers and learning-rate schedules built from ``config.optim``.
+
+They follow the PyTorch code each method's numbers come from: coupled L2 weight decay
+(``torch.optim.SGD`` / ``Adam`` add ``wd * theta`` to the gradient), LARS as in
+facebookresearch/barlowtwins ``main.py``, and each repository's warmup and cosine.
 
 * ``sgd``: PyTorch SGD semantics, coupled L2: the update direction is g + wd * theta, then
   (Nesterov) momentum, then the learning rate: ``add_decayed_weights -> trace -> lr``.
