@@ -15,6 +15,12 @@
 # fashion_mnist_idx) and data.data_dir lacks them: for the default directory
 # /usr/share/datasets/fashion-mnist, `apt-get install dataset-fashion-mnist` is run when root or
 # sudo allows; otherwise the script says how to point ssljax at the four files.
+# jax build (train and eval): SSLJAX_ACCELERATOR=auto (default) installs jax's CUDA build when
+# `nvidia-smi` reports an NVIDIA driver (jax[cuda13] for driver >= 580, jax[cuda12] for
+# driver >= 525) and keeps the CPU build otherwise; cpu keeps the CPU build and runs with
+# JAX_PLATFORMS=cpu even where a CUDA build is installed; gpu installs the CUDA build without
+# asking nvidia-smi (cuda13 unless the driver says otherwise); cuda12 / cuda13 pick the build.
+# The test command always uses the CPU build (the suite runs on 8 virtual CPU devices).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,13 +32,20 @@ PY=${PYTHON:-python3}
 
 die() { echo "launch/local.sh: $*" >&2; exit 1; }
 
+ACCELERATOR=${SSLJAX_ACCELERATOR:-auto}
+case "$ACCELERATOR" in
+  auto|cpu|gpu|cuda12|cuda13) ;;
+  *) die "SSLJAX_ACCELERATOR='$ACCELERATOR' is not one of auto, cpu, gpu, cuda12, cuda13" ;;
+esac
+
 check_python() {
   command -v "$PY" >/dev/null || die "no '$PY' on PATH; install Python >= 3.11 or set PYTHON=..."
   "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
     die "ssljax needs Python >= 3.11, '$PY' is $("$PY" -V 2>&1); set PYTHON=/path/to/python3.11+"
 }
 
-install() {  # install ssljax (editable) with the given extras into $PY's environment
+install() {  # EXTRAS [jax]: install ssljax (editable) with the extras into $PY's environment,
+  # then with `jax` the jax build SSLJAX_ACCELERATOR chooses (`install_jax_build`).
   # Launches started together (two runs in parallel) would otherwise race on the same
   # console-script files; the second waits for the first's install. The lock is released
   # before ssljax itself runs.
@@ -41,6 +54,7 @@ install() {  # install ssljax (editable) with the given extras into $PY's enviro
     flock 9
   fi
   install_unlocked "$1"
+  if [ "${2:-}" = jax ]; then install_jax_build; fi
   exec 9>&-
 }
 
@@ -64,6 +78,52 @@ install_unlocked() {
   PY=.venv/bin/python
   "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip
   "$PY" -m pip install --quiet --disable-pip-version-check -e "$spec"
+}
+
+nvidia_driver_major() {  # the NVIDIA driver's major version from nvidia-smi, or nothing
+  local version
+  version=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null) || return 0
+  version=${version%%$'\n'*}  # one line per GPU; the first
+  version=${version%%.*}
+  [[ "$version" =~ ^[0-9]+$ ]] && echo "$version"
+  return 0
+}
+
+jax_build() {  # cpu, cuda12 or cuda13, from SSLJAX_ACCELERATOR and nvidia-smi
+  case "$ACCELERATOR" in
+    cpu|cuda12|cuda13) echo "$ACCELERATOR"; return ;;
+  esac
+  local driver
+  driver=$(nvidia_driver_major)
+  if [ -z "$driver" ]; then
+    if [ "$ACCELERATOR" = gpu ]; then echo cuda13; else echo cpu; fi
+  elif [ "$driver" -ge 580 ]; then
+    echo cuda13
+  elif [ "$driver" -ge 525 ]; then
+    echo cuda12
+  elif [ "$ACCELERATOR" = gpu ]; then
+    echo cuda12
+  else
+    echo "launch/local.sh: NVIDIA driver $driver is older than jax's CUDA builds need (>= 525);" \
+      "using the CPU build (update the driver, or set SSLJAX_ACCELERATOR=cuda12 to try)" >&2
+    echo cpu
+  fi
+}
+
+install_jax_build() {  # after `install`: the CUDA build of the installed jax version, if chosen
+  local build version
+  build=$(jax_build)
+  if [ "$build" = cpu ]; then
+    if [ "$ACCELERATOR" = cpu ]; then export JAX_PLATFORMS=cpu; fi
+    return 0
+  fi
+  version=$("$PY" -c 'import importlib.metadata as m; print(m.version("jax"))') ||
+    die "could not read the installed jax version with '$PY'"
+  echo "launch/local.sh: installing jax[$build]==$version (SSLJAX_ACCELERATOR=$ACCELERATOR;" \
+    "SSLJAX_ACCELERATOR=cpu keeps the CPU build)" >&2
+  "$PY" -m pip install --quiet --disable-pip-version-check "jax[$build]==$version" ||
+    die "pip install 'jax[$build]==$version' failed (see pip's message above); run on the CPU" \
+      "with SSLJAX_ACCELERATOR=cpu, or pick the other CUDA build with SSLJAX_ACCELERATOR=cuda12/cuda13"
 }
 
 config_data() {  # prints the resolved config's data.source and data.data_dir, one a line
@@ -104,7 +164,7 @@ case "$command" in
     config=${1:-configs/simclr.py:fashion_mnist}
     workdir=${2:-runs/simclr_fashion_mnist}
     [ $# -ge 2 ] && shift 2 || set --
-    install ""
+    install "" jax
     if ! printf '%s\n' "$@" | grep -q 'data.data_dir'; then
       # A config that cannot be loaded is left to ssljax, which names the problem.
       data=$(config_data "$config" 2>/dev/null) || data=""
@@ -117,7 +177,7 @@ case "$command" in
   eval)
     [ $# -ge 1 ] || die "usage: launch/local.sh eval WORKDIR [--config.eval.key=value ...]"
     workdir=$1; shift
-    install ""
+    install "" jax
     exec "$PY" -m ssljax.cli eval --workdir "$workdir" "$@"
     ;;
   test)

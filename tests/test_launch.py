@@ -161,3 +161,85 @@ def test_readme_command_one_installs_fashion_mnist_on_a_machine_without_it(tmp_p
         "apt-get update -qq", "apt-get install -y -qq dataset-fashion-mnist"]
     assert sorted(os.listdir(package_dir)) == sorted(f"{f}.gz" for f in _IDX_FILES)
     assert f"RUN train --config {config}:{package_dir} --workdir W" in result.stdout
+
+
+# The jax build (SSLJAX_ACCELERATOR and nvidia-smi): a stand-in interpreter logs its pip
+# calls and prints the CLI's arguments with JAX_PLATFORMS; a stand-in nvidia-smi reports the
+# driver version FAKE_DRIVER (one line per GPU), or fails as it does without a working driver.
+_FAKE_PYTHON_PIP_LOG = """#!/usr/bin/env bash
+case "$1 $2" in
+  "-m pip") shift 2; echo "pip $*" >> "$FAKE_PIP_LOG"; exit 0 ;;
+  "-m ssljax.cli") shift 2; echo "RUN JAX_PLATFORMS=${JAX_PLATFORMS:-} $*"; exit 0 ;;
+esac
+exec "$REAL_PYTHON" "$@"
+"""
+
+_FAKE_NVIDIA_SMI = """#!/usr/bin/env bash
+if [ -z "${FAKE_DRIVER:-}" ]; then
+  echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver." >&2
+  exit 9
+fi
+[ "$*" = "--query-gpu=driver_version --format=csv,noheader" ] || exit 2
+printf '%s\\n%s\\n' "$FAKE_DRIVER" "$FAKE_DRIVER"
+"""
+
+
+def _launch_eval_with_gpu(tmp_path, accelerator: str | None, driver: str | None
+                          ) -> tuple[subprocess.CompletedProcess, list[str]]:
+  import sys
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, text in (("python-fake", _FAKE_PYTHON_PIP_LOG), ("nvidia-smi", _FAKE_NVIDIA_SMI)):
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  log = tmp_path / "pip.log"
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_PLATFORMS", "SSLJAX_ACCELERATOR", "FAKE_DRIVER")}
+  env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "python-fake"),
+             REAL_PYTHON=sys.executable, TMPDIR=str(tmp_path), FAKE_PIP_LOG=str(log))
+  if accelerator is not None:
+    env["SSLJAX_ACCELERATOR"] = accelerator
+  if driver is not None:
+    env["FAKE_DRIVER"] = driver
+  result = subprocess.run(["bash", os.path.join(_REPO, "launch", "local.sh"), "eval", "W"],
+                          env=env, capture_output=True, text=True, timeout=120)
+  return result, log.read_text().splitlines() if log.exists() else []
+
+
+_BASE_INSTALL = "pip install --quiet --disable-pip-version-check -e ."
+
+
+@pytest.mark.parametrize("accelerator, driver, build, platforms", [
+    (None, None, None, ""),               # no working driver: the CPU build
+    ("auto", "580.95.05", "cuda13", ""),  # CUDA 13 wheels need driver >= 580
+    (None, "550.54.14", "cuda12", ""),    # CUDA 12 wheels need driver >= 525
+    ("cpu", "580.95.05", None, "cpu"),    # forced CPU on a GPU machine
+    ("gpu", None, "cuda13", ""),          # forced GPU without asking the driver
+    ("cuda12", "580.95.05", "cuda12", ""),
+])
+def test_the_launcher_installs_the_jax_build_for_the_machine(tmp_path, accelerator, driver,
+                                                             build, platforms):
+  import importlib.metadata
+  result, pip_calls = _launch_eval_with_gpu(tmp_path, accelerator, driver)
+  assert result.returncode == 0, result.stderr
+  expected = [_BASE_INSTALL]
+  if build:
+    version = importlib.metadata.version("jax")
+    expected.append(f"pip install --quiet --disable-pip-version-check jax[{build}]=={version}")
+    assert f"installing jax[{build}]=={version}" in result.stderr
+  assert pip_calls == expected
+  assert f"RUN JAX_PLATFORMS={platforms} eval --workdir W" in result.stdout
+
+
+def test_an_old_nvidia_driver_keeps_the_cpu_build_and_says_why(tmp_path):
+  result, pip_calls = _launch_eval_with_gpu(tmp_path, None, "470.82.01")
+  assert result.returncode == 0, result.stderr
+  assert pip_calls == [_BASE_INSTALL]
+  assert "NVIDIA driver 470 is older than jax's CUDA builds need (>= 525)" in result.stderr
+  assert "SSLJAX_ACCELERATOR=cuda12" in result.stderr
+
+
+def test_an_unknown_accelerator_names_the_choices(tmp_path):
+  result, pip_calls = _launch_eval_with_gpu(tmp_path, "tpu", None)
+  assert result.returncode != 0 and pip_calls == []
+  assert "SSLJAX_ACCELERATOR='tpu' is not one of auto, cpu, gpu, cuda12, cuda13" in result.stderr
