@@ -64,10 +64,14 @@ def default_config(method: str = "simclr",
   c.data.download = False  # TFDS only: allow downloading (off: never touch the network).
   c.data.image_size = 28  # Height = width of the stored images the host delivers.
   c.data.channels = 1
-  c.data.num_classes = 10
+  c.data.num_classes = 10  # 0: unlabelled (pretraining only; evaluation is skipped).
   # Per-channel statistics used by the encoder's input standardisation (of [0, 1] pixels).
   c.data.mean = (0.2860,)
   c.data.std = (0.3530,)
+  # 'image_folder' only: image_size, channels, num_classes 0 and mean, std () are read from
+  # the folder before the run starts (ssljax.data.folder; the `folder` preset sets them so);
+  # mean and std from this many train images drawn with `seed`.
+  c.data.stats_examples = 1000
   c.data.prefetch = 2  # Host batches prepared ahead of the train step.
   # > 0: train on the long-tailed subset of the train split (CIFAR-10-LT construction,
   # ssljax.data.sources.long_tailed_subset): exponential class sizes with this ratio between
@@ -78,7 +82,7 @@ def default_config(method: str = "simclr",
   c.augment = ml_collections.ConfigDict()
   c.augment.policy = "simclr"  # 'simclr' | 'moco_v2' | 'byol' | 'multicrop'
   c.augment.strength = 1.0  # Scales crop, jitter and grayscale (ISSL code's convention).
-  c.augment.crop_size = 28  # Output resolution of the (global) crops.
+  c.augment.crop_size = 28  # Output resolution of the (global) crops; 0: data.image_size.
   c.augment.crop_scale = (0.08, 1.0)  # Area fraction range of random resized crop.
   c.augment.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
   c.augment.flip_prob = 0.5
@@ -94,7 +98,7 @@ def default_config(method: str = "simclr",
   c.augment.byol_solarize_probs = (0.0, 0.2)
   # Multi-crop ('multicrop' policy): number and geometry of the small crops.
   c.augment.num_small_crops = 0
-  c.augment.small_crop_size = 14
+  c.augment.small_crop_size = 14  # 0: half of data.image_size.
   c.augment.small_crop_scale = (0.05, 0.4)
   # The last num_ood_crops small crops are out-of-distribution on purpose: tiny crops of area
   # ood_crop_scale that mostly miss the object (the UOTA premise, measured).
@@ -180,6 +184,10 @@ def default_config(method: str = "simclr",
 
   # ---------------------------------------------------------------- eval
   c.eval = ml_collections.ConfigDict()
+  # False: no kNN monitor, kNN or linear probe (results.json still records the run). They are
+  # also skipped, with the reason logged and in results.json, when the train or test split has
+  # no labels or an image folder has no test split.
+  c.eval.enabled = True
   c.eval.batch_size = 1024  # Feature-extraction batch.
   c.eval.knn_k = 200
   c.eval.knn_t = 0.1
@@ -373,6 +381,37 @@ def set_cpu_job(c: ml_collections.ConfigDict) -> None:
   c.train.eval_every_steps = 234
 
 
+IMAGE_FOLDER = "folder"  # The config argument of the image-folder preset (``FILE:folder``).
+
+
+def set_image_folder(c: ml_collections.ConfigDict) -> None:
+  """Points the ``data`` section at your own images and leaves their shape to the folder.
+
+  Assigns ``data.source = 'image_folder'``, ``data.name = 'folder'``, ``data.data_dir = ''``
+  (to be given: ``--config.data.data_dir=DIR``), ``data.train_split = 'train'``,
+  ``data.test_split = 'test'``, ``data.image_size = data.channels = data.num_classes = 0`` and
+  ``data.mean = data.std = ()`` (read from DIR before the run: ``ssljax.data.folder``), and
+  ``augment.crop_size = augment.small_crop_size = 0`` (the image size and half of it). The
+  folder is ``DIR/train/<class>/<image>`` (labelled) or ``DIR/train/<image>`` (unlabelled:
+  pretraining only), with an optional ``DIR/test/<class>/<image>`` for evaluation.
+
+  ``load_config('configs/<method>.py:folder')`` (``ssljax train --config
+  configs/<method>.py:folder``) applies it to the file's default recipe, the CPU-sized one.
+  """
+  c.data.source = "image_folder"
+  c.data.name = "folder"
+  c.data.data_dir = ""
+  c.data.train_split = "train"
+  c.data.test_split = "test"
+  c.data.image_size = 0
+  c.data.channels = 0
+  c.data.num_classes = 0
+  c.data.mean = ()
+  c.data.std = ()
+  c.augment.crop_size = 0
+  c.augment.small_crop_size = 0
+
+
 def config_dataset(arg: str | None) -> str:
   """The dataset a ``configs/<method>.py`` file is asked for (its ``get_config`` argument).
 
@@ -383,9 +422,14 @@ def config_dataset(arg: str | None) -> str:
   """
   if arg is None or arg == "":
     return "fashion_mnist"
+  if arg == IMAGE_FOLDER:
+    raise ValueError(f"the {IMAGE_FOLDER!r} argument is applied by ssljax.config.load_config "
+                     f"('configs/<method>.py:{IMAGE_FOLDER}'): it calls get_config() and then "
+                     f"set_image_folder on the result")
   if arg not in DATASETS:
     raise ValueError(f"unknown dataset {arg!r} in the config argument (configs/<method>.py:"
-                     f"<dataset>); valid datasets: {', '.join(DATASETS)}")
+                     f"<dataset>); valid datasets: {', '.join(DATASETS)}, or {IMAGE_FOLDER!r} "
+                     f"for your own images")
   return arg
 
 
@@ -487,7 +531,9 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   """The config of ``path[:arg]`` as ``ssljax train --config`` loads it (before overrides).
 
   The text after the first ':' is passed to the file's ``get_config`` (the dataset for
-  ``configs/<method>.py``); without it ``get_config()`` is called with no argument.
+  ``configs/<method>.py``); without it ``get_config()`` is called with no argument. The
+  argument ``folder`` (`IMAGE_FOLDER`) works with every config file: ``get_config()`` (the
+  file's default recipe) followed by `set_image_folder`.
 
   Raises:
     FileNotFoundError: the file does not exist.
@@ -495,6 +541,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   """
   path, has_arg, arg = spec.partition(":")
   module = load_config_module(path)
+  if arg == IMAGE_FOLDER:
+    config = module.get_config()
+    set_image_folder(config)
+    return config
   return module.get_config(arg) if has_arg else module.get_config()
 
 

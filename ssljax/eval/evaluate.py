@@ -103,15 +103,37 @@ def _features(config, variables, method: Method, images: np.ndarray, mesh) -> np
                           batch_size=eval_batch_size(config, mesh), mesh=mesh)
 
 
+def skip_reason(config: ml_collections.ConfigDict, train_source,
+                test_source=None) -> str | None:
+  """Why kNN and the linear probe cannot (or are not to) run, or None when they can.
+
+  Checked in order: ``eval.enabled``; labels on every train image; for an image folder, that
+  its test split exists; labels on every test image (when `test_source` is given).
+  """
+  if not config.eval.enabled:
+    return "eval.enabled is False"
+  if not train_source.has_labels:
+    return (f"the train split {config.data.train_split!r} is unlabelled (kNN and the linear "
+            f"probe need a class per image: for an image folder, one subfolder per class)")
+  if config.data.source == "image_folder":
+    test_dir = os.path.join(config.data.data_dir, config.data.test_split)
+    if not os.path.isdir(test_dir):
+      return (f"the image folder has no test split ({test_dir} does not exist; add it with the "
+              f"train split's class folders to evaluate)")
+  if test_source is not None and not test_source.has_labels:
+    return f"the test split {config.data.test_split!r} is unlabelled"
+  return None
+
+
 class KnnMonitor:
   """Periodic kNN accuracy on fixed subsets of the train (bank) and test splits."""
 
   def __init__(self, config: ml_collections.ConfigDict, method: Method, mesh, *,
-               train_source=None):
+               train_source=None, test_source=None):
     self._config, self._method, self._mesh = config, method, mesh
     ec = config.eval
     train = train_source or data.build_source(config.data, config.data.train_split)
-    test = data.build_source(config.data, config.data.test_split)
+    test = test_source or data.build_source(config.data, config.data.test_split)
     self._bank = _subset(train, ec.monitor_train_examples, config.seed)
     self._queries = _subset(test, ec.monitor_test_examples, config.seed + 1)
 
@@ -126,15 +148,38 @@ class KnnMonitor:
     return {"monitor/knn_top1": acc["top1"]}
 
 
+def knn_monitor(config: ml_collections.ConfigDict, method: Method, mesh, *,
+                train_source) -> KnnMonitor | None:
+  """The periodic kNN monitor, or None (with the reason logged) when `skip_reason` finds one."""
+  reason = skip_reason(config, train_source)
+  test = None
+  if reason is None:
+    test = data.build_source(config.data, config.data.test_split)
+    reason = skip_reason(config, train_source, test)
+  if reason is not None:
+    log.info("no periodic kNN monitor: %s", reason)
+    return None
+  return KnnMonitor(config, method, mesh, train_source=train_source, test_source=test)
+
+
 def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mesh, *,
                    train_source=None) -> dict[str, Any]:
-  """kNN (and, if ``eval.linear_probe``, a linear probe) of the state's encoder."""
+  """kNN (and, if ``eval.linear_probe``, a linear probe) of the state's encoder.
+
+  When `skip_reason` finds a reason (``eval.enabled`` False, unlabelled data, an image folder
+  without a test split), nothing is computed: the reason is logged and returned as
+  ``{'eval/skipped': reason}``.
+  """
   ec = config.eval
   train = train_source or data.build_source(config.data, config.data.train_split)
-  test = data.build_source(config.data, config.data.test_split)
-  if not train.has_labels or not test.has_labels:
-    raise ValueError("evaluation needs labelled train and test splits; the configured "
-                     "source has no labels (set eval.linear_probe=False and skip `eval`)")
+  reason = skip_reason(config, train)
+  test = None
+  if reason is None:
+    test = data.build_source(config.data, config.data.test_split)
+    reason = skip_reason(config, train, test)
+  if reason is not None:
+    log.warning("evaluation skipped: %s", reason)
+    return {"eval/skipped": reason}
   variables = encoder_variables(config, method, state, mesh, train.images)
   train_features = _features(config, variables, method, train.images, mesh)
   test_features = _features(config, variables, method, test.images, mesh)

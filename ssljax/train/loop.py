@@ -38,6 +38,7 @@ import numpy as np
 
 from ssljax import augment, data
 from ssljax.config import check_method_sections, config_from_json, config_to_json
+from ssljax.data.folder import resolve_config as resolve_folder_config
 from ssljax.eval import evaluate
 from ssljax.methods import RunInfo, build_method
 from ssljax.parallel import (DATA_AXIS, check_batch_divisible, data_sharded, make_mesh,
@@ -186,6 +187,11 @@ def _raise_nonfinite(step: int, ckpt: Checkpointer) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pretrains, checkpoints, evaluates; returns the evaluation results.
 
+  The image-folder preset's open keys (``ssljax.data.folder``) are filled in first, from the
+  workdir's config on resume, else from the folder; ``config.json`` stores the values used.
+  Evaluation is skipped, with the reason logged and in ``results.json``, when
+  ``eval.enabled`` is False or the data cannot be evaluated (`evaluate.skip_reason`).
+
   Raises:
     ConfigError: the config is invalid or cannot resume the workdir's checkpoint (nothing
       was written).
@@ -194,9 +200,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     WorkdirError: a bucket workdir (gs://) without its filesystem package.
   """
   check_method_sections(config)
-  validate_config(config)
   workdir_path(workdir)  # a gs:// workdir without gcsfs fails here, before any work
   stored = _stored_resume_config(workdir)
+  try:  # the image-folder preset's open keys: from the checkpoint's config, else the folder
+    config = resolve_folder_config(config, stored)
+  except (ValueError, OSError) as e:
+    raise ConfigError(f"{e} (nothing was written)") from None
+  validate_config(config)
   if stored is not None:
     check_resume_compatible(stored, config, workdir)
   started = time.time()
@@ -232,7 +242,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start_step = int(state.step)
 
   writer = MetricWriter(workdir, resume_step=start_step)
-  monitor = (evaluate.KnnMonitor(config, method, mesh, train_source=train_source)
+  monitor = (evaluate.knn_monitor(config, method, mesh, train_source=train_source)
              if config.train.eval_every_steps else None)
   if start_step < total_steps:
     try:

@@ -51,8 +51,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   ``train.batch_size``, ``train.log_every_steps``, ``train.checkpoint_every_steps``,
   ``train.keep_checkpoints`` and ``eval.batch_size`` integers >= 1; ``train.num_steps`` and
   ``train.eval_every_steps`` integers >= 0; ``train.epochs`` finite and > 0 when
-  ``train.num_steps`` is 0; ``data.mean`` and ``data.std`` one value per channel
-  (``data.channels``), the standard deviations finite and > 0.
+  ``train.num_steps`` is 0; ``data.image_size`` and ``augment.crop_size`` integers >= 1,
+  ``data.channels`` 1 or 3, ``data.num_classes`` an integer >= 0 (0 is left only by the image
+  folder preset: `ssljax.data.folder.resolve_config` fills these in first); ``data.mean`` and
+  ``data.std`` one value per channel (``data.channels``), the standard deviations finite and
+  > 0.
   """
   problems = []
 
@@ -86,7 +89,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not _is_number(epochs) or not math.isfinite(epochs) or epochs <= 0:
       problems.append(f"train.epochs = {epochs!r} must be a finite number > 0 when "
                       f"train.num_steps is 0; e.g. --config.train.epochs=10")
+  count("data.image_size", "the square size images are delivered at; 0 means 'from the "
+        "folder' only with data.source='image_folder'", "28")
+  count("data.num_classes", "0: unlabelled data", "10", minimum=0)
+  count("augment.crop_size", "the views' resolution; 0 means data.image_size", "28")
   channels = _get(config, "data.channels")
+  if channels not in (1, 3) or isinstance(channels, bool):
+    problems.append(f"data.channels = {channels!r} must be 1 (grayscale) or 3 (RGB); 0 means "
+                    f"'from the folder' only with data.source='image_folder'; e.g. "
+                    f"--config.data.channels=3")
   for key in ("data.mean", "data.std"):
     value = _get(config, key)
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,)

@@ -66,6 +66,12 @@ def _snapshot(directory) -> dict[str, tuple[int, int]]:
     ("data.mean", (0.5, 0.5, 0.5), r"data\.mean = \(0\.5, 0\.5, 0\.5\) needs one finite "
      r"number per channel \(data\.channels = 1\)"),
     ("data.std", (0.0,), r"data\.std = \(0\.0,\) must be > 0 for every channel"),
+    ("data.channels", 0, r"data\.channels = 0 must be 1 \(grayscale\) or 3 \(RGB\); 0 means "
+     r"'from the folder' only with data\.source='image_folder'"),
+    ("data.image_size", 0, r"data\.image_size = 0 must be an integer >= 1 .*only with "
+     r"data\.source='image_folder'"),
+    ("data.num_classes", -1, r"data\.num_classes = -1 must be an integer >= 0 \(0: unlabelled"),
+    ("augment.crop_size", -2, r"augment\.crop_size = -2 must be an integer >= 1"),
 ])
 def test_invalid_config_is_refused_before_anything_is_written(tmp_path, key, value, message):
   config = tiny_config(str(tmp_path))

@@ -241,3 +241,89 @@ def test_the_trainer_gives_parameter_groups_their_own_optimiser(tmp_path):
   encoder_moved = max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(after["encoder"]), jax.tree.leaves(before["encoder"])))
   assert encoder_moved > 0
+
+
+# ----------------------------------------------------------------------------- image folders
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The SimCLR recipe made tiny: 4 steps of 8 images, a quarter-width encoder, no expansion.
+TINY_FOLDER_RUN = [
+    "--config.model.expand_features=0", "--config.model.width=0.25",
+    "--config.method.simclr.proj_hidden_dim=16", "--config.method.simclr.proj_dim=8",
+    "--config.train.batch_size=8", "--config.train.num_steps=4",
+    "--config.train.log_every_steps=2", "--config.train.checkpoint_every_steps=2",
+    "--config.train.eval_every_steps=2", "--config.train.progress_bar=False",
+    "--config.eval.batch_size=8", "--config.eval.precise_bn_examples=0"]
+
+
+def _write_unlabelled_folder(root) -> np.ndarray:
+  """24 grayscale 16 x 16 PNGs in root/train (no class folders, no test split)."""
+  from PIL import Image
+
+  (root / "train").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 200, size=(24, 16, 16), dtype=np.uint8)
+  for i, image in enumerate(images):
+    Image.fromarray(image).save(root / "train" / f"{i:02d}.png")
+  return images
+
+
+def test_unlabelled_image_folder_pretrains_and_writes_results(tmp_path, capsys, caplog):
+  images = _write_unlabelled_folder(tmp_path / "mine")
+  workdir = tmp_path / "run"
+  command = ["ssljax", "train", "--config", os.path.join(ROOT, "configs", "simclr.py:folder"),
+             f"--config.data.data_dir={tmp_path / 'mine'}", "--workdir", str(workdir),
+             *TINY_FOLDER_RUN]
+  caplog.set_level(logging.INFO)
+  assert cli.main(command) == 0
+  assert json.loads(capsys.readouterr().out)["steps"] == 4
+  reason = ("the train split 'train' is unlabelled (kNN and the linear probe need a class per "
+            "image: for an image folder, one subfolder per class)")
+  messages = [r.getMessage() for r in caplog.records]
+  assert f"evaluation skipped: {reason}" in messages
+  assert f"no periodic kNN monitor: {reason}" in messages
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["eval/skipped"] == reason and results["steps"] == 4
+  assert not any(k.startswith(("knn/", "linear_probe/")) for k in results)
+  assert (workdir / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+  # config.json holds what the folder gave: size, one channel, no classes, and the pixel
+  # statistics of all 24 images (fewer than data.stats_examples).
+  stored = json.loads((workdir / "config.json").read_text())
+  assert (stored["data"]["image_size"], stored["data"]["channels"]) == (16, 1)
+  assert stored["data"]["num_classes"] == 0 and stored["augment"]["crop_size"] == 16
+  pixels = images.astype(np.float64) / 255
+  assert stored["data"]["mean"] == [round(pixels.mean(), 4)]
+  assert stored["data"]["std"] == [round(pixels.std(), 4)]
+
+  # Rerunning the command with a changed folder resumes with the stored statistics.
+  from PIL import Image
+  Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "mine" / "train" / "xx.png")
+  caplog.clear()
+  assert cli.main(command) == 0
+  assert json.loads(capsys.readouterr().out)["steps"] == 4
+  assert json.loads((workdir / "config.json").read_text())["data"] == stored["data"]
+  assert not (workdir / "config.previous.json").exists()
+
+  # `ssljax eval` on the workdir: the same reason, exit 0.
+  assert cli.main(["ssljax", "eval", "--workdir", str(workdir)]) == 0
+  assert json.loads((workdir / "results.json").read_text())["eval/skipped"] == reason
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.data.mean=(0.5, 0.5, 0.5)",
+     r"data\.mean = \(0\.5, 0\.5, 0\.5\) needs one finite number per channel "
+     r"\(data\.channels = 1\)"),
+    ("--config.data.std=(0.2, 0.3)", r"data\.std = \(0\.2, 0\.3\) needs one finite number"),
+    ("--config.data.data_dir=", r"data\.data_dir, which is empty; lay the images out as "
+     r"DIR/train/<class>/<image>"),
+])
+def test_image_folder_config_errors_come_before_the_workdir(tmp_path, override, message):
+  _write_unlabelled_folder(tmp_path / "mine")
+  with pytest.raises(SystemExit, match=r"ssljax train: .*" + message + r".*nothing was written"
+                     if "data_dir" in override else r"ssljax train: invalid config \(nothing "
+                     r"was written\):\n  .*" + message):
+    cli.main(["ssljax", "train", "--config", os.path.join(ROOT, "configs", "simclr.py:folder"),
+              f"--config.data.data_dir={tmp_path / 'mine'}", override, "--workdir",
+              str(tmp_path / "run"), *TINY_FOLDER_RUN])
+  assert not (tmp_path / "run").exists()
