@@ -62,7 +62,7 @@ config keys:
   section, method.<name>, is the default_section of
     {os.path.join(_HERE, "methods", "<name>.py")}
   and so is an add-on's (method.<addon>). The recipes per method and dataset are
-  configs/<method>.py. A run writes every key it used to <workdir>/config.json."""
+  {os.path.join(_HERE, "configs", "<method>.py")} (--config <method>:<dataset>). A run writes every key it used to <workdir>/config.json."""
 
 _EXIT_CODES = """\
 exit codes:
@@ -101,9 +101,12 @@ Pretrains the method of a config file, checkpointing into DIR, then evaluates th
 checkpoint.
 
 flags:
-  --config FILE[:ARG]  the config file; ARG is passed to its get_config (the dataset for
-                       configs/<method>.py: fashion_mnist (default), cifar10, cifar100,
-                       imagenet), e.g. --config configs/simclr.py:fashion_mnist
+  --config FILE[:ARG]  a config file, or the name of a config that ships with ssljax (a
+                       method: barlow_twins, byol, cissl, dino, dissl, metamask, moco, npid,
+                       simclr, swav; or method_addon: simclr_uota, moco_cld, ...); ARG is
+                       passed to its get_config (a method's dataset: fashion_mnist (default),
+                       cifar10, cifar100, imagenet), e.g. --config simclr:fashion_mnist, or
+                       from the repository --config configs/simclr.py:fashion_mnist
   --workdir DIR        checkpoints, config.json, metrics.jsonl, tensorboard/, results.json;
                        a bucket (gs://bucket/run) needs gcsfs (pip install gcsfs)
   --config.KEY=VALUE   overrides one key of the config, e.g. --config.optim.lr=0.3 or
@@ -251,12 +254,10 @@ def _load_train_config(argv: list[str]):
   spec = _peek_flag(argv, "config")
   if spec is None:
     raise SystemExit("ssljax train: --config is required (e.g. configs/simclr.py:fashion_mnist)")
-  path = spec.partition(":")[0]
-  if not os.path.exists(path):
-    raise SystemExit(f"ssljax train: config file {path!r} not found (configs live in "
-                     f"configs/, e.g. configs/simclr.py:fashion_mnist)")
   try:
     config = load_config(spec)
+  except FileNotFoundError as e:
+    raise SystemExit(f"ssljax train: {e}") from None
   except (TypeError, ValueError, KeyError) as e:
     raise SystemExit(f"ssljax train: config {spec!r}: {e}") from None
   addons = [v for a in argv if a.startswith("--config.method.addons=")

@@ -519,7 +519,8 @@ def load_config_module(path: str):
   import os
 
   if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path!r} not found (configs live in configs/)")
+    raise FileNotFoundError(f"config file {path!r} not found (shipped configs load by name, "
+                            f"e.g. --config simclr:fashion_mnist; see ssljax.configs)")
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
@@ -535,11 +536,16 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   argument ``folder`` (`IMAGE_FOLDER`) works with every config file: ``get_config()`` (the
   file's default recipe) followed by `set_image_folder`.
 
+  ``path`` is a config file or the name of a config shipped in ``ssljax.configs``
+  (``simclr:cifar10``, or ``simclr_cifar10``; see `ssljax.configs.resolve`).
+
   Raises:
-    FileNotFoundError: the file does not exist.
+    FileNotFoundError: neither a file nor a shipped name (the message lists the names).
     ValueError: the file rejects the argument (e.g. an unknown dataset).
   """
-  path, has_arg, arg = spec.partition(":")
+  from ssljax import configs
+
+  path, has_arg, arg = configs.resolve(spec).partition(":")
   module = load_config_module(path)
   if arg == IMAGE_FOLDER:
     config = module.get_config()
