@@ -14,12 +14,10 @@ standardised frozen features, hyperparameters chosen on a held-out part of the t
 
 from __future__ import annotations
 
-import datetime
 import functools
 import json
 import logging
 import os
-import platform
 import tempfile
 from typing import Any
 
@@ -28,13 +26,14 @@ import ml_collections
 import numpy as np
 
 from ssljax import data
+from ssljax.eval import results as results_file
 from ssljax.eval.features import extract_features
 from ssljax.eval.knn import knn_accuracy
 from ssljax.eval.linear_probe import linear_probe
 from ssljax.eval.plots import plot_training_curves
 from ssljax.eval.precise_bn import precise_batch_stats
 from ssljax.methods.base import Method
-from ssljax.train.paths import is_local, workdir_path
+from ssljax.train.paths import is_local, replace_text, workdir_path
 
 log = logging.getLogger(__name__)
 
@@ -234,23 +233,30 @@ def addon_reports(config: ml_collections.ConfigDict, method: Method, state, work
 
 def write_results(config: ml_collections.ConfigDict, workdir: str,
                   results: dict[str, Any]) -> None:
-  """Writes ``results.json`` and the training-curve plot (process 0 only)."""
+  """Adds `results` to ``results.json`` and draws the training-curve plot (process 0 only).
+
+  Earlier evaluations in the file are kept, each with the config keys it changed from the
+  workdir's ``config.json`` (`ssljax.eval.results` describes the file).
+  """
   if jax.process_index() != 0:
     return
-  record = {
-      **results,
-      "method": config.method.name,
-      "dataset": f"{config.data.source}:{config.data.name}",
-      "encoder": config.model.encoder,
-      "batch_size": config.train.batch_size,
-      "seed": config.seed,
-      "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-      "host": platform.node(),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-  }
   directory = workdir_path(workdir)
-  (directory / "results.json").write_text(json.dumps(record, indent=2, sort_keys=True),
-                                          encoding="utf-8")
+  path = directory / "results.json"
+  previous = None
+  if path.exists():
+    text = path.read_text(encoding="utf-8")
+    try:
+      previous = json.loads(text)
+    except json.JSONDecodeError:
+      log.warning("%s is not valid JSON; it is kept as results.unreadable.json and a new "
+                  "one is started", path)
+      (directory / "results.unreadable.json").write_text(text, encoding="utf-8")
+  config_path = directory / "config.json"
+  reference = results_file.read_reference_config(
+      config_path.read_text(encoding="utf-8") if config_path.exists() else None)
+  entry = results_file.evaluation_entry(config, results,
+                                        results_file.changed_options(config, reference))
+  replace_text(path, results_file.dumps(results_file.merge(previous, entry)))
   metrics = directory / "metrics.jsonl"
   if not (config.eval.plots and metrics.exists()):
     return

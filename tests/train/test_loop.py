@@ -89,6 +89,13 @@ def test_cli_trains_checkpoints_resumes_and_evaluates(tmp_path, capsys, caplog):
                    "--config.eval.linear_probe=False"]) == 0
   evaluated = json.loads(capsys.readouterr().out)
   assert evaluated["steps"] == 6 and "linear_probe/top1" not in evaluated
+  # results.json keeps the probe of `train` (re-run once: one entry) beside the new kNN.
+  merged = json.loads((workdir / "results.json").read_text())
+  assert merged["linear_probe/top1"] == pytest.approx(results["linear_probe/top1"])
+  assert [(e["options"], "linear_probe/top1" in e["results"])
+          for e in merged["evaluations"]] == [
+              ({}, True), ({"eval.knn_k": 3, "eval.linear_probe": False}, False)]
+  assert merged["evaluations"][1]["results"]["knn/top1"] == evaluated["knn/top1"]
 
 
 class _Terminal(io.StringIO):
