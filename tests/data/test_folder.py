@@ -212,3 +212,25 @@ def test_skip_reason_says_why_evaluation_cannot_run(tmp_path):
   unlabelled = type(train)(train.images, np.full(len(train), -1, np.int32))
   assert "train split 'train' is unlabelled" in skip_reason(c, unlabelled)
   assert skip_reason(c, train, unlabelled) == "the test split 'test' is unlabelled"
+
+
+def test_the_readme_command_reads_the_folder(tmp_path, monkeypatch):
+  import re
+  import shlex
+
+  from ssljax import cli
+
+  readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+  section = readme.split("## Your own images", 1)[1].split("\n## ", 1)[0]
+  command = re.search(r"```bash\n(ssljax train .*?)\n```", section, re.S).group(1)
+  argv = shlex.split(command.replace("\\\n", " ").replace("DIR", str(tmp_path)))
+  assert argv[:2] == ["ssljax", "train"] and "configs/simclr.py:folder" in argv
+  _labelled_rgb(tmp_path)
+  monkeypatch.chdir(ROOT)  # the README's commands run from the repository root
+  flags = cli._parse([argv[0]] + argv[2:], "train")
+  assert flags.workdir == "runs/simclr_mine"
+  resolved = resolve_config(flags.config)
+  d = resolved.data
+  assert (d.source, d.data_dir, d.image_size, d.channels, d.num_classes) == (
+      "image_folder", str(tmp_path), 10, 3, 2)
+  assert resolved.train.batch_size == 64 and len(d.mean) == len(d.std) == 3
