@@ -106,7 +106,10 @@ flags:
                        simclr, swav; or method_addon: simclr_uota, moco_cld, ...); ARG is
                        passed to its get_config (a method's dataset: fashion_mnist (default),
                        cifar10, cifar100, imagenet), e.g. --config simclr:fashion_mnist, or
-                       from the repository --config configs/simclr.py:fashion_mnist
+                       from the repository --config configs/simclr.py:fashion_mnist. ARG
+                       folder (any config): your own images, DIR/train/<class>/<image> with
+                       --config.data.data_dir=DIR; classes, channels, size and mean/std are
+                       read from DIR (ssljax/data/folder.py; README 'Your own images')
   --workdir DIR        checkpoints, config.json, metrics.jsonl, tensorboard/, results.json;
                        a bucket (gs://bucket/run) needs gcsfs (pip install gcsfs)
   --config.KEY=VALUE   overrides one key of the config, e.g. --config.optim.lr=0.3 or

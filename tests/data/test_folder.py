@@ -234,3 +234,12 @@ def test_the_readme_command_reads_the_folder(tmp_path, monkeypatch):
   assert (d.source, d.data_dir, d.image_size, d.channels, d.num_classes) == (
       "image_folder", str(tmp_path), 10, 3, 2)
   assert resolved.train.batch_size == 64 and len(d.mean) == len(d.std) == 3
+
+
+def test_train_help_names_the_folder_argument():
+  from ssljax import cli
+
+  text = " ".join(cli.TRAIN_HELP.split())
+  assert ("ARG folder (any config): your own images, DIR/train/<class>/<image> with "
+          "--config.data.data_dir=DIR") in text
+  assert os.path.exists(os.path.join(ROOT, "ssljax", "data", "folder.py"))
