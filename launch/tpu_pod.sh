@@ -141,12 +141,24 @@ stream_logs() {
   on_workers 0 "tail -n +1 -F ~/$LOG"
 }
 
+config_exists() {  # CONFIG: a file, or a config shipped in ssljax/configs (NAME[:ARG], NAME_ARG)
+  local path=${1%%:*} file
+  if [ -f "$path" ] || [ -f "ssljax/configs/$path.py" ]; then return 0; fi
+  if [[ "$1" != *:* ]]; then
+    for file in ssljax/configs/[a-z]*.py; do
+      if [[ "$1" == "$(basename "$file" .py)_"* ]]; then return 0; fi
+    done
+  fi
+  return 1
+}
+
 command=${1:-}
 [ $# -gt 0 ] && shift
 case "$command" in
   train)
     [ $# -ge 2 ] || die "usage: bash launch/tpu_pod.sh train CONFIG WORKDIR [--config.key=value ...]"
-    [ -f "${1%%:*}" ] || die "config file ${1%%:*} not found"
+    config_exists "$1" || die "config file ${1%%:*} not found, nor a config that ships in" \
+      "ssljax/configs ($(ls ssljax/configs | sed -n 's/^\([a-z].*\)\.py$/\1/p' | paste -sd ' '))"
     ensure_pod
     copy_code
     install

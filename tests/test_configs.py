@@ -169,3 +169,88 @@ def test_cli_addon_key_without_the_addon_says_how_to_add_it(toy_addon):
 def test_cli_unknown_addon_is_a_clear_error():
   with pytest.raises(SystemExit, match=r"unknown add-on 'nope'; registered add-ons"):
     _parse("--config", f"{CONFIG_DIR}/simclr.py:cifar10", "--config.method.addons=nope")
+
+
+# ---------------------------------------------------------------- configs shipped by name
+
+
+def test_every_repository_config_file_is_the_shipped_module_not_a_copy():
+  import importlib
+
+  from ssljax import configs
+  stems = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py"))
+  assert stems == list(configs.names()) and "simclr" in stems and "simclr_uota" in stems
+  for stem in stems:
+    file_module = load_config_module(_path(stem))
+    shipped = importlib.import_module(f"ssljax.configs.{stem}")
+    assert file_module.get_config is shipped.get_config, stem
+    assert file_module.__doc__ == shipped.__doc__, stem
+
+
+@pytest.mark.parametrize("spec, same_as", [
+    ("simclr:fashion_mnist", "configs/simclr.py:fashion_mnist"),
+    ("simclr_fashion_mnist", "configs/simclr.py:fashion_mnist"),
+    ("swav:cifar100", "configs/swav.py:cifar100"),
+    ("moco", "configs/moco.py"),
+    ("simclr_uota_fashion_mnist_base", "configs/simclr_uota.py:fashion_mnist_base"),
+    ("moco_cld:cifar10", "configs/moco_cld.py:cifar10"),
+])
+def test_a_shipped_config_loads_by_name_as_the_repository_file(spec, same_as):
+  from ssljax.config import load_config
+  assert config_to_json(load_config(spec)) == config_to_json(
+      load_config(os.path.join(os.path.dirname(CONFIG_DIR), same_as)))
+
+
+def test_name_resolution_keeps_files_and_joins_name_and_argument():
+  from ssljax import configs
+  path = _path("simclr")
+  assert configs.resolve(f"{path}:cifar10") == f"{path}:cifar10"
+  shipped = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), "simclr_uota.py")
+  assert configs.resolve("simclr_uota") == shipped  # a name itself, not simclr + "uota"
+  assert configs.resolve("simclr_uota_fashion_mnist") == f"{shipped}:fashion_mnist"
+  assert configs.resolve("simclr_uota:") == f"{shipped}:"
+
+
+@pytest.mark.parametrize("spec, start", [
+    ("simclr2:cifar10", "'simclr2' is neither a config file nor a shipped config name"),
+    ("nope", "'nope' is neither a config file nor a shipped config name"),
+    ("configs/nope.py:cifar10", "config file 'configs/nope.py' not found"),
+])
+def test_an_unknown_config_lists_the_shipped_names(spec, start):
+  from ssljax import configs
+  from ssljax.config import load_config
+  with pytest.raises(FileNotFoundError) as error:
+    load_config(spec)
+  message = str(error.value)
+  assert message.startswith(start)
+  assert f"shipped configs: {', '.join(configs.names())} (use NAME:ARG" in message
+  with pytest.raises(SystemExit, match=f"ssljax train: {start}.*simclr_uota, swav, swav_uota"):
+    _parse("--config", spec)
+
+
+def test_cli_runs_a_shipped_config_by_name():
+  fv = _parse("--config", "swav:cifar100", "--config.optim.lr=0.1")
+  assert (fv.config.data.name, fv.config.method.name, fv.config.optim.lr) == (
+      "cifar100", "swav", 0.1)
+
+
+def test_the_configs_ship_in_the_package_and_load_outside_the_repository(tmp_path):
+  # setup.cfg's `packages = find:` with its include patterns is what goes into a wheel.
+  import configparser
+  import subprocess
+  import sys
+
+  import setuptools
+  root = os.path.dirname(CONFIG_DIR)
+  parser = configparser.ConfigParser()
+  parser.read(os.path.join(root, "setup.cfg"), encoding="utf-8")
+  assert parser["options"]["packages"].strip() == "find:"
+  include = parser["options.packages.find"]["include"].replace(",", " ").split()
+  assert "ssljax.configs" in setuptools.find_packages(where=root, include=include)
+  # A process started outside the repository loads a config by name (nothing from configs/).
+  code = ("from ssljax.config import load_config; c = load_config('simclr:fashion_mnist'); "
+          "print(c.method.name, c.data.name)")
+  result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ["simclr", "fashion_mnist"]

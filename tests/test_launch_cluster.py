@@ -169,10 +169,20 @@ def test_tpu_pod_reuses_a_ready_pod_and_recreates_a_preempted_one(state, first):
   assert "git checkout -q abc123" in clone
 
 
+@pytest.mark.parametrize("config", ["simclr:imagenet", "simclr_imagenet", "simclr_uota"])
+def test_tpu_pod_takes_a_shipped_config_by_name(config):
+  result = _run("tpu_pod.sh", "train", config, "w", env={"ZONE": "z"})
+  assert result.returncode == 0, result.stderr
+  start = next(_remote(c) for c in _commands(result) if "ssljax.cli train" in " ".join(c))
+  assert f"-m ssljax.cli train --config {config} --workdir w --distributed" in start
+
+
 @pytest.mark.parametrize("args, env, message", [
     (("train", "configs/simclr.py:imagenet", "w"), {}, "set ZONE"),
     (("stop",), {}, "set ZONE"),
     (("train", "configs/nope.py:x", "w"), {"ZONE": "z"}, "config file configs/nope.py"),
+    (("train", "nope:x", "w"), {"ZONE": "z"},
+     "config file nope not found, nor a config that ships in ssljax/configs (barlow_twins byol"),
     (("train", "configs/simclr.py"), {"ZONE": "z"}, "usage: bash launch/tpu_pod.sh train"),
     (("train", "configs/simclr.py", "w"), {"ZONE": "z", "SSLJAX_DRY_RUN_TPU_STATE": "CREATING"},
      "is CREATING; wait until it is READY"),
