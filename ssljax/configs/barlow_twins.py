@@ -1,5 +1,5 @@
-"""Barlow Twins (SPEC 6.5); the argument is the dataset: fashion_mnist (default), cifar10,
-cifar100, imagenet.
+"""Barlow Twins (Zbontar et al. 2021); the argument is the dataset: fashion_mnist (default),
+cifar10, cifar100, imagenet.
 
 Commands:
   ssljax train --config configs/barlow_twins.py:fashion_mnist \
@@ -35,12 +35,12 @@ cifar10, cifar100: the solo-learn recipe (ResNet-18, 1000 epochs; scripts/pretra
   (Linear-BN-ReLU twice, then Linear; solo-learn's linear layers have biases), lambda 0.0051,
   loss scaled by 0.1, LARS lr 0.3 per 256 images, eta 0.02, weight decay 1e-4, biases and BN
   excluded from LARS, warmup + cosine, batch 256, 1000 epochs; `asymmetric` augmentations
-  (SPEC 6): RRC 0.08-1, colour jitter 0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2, flip 0.5, no
-  blur, solarisation p 0.2 on the second view only.
+  (solo-learn's asymmetric.yaml): RRC 0.08-1, colour jitter 0.4/0.4/0.2/0.1 with p 0.8,
+  grayscale 0.2, flip 0.5, no blur, solarisation p 0.2 on the second view only.
   Deviation: solo-learn's LARS also clips the adaptive rate (`clip_lr`); ssljax's LARS does
   not.
   Published (not measured by ssljax): 92.10% (CIFAR-10) and 70.90% (CIFAR-100) linear top-1
-  after 1000 epochs, solo-learn README (SPEC 6 table). Hardware / time: one GPU suffices
+  after 1000 epochs, solo-learn README. Hardware / time: one GPU suffices
   (ResNet-18 on 32x32 images at batch 256); not run by ssljax yet, so no time of ours is
   quoted.
 

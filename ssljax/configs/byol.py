@@ -1,5 +1,5 @@
-"""BYOL (SPEC 6.3); the argument is the dataset: fashion_mnist (default), cifar10, cifar100,
-imagenet.
+"""BYOL (Grill et al. 2020); the argument is the dataset: fashion_mnist (default), cifar10,
+cifar100, imagenet.
 
 Commands:
   ssljax train --config configs/byol.py:fashion_mnist --workdir runs/byol_fashion_mnist
@@ -37,13 +37,13 @@ cifar10, cifar100: the solo-learn recipe (ResNet-18, 1000 epochs; scripts/pretra
   256-4096-256 (Linear-BN-ReLU-Linear), each view through the networks separately (per-view
   BN, synchronised across devices), target EMA momentum cosine from 0.99 to 1, LARS lr 1.0 per
   256 images, eta 0.02, weight decay 1e-5, biases and BN excluded from LARS, warmup (10 epochs)
-  + cosine, batch 256, 1000 epochs; `asymmetric` augmentations (SPEC 6): RRC 0.08-1, colour
+  + cosine, batch 256, 1000 epochs; `asymmetric` augmentations (solo-learn): RRC 0.08-1, colour
   jitter 0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2, flip 0.5, no blur, solarisation p 0.2 on
   the second view only.
   Deviations: solo-learn's LARS also clips the adaptive rate (`clip_lr`) and its warmup starts
   at 3e-5 rather than 0; solo-learn trains in fp16 (here float32 unless train.compute_dtype).
   Published (not measured by ssljax): 92.58% (CIFAR-10) and 70.46% (CIFAR-100) linear top-1
-  after 1000 epochs, solo-learn README (SPEC 6 table). Hardware / time: one GPU suffices
+  after 1000 epochs, solo-learn README. Hardware / time: one GPU suffices
   (solo-learn's config runs on one device at batch 256); not run by ssljax yet, so no time of
   ours is quoted.
 

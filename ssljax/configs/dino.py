@@ -12,8 +12,8 @@ CIFAR is read as a TFDS array_record dataset in DATA_DIR, or with `--config.data
 --config.data.data_dir=DIR` from the python archive (cifar-10-python.tar.gz /
 cifar-100-python.tar.gz); ImageNet is prepared by TFDS in DATA_DIR (8+ GPUs or a TPU pod).
 
-fashion_mnist: CPU-sized, the DISSL/CISSL code's DINO baseline (SPEC 2.3b). Same data, crops,
-  backbone, batch and length as the first SimCLR Fashion-MNIST recipe (resnet_tiny + 1x1
+fashion_mnist: CPU-sized, the DISSL/CISSL code's DINO baseline (issl/losses/dino.py). Same data,
+  crops, backbone, batch and length as the first SimCLR Fashion-MNIST recipe (resnet_tiny + 1x1
   expansion to 512 features, batch 256, 12 epochs), so the methods are compared on equal terms;
   two views, no small crops (the ISSL code uses two). Method: the ISSL code's DINO as ssljax's
   `method.dino` defaults implement it -- head z -> 1024 (BN, GELU) -> L2-normalise ->
@@ -21,7 +21,7 @@ fashion_mnist: CPU-sized, the DISSL/CISSL code's DINO baseline (SPEC 2.3b). Same
   0.04 -> 0.07 per epoch, centre momentum 0.9 updated after each view pair, teacher EMA cosine
   from 0.996 to 1, last layer frozen for the first epoch, the student encoder evaluated. The
   ISSL TinyImageNet run warms the teacher temperature over 50 of 300 epochs; this 12-epoch run
-  warms it over 2. Optimiser (SPEC 2.5): Adam lr 2e-3 per 256 images with coupled L2 weight
+  warms it over 2. Optimiser (ISSL's): Adam lr 2e-3 per 256 images with coupled L2 weight
   decay 1e-6, warmup then cosine; one warmup epoch here (the ISSL run: 10 of 300). Deviation:
   the ISSL code also clips gradients by value at 2; ssljax only clips by norm (off here).
   Measured (2026-11-23, seed 0, 2-core AMD EPYC CPU, jax 0.10.2) with
@@ -41,17 +41,17 @@ cifar10, cifar100: the solo-learn recipe (ResNet-18, 1000 epochs), official DINO
   from 0.9995 to 1, last layer frozen for the first epoch, each view through the networks
   separately (per-view BN, synchronised across devices), the student evaluated; LARS lr 0.3
   per 256 images, eta 0.02, weight decay 1e-6, biases and BN excluded from LARS, warmup (10
-  epochs) + cosine, batch 256, 1000 epochs; `asymmetric` augmentations (SPEC 6): RRC 0.08-1,
+  epochs) + cosine, batch 256, 1000 epochs; `asymmetric` augmentations (solo-learn): RRC 0.08-1,
   colour jitter 0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2, flip 0.5, no blur, solarisation
   p 0.2 on the second view only.
-  For the DISSL/CISSL code's variant (SPEC 2.3b) use the `method.dino` defaults instead (head
-  z-1024-BN-GELU, normalised before the bottleneck, K = 1000, per-pair centre updates).
-  Deviations: solo-learn's LARS also clips the adaptive rate (`clip_lr`) and its warmup starts
-  at 3e-5 rather than 0; solo-learn trains in fp16 (here float32 unless train.compute_dtype).
-  Published (not measured by ssljax): 89.52% (CIFAR-10) and 66.76% (CIFAR-100) linear top-1
-  after 1000 epochs, solo-learn README (CIFAR table, DINO row). Hardware / time: one GPU
-  suffices (solo-learn's config runs on one device at batch 256); not run by ssljax yet, so no
-  time of ours is quoted.
+  For the DISSL/CISSL code's variant (issl/losses/dino.py) use the `method.dino` defaults
+  instead (head z-1024-BN-GELU, normalised before the bottleneck, K = 1000, per-pair centre
+  updates). Deviations: solo-learn's LARS also clips the adaptive rate (`clip_lr`) and its
+  warmup starts at 3e-5 rather than 0; solo-learn trains in fp16 (here float32 unless
+  train.compute_dtype). Published (not measured by ssljax): 89.52% (CIFAR-10) and 66.76%
+  (CIFAR-100) linear top-1 after 1000 epochs, solo-learn README (CIFAR table, DINO row).
+  Hardware / time: one GPU suffices (solo-learn's config runs on one device at batch 256); not
+  run by ssljax yet, so no time of ours is quoted.
 
 imagenet: the official ResNet-50 recipe (facebookresearch/dino; the README's ResNet-50
   command, 8 GPUs, 100 epochs: `--arch resnet50 --optimizer sgd --lr 0.03 --weight_decay 1e-4

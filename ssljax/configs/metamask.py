@@ -1,4 +1,4 @@
-"""MetaMask (Li et al. 2022, SPEC 4); the argument is the dataset: fashion_mnist (default),
+"""MetaMask (Li et al. 2022); the argument is the dataset: fashion_mnist (default),
 cifar10, cifar100, imagenet.
 
 Commands:

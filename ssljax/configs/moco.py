@@ -1,5 +1,5 @@
-"""MoCo (SPEC 6.2); the argument is the dataset: fashion_mnist (default), cifar10, cifar100,
-imagenet.
+"""MoCo v2 (He et al. 2020; Chen et al. 2020); the argument is the dataset: fashion_mnist
+(default), cifar10, cifar100, imagenet.
 
 Commands:
   ssljax train --config configs/moco.py:fashion_mnist --workdir runs/moco_fashion_mnist
@@ -47,8 +47,8 @@ cifar10: the official CIFAR-10 demo recipe (ResNet-18, 200 epochs; facebookresea
   ssljax per step.
   Published (not measured by ssljax): kNN top-1 (k 200, t 0.1) of 85.3% after 200 epochs with
   the symmetric loss (82.6% asymmetric; 88.5 / 89.7% symmetric after 400 / 800 epochs), the
-  demo's results table (SPEC 6.2, 10.3). The demo's kNN runs on the 128-d head output,
-  ssljax's on the 512-d backbone features, so the numbers are not strictly comparable.
+  demo's results table (colab/moco_cifar10_demo.ipynb). The demo's kNN runs on the 128-d head
+  output, ssljax's on the 512-d backbone features, so the numbers are not strictly comparable.
   Hardware / time: one GPU; the demo's log shows about 20 s per training epoch on one Tesla
   V100 for the asymmetric loss (about 70 minutes for 200 epochs; the symmetric loss does twice
   the work). Not run by ssljax yet, so no time of ours is quoted. solo-learn's MoCo V2+ recipe
@@ -68,7 +68,7 @@ cifar100: solo-learn's MoCo V2+ recipe (ResNet-18, 1000 epochs; scripts/pretrain
   meets the keys of its own view of those steps. solo-learn's warm-up starts at 3e-5 rather
   than 0, and it trains in 16-bit mixed precision (here float32 unless train.compute_dtype).
   Published (not measured by ssljax): 69.89% linear top-1 on CIFAR-100 after 1000 epochs
-  (92.94% on CIFAR-10 with the same recipe), solo-learn README (SPEC 6 table). Hardware /
+  (92.94% on CIFAR-10 with the same recipe), solo-learn README. Hardware /
   time: one GPU suffices (solo-learn's config runs on one device at batch 256); not run by
   ssljax yet, so no time of ours is quoted.
 
@@ -84,8 +84,8 @@ imagenet: MoCo v2, the paper's 200-epoch ResNet-50 recipe (facebookresearch/moco
   official cosine is stepped per epoch, here per step; this config computes in bfloat16 (the
   official code in float32).
   Published (not measured by ssljax): 67.5 +- 0.1% ImageNet linear top-1 (5 trials), 53 hours
-  of pre-training on 8 NVIDIA V100 GPUs (facebookresearch/moco README; SPEC 5.7 lists the same
-  67.5 from the CLD README).
+  of pre-training on 8 NVIDIA V100 GPUs (facebookresearch/moco README; the CLD README lists the
+  same 67.5).
   Status: ImageNet's images have varying sizes, so the host must decode and pre-crop them; the
   in-memory sources of ssljax.data refuse that with a clear error. This config holds the
   recipe for the streaming TFDS source that comes with the TPU-pod launcher; it does not run

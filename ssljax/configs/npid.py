@@ -1,4 +1,4 @@
-"""NPID / InstDisc (SPEC 6.6); the argument is the dataset: fashion_mnist (default), cifar10,
+"""NPID / InstDisc (Wu et al. 2018); the argument is the dataset: fashion_mnist (default), cifar10,
 cifar100, imagenet.
 
 Commands:
@@ -16,7 +16,7 @@ cifar-100-python.tar.gz); ImageNet is prepared by TFDS in DATA_DIR (8 GPUs or a 
 fashion_mnist: CPU-sized, the SimCLR default job with NPID's memory bank. Same data, crops,
   backbone, batch, length and optimiser as the first SimCLR Fashion-MNIST recipe (resnet_tiny +
   1x1 expansion to 512 features, batch 256, 12 epochs, LARS 3.0 per 256 images), so the
-  comparison isolates the objective. Method (SPEC 6.6, CLD's NPID branch of SPEC 5.5): linear
+  comparison isolates the objective. Method (CLD's NPID branch, train_cifar_npid_cld.py): linear
   head to 128 dimensions, L2-normalised; full softmax over a memory bank of all 60,000 training
   images (no NCE), temperature 0.1, bank momentum 0.5; one view per image. Each bank row is
   rewritten once per epoch, so in 12 epochs the bank is young: NPID is expected to trail the
@@ -29,7 +29,7 @@ fashion_mnist: CPU-sized, the SimCLR default job with NPID's memory bank. Same d
   of the SimCLR job (28x28 views, 12 epochs); that job has since moved to 20x20 views for 26
   epochs (README), which was not tried here.
 
-cifar10, cifar100: CLD's NPID branch of SPEC 5.5/5.6 (ResNet-18, full softmax, 200 epochs;
+cifar10, cifar100: CLD's NPID branch and its scripts (ResNet-18, full softmax, 200 epochs;
   frank-xwang/CLD-UnsupervisedLearning scripts/cifar and train_cifar_npid_cld.py without the
   CLD term; the CLD scripts use the same settings for both datasets): ResNet-18 with the CIFAR
   stem (3x3 conv, no max-pool), linear head 512-128 with bias, L2-normalised; full softmax
@@ -39,20 +39,20 @@ cifar10, cifar100: CLD's NPID branch of SPEC 5.5/5.6 (ResNet-18, full softmax, 2
   200 epochs, one view per image (CLD's NPID+CLD runs the branch on two views:
   method.npid.num_views = 2); CLD's `default` views: RRC 32 (0.2-1), colour jitter
   0.4/0.4/0.4/0.4 always applied, grayscale 0.2, flip 0.5, CLD's CIFAR statistics (the CLD code
-  uses the CIFAR-10 values for CIFAR-100 too, SPEC appendix B). The original NPID code
+  uses the CIFAR-10 values for CIFAR-100 too, datasets/dataloader.py). The original NPID code
   (zhirongw/lemniscate.pytorch cifar.py) instead used NCE with 4096 noise samples
   (method.npid.nce_negatives = 4096), batch 128, constant lr 0.1, weight decay 5e-4 and no
   flip on CIFAR-10.
   Deviations: the CLD scripts train with apex AMP O1 (here float32 unless
   train.compute_dtype).
   Published (not measured by ssljax): NPID kNN top-1 (k 200) 80.8% on CIFAR-10 and 51.6% on
-  CIFAR-100, ResNet-18, 200 epochs, the CLD README's NPID row (SPEC 5.7, 10.3; the README does
+  CIFAR-100, ResNet-18, 200 epochs, the CLD README's NPID row (the README does
   not say which script produced that row). CLD's kNN runs on the 128-d head output with sigma =
   0.1; ssljax's default protocol uses the 512-d backbone features. Hardware / time: one GPU
   (the CLD CIFAR scripts run on one); not run by ssljax yet, so no time of ours is quoted.
 
-imagenet: the original NCE recipe (zhirongw/lemniscate.pytorch main.py; SPEC 6.6; main.py
-  defaults with the README's command): ResNet-50 (7x7 stem + max-pool), linear head 2048-128
+imagenet: the original NCE recipe (zhirongw/lemniscate.pytorch main.py, Wu et al. 2018 Sec. 3.2;
+  main.py defaults with the README's command): ResNet-50 (7x7 stem + max-pool), linear head 2048-128
   with bias, L2-normalised; a memory bank of all 1,281,167 training images (about 656 MB in
   float32, replicated on every device), NCE with 4096 uniform noise samples per image and the
   normaliser Z estimated on the first batch, temperature 0.07, bank momentum 0.5; SGD
@@ -104,7 +104,7 @@ def _fashion_mnist(c):
 
 
 def _cifar(c):
-  # CLD's CIFAR statistics: the CIFAR-10 values, also for CIFAR-100 (SPEC appendix B).
+  # CLD's CIFAR statistics: the CIFAR-10 values, also for CIFAR-100 (CLD's dataloader).
   c.data.mean = (0.4914, 0.4822, 0.4465)
   c.data.std = (0.2023, 0.1994, 0.2010)
 

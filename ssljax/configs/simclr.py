@@ -1,5 +1,5 @@
-"""SimCLR (SPEC 6.1); the argument is the dataset: fashion_mnist (default), cifar10, cifar100,
-imagenet.
+"""SimCLR (Chen et al. 2020); the argument is the dataset: fashion_mnist (default), cifar10,
+cifar100, imagenet.
 
 Commands:
   bash launch/local.sh     # = ssljax train --config configs/simclr.py:fashion_mnist \
@@ -25,23 +25,23 @@ fashion_mnist: CPU-sized, the embedded default job (fresh Debian/Ubuntu machine,
   (at 0.5, weaker crops) 0.7930. Raw pixels give kNN 0.7885 (0.8447 at k=20) and a random-init
   encoder 0.7666 under the same protocol. The recipe search is in docs/results.md.
 
-cifar10, cifar100: the solo-learn recipe of SPEC 6.1 (ResNet-18, 1000 epochs; solo-learn's
+cifar10, cifar100: the solo-learn recipe (ResNet-18, 1000 epochs; solo-learn's
   scripts/pretrain/cifar/simclr.yaml is the same for both CIFAR datasets, cifar100 only changes
   the 100 classes and channel statistics). CIFAR ResNet-18 (3x3 stem, no max-pool), projector
   512-2048-256 with BN + ReLU, temperature 0.2, LARS lr 0.4 per 256 images, eta 0.02, weight
   decay 1e-4, biases and BN excluded from LARS, warmup + cosine, batch 256, 1000 epochs,
   `symmetric` augmentations (RRC 0.08-1, colour jitter 0.8/0.8/0.8/0.2 with p 0.8, grayscale
-  0.2, blur p 0.5 as SPEC lists it, flip 0.5).
+  0.2, blur p 0.5 as solo-learn's symmetric.yaml sets it, flip 0.5).
   Hardware / time: not run by ssljax yet (no GPU in the sessions so far). Reference (not
   measured by ssljax): solo-learn reports 90.74% online linear top-1 on CIFAR-10 and 65.78%
-  linear top-1 on CIFAR-100 after 1000 epochs (SPEC 6 table); lightly reports kNN 0.879 on
-  CIFAR-10 after 800 epochs at batch 512 (ANCHORS 0).
+  linear top-1 on CIFAR-100 after 1000 epochs (its README); lightly reports kNN 0.879 on
+  CIFAR-10 after 800 epochs at batch 512 (lightly's benchmark table).
 
-imagenet: the original paper's ResNet-50 recipe (SimCLR paper defaults, [UNVERIFIED] in SPEC
-  6.1): ResNet-50 (7x7 stem + max-pool), projector 2048-2048-128 with BN, temperature 0.1,
-  batch 4096, LARS lr 0.3 per 256 images (4.8 at 4096), weight decay 1e-6, 10 warmup epochs
-  then cosine, 100 epochs; augmentations: RRC 224 (0.08-1), colour jitter 0.8/0.8/0.8/0.2 with
-  p 0.8, grayscale 0.2, blur p 0.5 with sigma 0.1-2, flip 0.5.
+imagenet: the original paper's ResNet-50 recipe (the SimCLR paper's defaults as
+  recalled, not re-checked against the paper): ResNet-50 (7x7 stem + max-pool), projector
+  2048-2048-128 with BN, temperature 0.1, batch 4096, LARS lr 0.3 per 256 images (4.8 at 4096),
+  weight decay 1e-6, 10 warmup epochs then cosine, 100 epochs; augmentations: RRC 224 (0.08-1),
+  colour jitter 0.8/0.8/0.8/0.2 with p 0.8, grayscale 0.2, blur p 0.5 with sigma 0.1-2, flip 0.5.
   Status: ImageNet's images have varying sizes, so the host must decode and pre-crop them; the
   in-memory sources of ssljax.data refuse that with a clear error. This config holds the
   recipe for the streaming TFDS source that comes with the TPU-pod launcher; it does not run

@@ -1,5 +1,5 @@
-"""SwAV (SPEC 6.4); the argument is the dataset: fashion_mnist (default), cifar10, cifar100,
-imagenet.
+"""SwAV (Caron et al. 2020); the argument is the dataset: fashion_mnist (default), cifar10,
+cifar100, imagenet.
 
 Commands:
   ssljax train --config configs/swav.py:fashion_mnist --workdir runs/swav_fashion_mnist
@@ -20,7 +20,7 @@ fashion_mnist: CPU-sized, the same data, views and encoder as the SimCLR job.
   epochs were not run; all baselines: docs/results.md.
   Recipe: the views, encoder and batch of the first SimCLR Fashion-MNIST recipe (two 28x28
   crops, resnet_tiny + a 1x1 expansion to 512 features, batch 256, 12 epochs), with SwAV's head
-  and loss (SPEC 6.4): projector 512-512-128, 100 prototypes (10 per class; SwAV's 3000 are for
+  and loss (main_swav.py): projector 512-512-128, 100 prototypes (10 per class; SwAV's 3000 are for
   ImageNet's 1000 classes), temperature 0.1, Sinkhorn eps 0.05 with 3 iterations, prototypes
   frozen for the first epoch (official: one epoch, 313 iterations at batch 4096). The batch
   (256) exceeds the prototypes, so no queue is needed (queue_size 0; the official 800-epoch
@@ -31,14 +31,14 @@ fashion_mnist: CPU-sized, the same data, views and encoder as the SimCLR job.
   The shared settings are the first recipe of the SimCLR job (28x28 views, 12 epochs); that job
   has since moved to 20x20 views for 26 epochs (README), which was not tried here.
 
-cifar10, cifar100: the solo-learn recipe (ResNet-18, 1000 epochs, queue; SPEC 6.4, solo-learn
+cifar10, cifar100: the solo-learn recipe (ResNet-18, 1000 epochs, queue; solo-learn
   scripts/pretrain/cifar/swav.yaml, the same for both datasets): CIFAR ResNet-18 (3x3 stem, no
   max-pool), projector 512-2048-128 with BN + ReLU, 3000 prototypes, temperature 0.1, Sinkhorn
   eps 0.05 with 3 iterations, a queue of 3840 projections (15 batches) that starts filling at
   epoch 50 and joins the codes once full, prototypes frozen for 2 epochs, LARS lr 0.6 per 256
   images, eta 0.02, weight decay 1e-6, biases and BN excluded from LARS, warmup (10 epochs) +
   cosine, batch 256, 1000 epochs, sync BN, `symmetric` augmentations (two 32 px crops, RRC
-  0.08-1, colour jitter 0.8/0.8/0.8/0.2 with p 0.8, grayscale 0.2, blur p 0.5 as SPEC lists it,
+  0.08-1, colour jitter 0.8/0.8/0.8/0.2 with p 0.8, grayscale 0.2, blur p 0.5 as solo-learn sets it,
   flip 0.5; no multi-crop). Before the queue joins, Sinkhorn sees 256 samples for 3000
   prototypes, so the codes are soft for the first 50 epochs, as in solo-learn.
   Deviations: solo-learn's LARS clips the adaptive rate (clip_lr) and trains in 16-bit mixed
@@ -47,15 +47,15 @@ cifar10, cifar100: the solo-learn recipe (ResNet-18, 1000 epochs, queue; SPEC 6.
   weight-normalised layer (gradient through the normalisation); crops of one resolution share
   one forward (BN over both views) where solo-learn forwards each crop alone; solo-learn fills
   the queue from step 0 and uses it at epoch 50, ssljax starts filling it at epoch 50 (used 15
-  steps later). SPEC 6.4 notes from the SwAV issues that a lower eps (0.01-0.03) and
+  steps later). The SwAV issues (#23) report that a lower eps (0.01-0.03) and
   colour-jitter strength 0.5 helped on CIFAR; the recipe here keeps solo-learn's values.
   Published (not measured by ssljax): 89.17% linear top-1 on CIFAR-10 and 64.88% on CIFAR-100
-  after 1000 epochs, solo-learn README (SPEC 6 table). Hardware / time: one GPU suffices
+  after 1000 epochs, solo-learn README. Hardware / time: one GPU suffices
   (solo-learn's config runs on one device at batch 256); not run by ssljax yet, so no time of
   ours is quoted.
 
 imagenet: the paper's 800-epoch multi-crop ResNet-50 recipe (facebookresearch/swav
-  scripts/swav_800ep_pretrain.sh; SPEC 6.4): ResNet-50 (7x7 stem + max-pool), projector
+  scripts/swav_800ep_pretrain.sh): ResNet-50 (7x7 stem + max-pool), projector
   2048-2048-128 (Linear-BN-ReLU-Linear), 3000 prototypes, temperature 0.1, Sinkhorn eps 0.05
   with 3 iterations, codes of the two global crops (crops_for_assign 0, 1), multi-crop 2 x 224
   px (area 0.14-1) + 6 x 96 px (area 0.05-0.14), colour jitter 0.8/0.8/0.8/0.2 with p 0.8,
@@ -63,11 +63,11 @@ imagenet: the paper's 800-epoch multi-crop ResNet-50 recipe (facebookresearch/sw
   queue (the batch exceeds the prototypes), prototypes frozen for the first epoch (313
   iterations), LARC with trust coefficient 0.001 on every parameter, base lr 4.8 at 4096 (0.3
   per 256 images) after 10 warmup epochs from 0.3, cosine to 0.0048, weight decay 1e-6, sync
-  BN, mixed precision, 800 epochs. Input statistics are SwAV's (std 0.228 for red, SPEC 1.9).
-  Deviations: apex LARC divides by ||g|| + wd ||w|| where ssljax's LARS uses ||g + wd w||; the
-  official code re-normalises the prototypes before each forward pass, ssljax after each
-  update (equivalent, see ssljax/methods/swav.py). For batch 256 the official
-  swav_200ep_bs256 script uses lr 0.6 per 256, final lr 0.0006, no warmup, and a queue of
+  BN, mixed precision, 800 epochs. Input statistics are SwAV's (std 0.228 for red,
+  src/multicropdataset.py). Deviations: apex LARC divides by ||g|| + wd ||w|| where ssljax's
+  LARS uses ||g + wd w||; the official code re-normalises the prototypes before each forward
+  pass, ssljax after each update (equivalent, see ssljax/methods/swav.py). For batch 256 the
+  official swav_200ep_bs256 script uses lr 0.6 per 256, final lr 0.0006, no warmup, and a queue of
   3840 from epoch 15 (--config.method.swav.queue_size=3840
   --config.method.swav.queue_start_epoch=15).
   Published (not measured by ssljax): 75.3% ImageNet top-1 linear evaluation after 800 epochs
@@ -146,7 +146,7 @@ def _cifar(c):
 
 
 def _imagenet(c):
-  c.data.std = (0.228, 0.224, 0.225)  # SwAV's statistics (SPEC 1.9)
+  c.data.std = (0.228, 0.224, 0.225)  # SwAV's statistics (src/multicropdataset.py)
 
   # The `symmetric` views on SwAV's multi-crop: 2 x 224 px (area 0.14-1) + 6 x 96 px
   # (area 0.05-0.14).
