@@ -1,16 +1,20 @@
-r"""Command line: ``ssljax train``, ``ssljax eval``, ``ssljax analyze`` and ``ssljax sweep``.
+r"""Command line: ``ssljax train``, ``ssljax eval``, ``ssljax export``, ``ssljax analyze`` and
+``ssljax sweep``.
 
   ssljax train --config configs/simclr.py:fashion_mnist --workdir runs/simclr \
       [--config.optim.lr=0.3 ...]
   ssljax eval --workdir runs/simclr [--config.eval.knn_k=20 ...]
+  ssljax export --workdir runs/simclr --out runs/simclr/encoder
   ssljax analyze --workdir runs/simclr [--out DIR] [--config.analysis.KEY=VALUE ...]
   ssljax sweep --config configs/simclr.py:fashion_mnist --root runs/geo [--strengths ...]
 
 ``ssljax <command> --help`` lists a command's flags and where every config key is documented
-(``ssljax/config.py``). ``analyze`` is the geometry analysis of a checkpoint (encoder vs every head layer:
-probes, invariance, dimensionality, Jacobians, tangent-plane overlaps; docs/geometry.md);
-``sweep`` trains and analyses one model per cell of a grid over augmentation strength and
-projector width/depth and draws the curves (``ssljax.analysis.sweep``).
+(``ssljax/config.py``). ``export`` writes the evaluated encoder (variables with the BN
+statistics the kNN used, and a JSON describing its input) for ``ssljax.load_encoder``
+(``ssljax.export``). ``analyze`` is the geometry analysis of a checkpoint (encoder vs every
+head layer: probes, invariance, dimensionality, Jacobians, tangent-plane overlaps;
+docs/geometry.md); ``sweep`` trains and analyses one model per cell of a grid over augmentation
+strength and projector width/depth and draws the curves (``ssljax.analysis.sweep``).
 
 Configs are ml_collections files whose ``get_config(arg)`` returns a ConfigDict; the text after
 ``:`` in ``--config path:arg`` is the argument (the dataset for ``configs/<method>.py``; none:
@@ -130,7 +134,9 @@ EVAL_HELP = f"""\
 usage: ssljax eval --workdir DIR [--config.eval.KEY=VALUE ...]
 
 Restores the latest checkpoint of DIR with the config saved there (DIR/config.json),
-evaluates the encoder (kNN, linear probe) and writes DIR/results.json.
+evaluates the encoder (kNN, linear probe) and adds the results to DIR/results.json: earlier
+evaluations are kept, each under "evaluations" with the config keys it changed ("options"),
+and the top-level keys stay those of the run's own config (ssljax/eval/results.py).
 
 flags:
   --workdir DIR        a directory written by ssljax train
@@ -146,7 +152,34 @@ flags:
 {_EXIT_CODES}
 """
 
-COMMAND_HELP = {"train": TRAIN_HELP, "eval": EVAL_HELP}
+EXPORT_HELP = f"""\
+usage: ssljax export --workdir DIR --out OUT [--config.eval.KEY=VALUE ...]
+
+Restores the latest checkpoint of DIR with the config saved there and writes the encoder the
+evaluation applies to OUT: variables.msgpack (parameters and BN statistics, re-estimated as
+for the reported kNN when eval.precise_bn_examples > 0), encoder.json (architecture, input
+size, channels, mean/std, feature dimension) and config.json. ssljax.load_encoder(OUT)
+returns (module, variables) without the workdir or the data; then
+module.apply(variables, images / 255, train=False) embeds uint8 [B, H, W, C] images.
+
+flags:
+  --workdir DIR        a directory written by ssljax train (its training data is read to
+                       rebuild the run and, with eval.precise_bn_examples > 0, for the BN
+                       statistics)
+  --out OUT            the export directory (created; a bucket path needs gcsfs)
+  --config.KEY=VALUE   overrides a key of the saved config, e.g.
+                       --config.eval.precise_bn_examples=0 for training's running statistics
+  --log_level LEVEL    Python logging level (default INFO)
+  -h, --help           this message
+
+{_DISTRIBUTED_HELP}
+
+{_CONFIG_KEYS}
+
+{_EXIT_CODES}
+"""
+
+COMMAND_HELP = {"train": TRAIN_HELP, "eval": EVAL_HELP, "export": EXPORT_HELP}
 
 
 def _wants_help(argv: list[str]) -> bool:
@@ -178,6 +211,8 @@ def _parse(argv: list[str], command: str):
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.",
                       flag_values=fv)
   flags.DEFINE_string("log_level", "INFO", "Python logging level.", flag_values=fv)
+  if command == "export":
+    flags.DEFINE_string("out", None, "Export directory.", flag_values=fv)
   _define_distributed_flags(fv)
   if command == "train":
     config = _load_train_config(argv)
@@ -187,11 +222,11 @@ def _parse(argv: list[str], command: str):
     from ssljax.train.paths import WorkdirError
     workdir = _peek_flag(argv, "workdir")
     if workdir is None:
-      raise SystemExit("ssljax eval: --workdir is required")
+      raise SystemExit(f"ssljax {command}: --workdir is required")
     try:
       config = load_workdir_config(workdir)
-    except WorkdirError as e:
-      raise SystemExit(f"ssljax eval: {e}") from None
+    except (WorkdirError, FileNotFoundError) as e:
+      raise SystemExit(f"ssljax {command}: {e}") from None
     where = "this workdir's config"
   _check_override_keys(argv, config, where)
   # The config is loaded above; the flag holds it and applies the --config.<key> overrides.
@@ -204,6 +239,8 @@ def _parse(argv: list[str], command: str):
     raise SystemExit(f"ssljax {command}: {e}") from None
   if fv.workdir is None:
     raise SystemExit(f"ssljax {command}: --workdir is required")
+  if command == "export" and fv.out is None:
+    raise SystemExit("ssljax export: --out is required (the directory to write the encoder to)")
   from ssljax.config import check_method_sections
   try:
     check_method_sections(fv.config)
@@ -355,7 +392,8 @@ def _exit_now(message: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
-  if len(argv) >= 3 and argv[1] == "help" and argv[2] in ("train", "eval", "analyze", "sweep"):
+  if (len(argv) >= 3 and argv[1] == "help"
+      and argv[2] in ("train", "eval", "export", "analyze", "sweep")):
     argv = [argv[0], argv[2], "--help"]  # `ssljax help train` is `ssljax train --help`
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(USAGE)
@@ -372,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
   if command == "sweep":
     from ssljax.analysis.sweep import main as sweep_main
     return sweep_main(rest[1:])
-  if command not in ("train", "eval"):
+  if command not in ("train", "eval", "export"):
     print(f"ssljax: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
   _set_default_xla_flags()
@@ -389,6 +427,13 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if command == "train":
       results = loop.train(fv.config, fv.workdir)
+    elif command == "export":
+      from ssljax.export import export_encoder
+      try:
+        spec = export_encoder(fv.workdir, fv.out, fv.config)
+      except FileNotFoundError as e:  # no checkpoint, or the run's data is missing
+        raise SystemExit(f"ssljax export: {e}") from None
+      results = {"step": spec["step"], "feature_dim": spec["feature_dim"]}
     else:
       results = loop.evaluate_workdir(fv.workdir, fv.config)
   except (ConfigError, CheckpointMismatchError, NoIntactCheckpointError, WorkdirError) as e:
