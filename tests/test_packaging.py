@@ -91,3 +91,17 @@ def test_the_license_file_named_by_the_metadata_ships():
     text = f.read()
   assert "Apache License" in text and "Version 2.0, January 2004" in text
   assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+
+
+def test_the_package_cites_no_project_file_that_does_not_ship():
+  # The method notes (SPEC.md, DECISIONS.md) stay with the project; a docstring in the package
+  # names the paper section or the official code file instead.
+  pattern = re.compile(r"\b(SPEC|DECISIONS|ANCHORS)\b")
+  found = []
+  for directory, _, files in os.walk(os.path.join(ROOT, "ssljax")):
+    for file in sorted(f for f in files if f.endswith(".py")):
+      path = os.path.join(directory, file)
+      with open(path, encoding="utf-8") as f:
+        found += [f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}"
+                  for number, line in enumerate(f, 1) if pattern.search(line)]
+  assert not found, "\n".join(found)
