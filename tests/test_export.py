@@ -128,6 +128,38 @@ def test_readme_export_and_snippet_embed_with_the_evaluated_statistics(tmp_path,
   np.testing.assert_allclose(embedding, queries[:1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["metamask", "simclr+uota"])
+def test_load_encoder_rebuilds_the_encoder_each_method_evaluates(tmp_path, method):
+  """MetaMask evaluates its masked encoder; an add-on's parameters are not the encoder's."""
+  import flax.serialization
+  import jax.numpy as jnp
+
+  from ssljax.config import config_to_json
+  from ssljax.methods import build_method
+
+  name, *addons = method.split("+")
+  config = tiny_config(str(tmp_path), method=name, addons=tuple(addons))
+  if name == "metamask":
+    config.optim.name = "sgd"  # its meta step refuses LARS
+  built = build_method(config)
+  params, method_state = built.init(jax.random.key(1),
+                                    [jnp.zeros((4, 16, 16, 1))] * built.num_views)
+  evaluated = jax.tree.map(np.asarray, built.eval_variables(params, method_state))
+  out = tmp_path / "export"
+  out.mkdir()
+  (out / "variables.msgpack").write_bytes(flax.serialization.msgpack_serialize(evaluated))
+  (out / "config.json").write_text(config_to_json(config), encoding="utf-8")
+  spec = export.encoder_spec(config, built.encoder, feature_dim=0, step=0,
+                             precise_bn_images=0)
+  (out / "encoder.json").write_text(json.dumps(spec), encoding="utf-8")
+
+  module, variables = ssljax.load_encoder(out)
+  assert type(module).__name__ == ("MaskedEncoder" if name == "metamask" else "ResNet")
+  images = np.random.default_rng(0).uniform(size=(2, 16, 16, 1)).astype(np.float32)
+  np.testing.assert_allclose(module.apply(variables, images, train=False),
+                             built.encoder.apply(evaluated, images, train=False), rtol=1e-6)
+
+
 def test_load_encoder_names_what_is_wrong(tmp_path):
   with pytest.raises(export.ExportError, match="not an encoder export.*ssljax export"):
     ssljax.load_encoder(tmp_path)
