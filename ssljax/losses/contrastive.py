@@ -157,15 +157,16 @@ def multiview_nt_xent_terms(
   return per_anchor.reshape(num_views, -1) / num_views, metrics
 
 
-_POSITIVE_FORMS = ("mean_log", "log_sum")
+# The ways `multiview_nt_xent` combines an anchor's positives (its ``positives`` argument).
+POSITIVE_FORMS = ("mean_log", "log_sum")
 
 
 def _nt_xent_anchor_losses(views: Sequence[jnp.ndarray], temperature: float, positives: str,
                            axis_name: str | None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """Per-anchor losses ``[V n]`` (view-major) and metrics of `multiview_nt_xent`."""
   views = list(views)
-  if positives not in _POSITIVE_FORMS:
-    raise ValueError(f"positives must be one of {_POSITIVE_FORMS} (mean of per-positive logs, "
+  if positives not in POSITIVE_FORMS:
+    raise ValueError(f"positives must be one of {POSITIVE_FORMS} (mean of per-positive logs, "
                      f"or log of the summed positives as solo-learn), got {positives!r}")
   if len(views) < 2:
     raise ValueError(f"NT-Xent needs at least 2 views per image, got {len(views)}")

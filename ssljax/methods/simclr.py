@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ssljax.losses import multiview_nt_xent, multiview_nt_xent_terms
+from ssljax.losses.contrastive import POSITIVE_FORMS
 from ssljax.methods.base import (Method, Objective, RunInfo, apply_module, chain_head_layers,
                                  encoder_features, init_module, keep_state,
                                  online_encoder_variables, register)
@@ -57,6 +58,9 @@ def default_section() -> ml_collections.ConfigDict:
 def simclr(config: ml_collections.ConfigDict, axis_name: str | None, run: RunInfo) -> Method:
   del run  # SimCLR has no schedule of its own
   hp = config.method.simclr
+  if hp.positives not in POSITIVE_FORMS:  # here, before the workdir is written
+    raise ValueError(f"method.simclr.positives must be one of {POSITIVE_FORMS}, got "
+                     f"{hp.positives!r}; e.g. --config.method.simclr.positives=log_sum")
   encoder = build_encoder(config, axis_name=axis_name)
   projector = build_projector(config, hp, axis_name)
 

@@ -183,6 +183,33 @@ def test_multicrop_loss_uses_every_view_one_encoder_forward_per_resolution(simcl
   assert abs(float(two_view) - float(value)) > 1e-3
 
 
+def test_config_positives_reaches_the_loss(simclr, tmp_path):
+  # method.simclr.positives picks the multi-view form: with three views the two forms differ
+  # (each is multiview_nt_xent of the same projections), with two they are the same loss.
+  config, _, params, state, loss = simclr
+  log_sum_config = tiny_config(str(tmp_path))
+  log_sum_config.method.simclr.positives = "log_sum"
+  log_sum_method = build_method(log_sum_config)
+  log_sum = jax.jit(lambda p, s, v: log_sum_method.loss(p, s, _batch(v), key=_KEY,
+                                                        step=jnp.int32(0), axis_name=None))
+  three = (*_views(seed=13), _views(seed=14)[0])
+  assert abs(float(log_sum(params, state, three)[0]) - float(loss(params, state, three)[0])) > 1e-3
+  two = _views(seed=15)
+  np.testing.assert_allclose(log_sum(params, state, two)[0], loss(params, state, two)[0],
+                             rtol=1e-5)
+
+
+def test_unknown_positives_is_refused_when_the_method_is_built(tmp_path):
+  # Before the fix the bad value reached the loss only when the train step was first traced,
+  # after the workdir and config.json had been written.
+  config = tiny_config(str(tmp_path))
+  config.method.simclr.positives = "logsum"
+  with pytest.raises(ValueError, match=r"method\.simclr\.positives must be one of "
+                     r"\('mean_log', 'log_sum'\), got 'logsum'; e\.g\. "
+                     r"--config\.method\.simclr\.positives=log_sum"):
+    build_method(config)
+
+
 def test_swapping_the_views_leaves_the_loss_unchanged(simclr):
   _, _, params, state, loss = simclr
   view_a, view_b = _views(seed=2)
