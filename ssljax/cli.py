@@ -62,11 +62,12 @@ config keys:
   Every key, with its default and a comment, is declared in
     {os.path.join(_HERE, "config.py")}
   (default_config: sections data, augment, model, method, optim, train, eval; the presets
-  set_dataset, set_augment_preset and set_cpu_job list the values they set). A method's own
-  section, method.<name>, is the default_section of
+  set_dataset, set_augment_preset, set_cpu_job and set_image_folder list the values they
+  set). A method's own section, method.<name>, is the default_section of
     {os.path.join(_HERE, "methods", "<name>.py")}
   and so is an add-on's (method.<addon>). The recipes per method and dataset are
-  {os.path.join(_HERE, "configs", "<method>.py")} (--config <method>:<dataset>). A run writes every key it used to <workdir>/config.json."""
+    {os.path.join(_HERE, "configs", "<method>.py")}
+  (--config <method>:<dataset>). A run writes every key it used to <workdir>/config.json."""
 
 _EXIT_CODES = """\
 exit codes:

@@ -77,3 +77,16 @@ def test_help_as_a_process_exits_0_quickly_without_jax(command):
                         text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith(f"usage: ssljax {command}")
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "export"])
+def test_help_text_is_wrapped_and_paths_stand_on_their_own_lines(command):
+  # Each documented file is printed on a line of its own (its absolute path varies in
+  # length); every other line fits a 95-column terminal, as the rest of the help is wrapped.
+  lines = cli.COMMAND_HELP[command].splitlines()
+  too_long = [line for line in lines if len(line) > 95 and cli._HERE not in line]
+  assert not too_long, too_long
+  path_lines = [line.strip() for line in lines if cli._HERE in line]
+  assert path_lines == [os.path.join(cli._HERE, "config.py"),
+                        os.path.join(cli._HERE, "methods", "<name>.py"),
+                        os.path.join(cli._HERE, "configs", "<method>.py")]
