@@ -15,7 +15,9 @@ writes three files to DIR:
                      size, channels and the mean/std the module standardises with, the
                      feature dimension, and where it came from (method, step, dataset,
                      environment; under ``results`` the kNN and probe accuracies that
-                     results.json reports for this step with the run's own config).
+                     results.json reports for this step with the run's own config); and
+                     ``num_examples``, the training-set size, without which a method that
+                     sizes state by it (NPID's memory bank) cannot be rebuilt.
   config.json        the run's whole config, from which `load_encoder` rebuilds the module.
 
 `load_encoder(DIR)` returns ``(module, variables)``; then, in plain Flax,
@@ -28,6 +30,7 @@ the module subtracts the mean and divides by the std itself.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -74,7 +77,8 @@ def _evaluated_knn(workdir: str, step: int) -> dict[str, Any]:
 
 
 def encoder_spec(config: ml_collections.ConfigDict, module: Any, *, feature_dim: int,
-                 step: int, precise_bn_images: int) -> dict[str, Any]:
+                 step: int, precise_bn_images: int,
+                 num_examples: int | None = None) -> dict[str, Any]:
   """The content of encoder.json (see the module docstring)."""
   data = config.data
   return {
@@ -93,7 +97,7 @@ def encoder_spec(config: ml_collections.ConfigDict, module: Any, *, feature_dim:
                       "(eval.precise_bn_examples)" if precise_bn_images
                       else "training's running averages"),
       "method": config.method.name, "addons": list(config.method.get("addons", ())),
-      "dataset": f"{data.source}:{data.name}", "step": step,
+      "dataset": f"{data.source}:{data.name}", "step": step, "num_examples": num_examples,
       "environment": environment(),
       "files": {"variables": VARIABLES_FILE, "config": CONFIG_JSON},
   }
@@ -133,7 +137,8 @@ def export_encoder(workdir: str, out: str,
   features = jax.eval_shape(lambda v, x: run.method.encoder.apply(v, x, train=False),
                             variables, jax.ShapeDtypeStruct(image_shape, jnp.float32))
   spec = encoder_spec(run.config, run.method.encoder, feature_dim=int(features.shape[-1]),
-                      step=run.step, precise_bn_images=precise)
+                      step=run.step, precise_bn_images=precise,
+                      num_examples=len(run.train_source))
   spec["workdir"] = os.fspath(workdir)
   spec["results"] = _evaluated_knn(workdir, run.step)
   if jax.process_index() == 0:
@@ -172,7 +177,7 @@ def load_encoder(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
       do not fit the module rebuilt from config.json.
   """
   import ssljax.methods  # noqa: F401  (registers the methods)
-  from ssljax.methods import build_method
+  from ssljax.methods import RunInfo, build_method
 
   path = workdir_path(directory)
   spec = json.loads(_read(path, ENCODER_JSON))
@@ -180,7 +185,10 @@ def load_encoder(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     raise ExportError(f"{os.fspath(path / ENCODER_JSON)} has format {spec['format']}; this "
                       f"ssljax reads format {FORMAT} and older: upgrade ssljax")
   config = config_from_json(_read(path, CONFIG_JSON).decode("utf-8"))
-  module = build_method(config).encoder
+  # The training-set size sizes NPID's memory bank, which its builder checks; the encoder
+  # itself depends on neither it nor the schedule.
+  run = dataclasses.replace(RunInfo.nominal(config), num_examples=spec.get("num_examples"))
+  module = build_method(config, run=run).encoder
   if type(module).__name__ != spec["architecture"]:
     raise ExportError(f"config.json builds a {type(module).__name__} but encoder.json names "
                       f"{spec['architecture']}; the export directory mixes two exports")

@@ -97,6 +97,7 @@ def test_readme_export_and_snippet_embed_with_the_evaluated_statistics(tmp_path,
   assert spec["input"]["mean"] == [0.2] and spec["input"]["std"] == [0.3]
   assert spec["batch_stats"].startswith("re-estimated on 32 clean train images")
   assert spec["step"] == 6 and spec["feature_dim"] == features
+  assert spec["num_examples"] == len(source)
   assert spec["results"]["knn/top1"] == reported["knn/top1"]
   assert spec["environment"]["device_count"] == 8
 
@@ -128,20 +129,23 @@ def test_readme_export_and_snippet_embed_with_the_evaluated_statistics(tmp_path,
   np.testing.assert_allclose(embedding, queries[:1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["metamask", "simclr+uota"])
+@pytest.mark.parametrize("method", ["metamask", "simclr+uota", "npid"])
 def test_load_encoder_rebuilds_the_encoder_each_method_evaluates(tmp_path, method):
-  """MetaMask evaluates its masked encoder; an add-on's parameters are not the encoder's."""
+  """MetaMask evaluates its masked encoder; an add-on's parameters are not the encoder's;
+  NPID's method is only built knowing the training-set size (its memory bank's rows), which
+  the export records."""
   import flax.serialization
   import jax.numpy as jnp
 
   from ssljax.config import config_to_json
-  from ssljax.methods import build_method
+  from ssljax.methods import RunInfo, build_method
 
   name, *addons = method.split("+")
   config = tiny_config(str(tmp_path), method=name, addons=tuple(addons))
   if name == "metamask":
     config.optim.name = "sgd"  # its meta step refuses LARS
-  built = build_method(config)
+  run = RunInfo(steps_per_epoch=2, total_steps=6, num_examples=32)
+  built = build_method(config, run=run)
   params, method_state = built.init(jax.random.key(1),
                                     [jnp.zeros((4, 16, 16, 1))] * built.num_views)
   evaluated = jax.tree.map(np.asarray, built.eval_variables(params, method_state))
@@ -150,7 +154,7 @@ def test_load_encoder_rebuilds_the_encoder_each_method_evaluates(tmp_path, metho
   (out / "variables.msgpack").write_bytes(flax.serialization.msgpack_serialize(evaluated))
   (out / "config.json").write_text(config_to_json(config), encoding="utf-8")
   spec = export.encoder_spec(config, built.encoder, feature_dim=0, step=0,
-                             precise_bn_images=0)
+                             precise_bn_images=0, num_examples=run.num_examples)
   (out / "encoder.json").write_text(json.dumps(spec), encoding="utf-8")
 
   module, variables = ssljax.load_encoder(out)
