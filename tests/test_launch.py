@@ -214,7 +214,9 @@ _BASE_INSTALL = "pip install --quiet --disable-pip-version-check -e ."
     ("auto", "580.95.05", "cuda13", ""),  # CUDA 13 wheels need driver >= 580
     (None, "550.54.14", "cuda12", ""),    # CUDA 12 wheels need driver >= 525
     ("cpu", "580.95.05", None, "cpu"),    # forced CPU on a GPU machine
-    ("gpu", None, "cuda13", ""),          # forced GPU without asking the driver
+    ("gpu", None, "cuda13", ""),          # forced GPU where nvidia-smi reports no driver
+    ("gpu", "470.82.01", "cuda12", ""),   # forced GPU on a driver older than 525
+    ("gpu", "550.54.14", "cuda12", ""),   # forced GPU: the build the driver supports
     ("cuda12", "580.95.05", "cuda12", ""),
 ])
 def test_the_launcher_installs_the_jax_build_for_the_machine(tmp_path, accelerator, driver,
