@@ -39,7 +39,7 @@ import os
 import ml_collections
 import numpy as np
 
-from ssljax.data.sources import IMAGE_EXTENSIONS, _decode_image, _list_images
+from ssljax.data.sources import IMAGE_EXTENSIONS, _decode_image, list_image_folder
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +103,7 @@ def describe_image_folder(data_dir: str, train_split: str = "train",
   if not os.path.isdir(train_dir):
     raise FileNotFoundError(f"image folder {data_dir!r} has no {train_split}/ folder "
                             f"({train_dir!r} does not exist); {LAYOUT}")
-  class_names = _class_folders(train_dir)
-  if class_names:
-    loose = [e for e in sorted(os.listdir(train_dir)) if e.lower().endswith(IMAGE_EXTENSIONS)]
-    if loose:
-      raise ValueError(f"{train_dir!r} mixes class folders ({', '.join(class_names[:3])}) "
-                       f"with images at its top level (e.g. {loose[0]!r}); move the images "
-                       f"into class folders, or all class folders' images up for unlabelled "
-                       f"data")
-    paths = [p for name in class_names for p in _list_images(os.path.join(train_dir, name))]
-  else:
-    paths = _list_images(train_dir)
+  class_names, paths, _ = list_image_folder(train_dir)
   if not paths:
     raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under "
                             f"{train_dir!r}; {LAYOUT}")

@@ -439,6 +439,47 @@ def _list_images(directory: str) -> list[str]:
   return found
 
 
+def list_image_folder(directory: str, *, labelled: bool = True,
+                      fix: str = "move the images into class folders, or all class folders' "
+                                 "images up for unlabelled data"
+                      ) -> tuple[list[str], list[str], np.ndarray]:
+  """The class folders, image files and labels of `directory`, without decoding an image.
+
+  The one listing of an image folder: `load_image_folder` loads what it lists and
+  `ssljax.data.folder.describe_image_folder` reads the headers of the same files, so a label
+  is the same class folder's position in both.
+
+  Args:
+    directory: an existing folder.
+    labelled: whether its subfolders name classes.
+    fix: what the error for images mixed with class folders tells the user to do.
+
+  Returns:
+    ``(class_names, paths, labels)``: the subfolders of `directory` sorted by name (none
+    when unlabelled), every image file (sorted by class, then by path; the
+    whole tree when unlabelled) and int32 labels, the class folder's position in
+    `class_names` (-1 for every image when unlabelled).
+
+  Raises:
+    ValueError: with ``labelled``, images at the top level next to class folders.
+  """
+  entries = sorted(os.listdir(directory))
+  class_names = [e for e in entries if os.path.isdir(os.path.join(directory, e))]
+  if not (labelled and class_names):
+    paths = _list_images(directory)
+    return [], paths, _unlabelled(len(paths))
+  loose = [e for e in entries if e.lower().endswith(IMAGE_EXTENSIONS)]
+  if loose:
+    raise ValueError(f"{directory!r} mixes class folders ({', '.join(class_names[:3])}) with "
+                     f"images at its top level (e.g. {loose[0]!r}); {fix}")
+  paths, labels = [], []
+  for label, class_name in enumerate(class_names):
+    class_paths = _list_images(os.path.join(directory, class_name))
+    paths.extend(class_paths)
+    labels.extend([label] * len(class_paths))
+  return class_names, paths, np.asarray(labels, dtype=np.int32)
+
+
 def _decode_image(path: str, image_size: int | None, channels: int) -> np.ndarray:
   """The image at `path` as uint8 ``[s, s, channels]`` (resized and centre-cropped to s).
 
@@ -495,24 +536,9 @@ def load_image_folder(directory: str, *, image_size: int | None = None,
     raise ValueError(f"channels must be 1 or 3, got {channels}.")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"Image folder {directory!r} does not exist.")
-  entries = sorted(os.listdir(directory))
-  class_names = [e for e in entries if os.path.isdir(os.path.join(directory, e))]
-  if labelled and class_names:
-    loose = [e for e in entries if e.lower().endswith(IMAGE_EXTENSIONS)]
-    if loose:
-      raise ValueError(
-          f"{directory!r} mixes class subdirectories with images at the top level (e.g. "
-          f"{loose[0]!r}); move those into a class folder, or pass labelled=False to "
-          "ignore the class structure.")
-    paths, labels = [], []
-    for label, class_name in enumerate(class_names):
-      class_paths = _list_images(os.path.join(directory, class_name))
-      paths.extend(class_paths)
-      labels.extend([label] * len(class_paths))
-    label_array = np.asarray(labels, dtype=np.int32)
-  else:
-    paths = _list_images(directory)
-    label_array = _unlabelled(len(paths))
+  class_names, paths, label_array = list_image_folder(
+      directory, labelled=labelled,
+      fix="move those into a class folder, or pass labelled=False to ignore the class structure")
   if not paths:
     raise FileNotFoundError(
         f"No image files ({', '.join(IMAGE_EXTENSIONS)}) found under {directory!r}.")
@@ -525,8 +551,8 @@ def load_image_folder(directory: str, *, image_size: int | None = None,
           f"{images[0].shape[1]}x{images[0].shape[0]}; images of different sizes need "
           "image_size=S (resize the shorter side to S, then center-crop S x S).")
     images.append(image)
-  logging.info("Loaded %d images (%d classes) from %s", len(paths),
-               len(class_names) if labelled else 0, directory)
+  logging.info("Loaded %d images (%d classes) from %s", len(paths), len(class_names),
+               directory)
   return ArraySource(np.stack(images), label_array)
 
 
