@@ -80,8 +80,23 @@ def _is_grayscale_mode(mode: str) -> bool:
   return mode in GRAYSCALE_MODES or mode.startswith("I;16")
 
 
-def _class_folders(directory: str) -> list[str]:
-  return sorted(e for e in os.listdir(directory) if os.path.isdir(os.path.join(directory, e)))
+def _check_test_split(test_dir: str, train_dir: str, class_names: list[str]) -> None:
+  """Refuses a test split whose class folders are not the train split's, or hold no image."""
+  test_classes, _, labels = list_image_folder(test_dir)
+  if test_classes != class_names:
+    raise ValueError(
+        f"the class folders of {test_dir!r} ({', '.join(test_classes) or 'none'}) differ from "
+        f"those of {train_dir!r} ({', '.join(class_names)}); a label is the position of its "
+        f"class folder in sorted order, so both splits need the same class folders")
+  counts = np.bincount(labels, minlength=len(class_names))
+  empty = [os.path.join(test_dir, name) for name, count in zip(class_names, counts)
+           if count == 0]
+  if empty:
+    raise ValueError(
+        f"test class folder {', '.join(map(repr, empty[:3]))}"
+        f"{f' and {len(empty) - 3} more' if len(empty) > 3 else ''} holds no image files "
+        f"({', '.join(IMAGE_EXTENSIONS)}); put each class's test images in its folder, or "
+        f"remove {test_dir!r} to train without evaluation")
 
 
 def describe_image_folder(data_dir: str, train_split: str = "train",
@@ -90,7 +105,8 @@ def describe_image_folder(data_dir: str, train_split: str = "train",
 
   Raises:
     ValueError: `data_dir` is empty, images and class folders are mixed at the top of the
-      train split, or the test split's class folders differ from the train split's.
+      train split, or the test split's class folders differ from the train split's or one
+      of them holds no image.
     FileNotFoundError: the train split is missing or holds no image files.
     OSError: naming the file, when an image header cannot be read.
   """
@@ -123,12 +139,8 @@ def describe_image_folder(data_dir: str, train_split: str = "train",
   test_dir = os.path.join(data_dir, test_split)
   if not os.path.isdir(test_dir):
     test_dir = None
-  elif class_names and _class_folders(test_dir) != class_names:
-    test_classes = _class_folders(test_dir)
-    raise ValueError(
-        f"the class folders of {test_dir!r} ({', '.join(test_classes) or 'none'}) differ from "
-        f"those of {train_dir!r} ({', '.join(class_names)}); a label is the position of its "
-        f"class folder in sorted order, so both splits need the same class folders")
+  elif class_names:
+    _check_test_split(test_dir, train_dir, class_names)
   return FolderDescription(train_dir=train_dir, test_dir=test_dir,
                            class_names=tuple(class_names), paths=tuple(paths),
                            channels=1 if grayscale else 3, image_size=int(shorter),

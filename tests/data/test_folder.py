@@ -156,6 +156,8 @@ def test_resolve_leaves_other_sources_alone(tmp_path):
     ("no_images", r"no image files \(\.bmp.* under .*train"),
     ("loose", r"mixes class folders \(a\) with images at its top level \(e\.g\. 'x\.png'\)"),
     ("test_classes", r"class folders of .*test' \(a, c\) differ from those of .*train' \(a, b\)"),
+    ("empty_test_class", r"test class folder '.*test/b' holds no image files \(\.bmp.*put each "
+                         r"class's test images in its folder, or remove '.*test'"),
 ])
 def test_resolve_errors_name_the_problem_and_the_layout(tmp_path, layout, message):
   image = np.zeros((4, 4), np.uint8)
@@ -169,6 +171,12 @@ def test_resolve_errors_name_the_problem_and_the_layout(tmp_path, layout, messag
     for split, classes in (("train", "ab"), ("test", "ac")):
       for name in classes:
         _save(str(tmp_path / split / name / "0.png"), image)
+  elif layout == "empty_test_class":  # test/b/ exists (the names agree) but holds no image
+    for split in ("train", "test"):
+      _save(str(tmp_path / split / "a" / "0.png"), image)
+    _save(str(tmp_path / "train" / "b" / "0.png"), image)
+    (tmp_path / "test" / "b").mkdir()
+    (tmp_path / "test" / "b" / "notes.txt").write_text("not an image")
   c = _folder_config("" if layout == "no_data_dir" else tmp_path)
   with pytest.raises((ValueError, FileNotFoundError), match=message):
     resolve_config(c)
