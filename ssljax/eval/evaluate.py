@@ -124,6 +124,20 @@ def skip_reason(config: ml_collections.ConfigDict, train_source,
   return None
 
 
+def _test_split(config: ml_collections.ConfigDict, train_source) -> tuple[Any, str | None]:
+  """``(test source, None)``, or ``(None, reason)`` when `skip_reason` finds one.
+
+  The test split is only built when the config and the train split allow an evaluation, and
+  then checked for labels itself.
+  """
+  reason = skip_reason(config, train_source)
+  if reason is not None:
+    return None, reason
+  test = data.build_source(config.data, config.data.test_split)
+  reason = skip_reason(config, train_source, test)
+  return (None, reason) if reason is not None else (test, None)
+
+
 class KnnMonitor:
   """Periodic kNN accuracy on fixed subsets of the train (bank) and test splits."""
 
@@ -150,11 +164,7 @@ class KnnMonitor:
 def knn_monitor(config: ml_collections.ConfigDict, method: Method, mesh, *,
                 train_source) -> KnnMonitor | None:
   """The periodic kNN monitor, or None (with the reason logged) when `skip_reason` finds one."""
-  reason = skip_reason(config, train_source)
-  test = None
-  if reason is None:
-    test = data.build_source(config.data, config.data.test_split)
-    reason = skip_reason(config, train_source, test)
+  test, reason = _test_split(config, train_source)
   if reason is not None:
     log.info("no periodic kNN monitor: %s", reason)
     return None
@@ -171,11 +181,7 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
   """
   ec = config.eval
   train = train_source or data.build_source(config.data, config.data.train_split)
-  reason = skip_reason(config, train)
-  test = None
-  if reason is None:
-    test = data.build_source(config.data, config.data.test_split)
-    reason = skip_reason(config, train, test)
+  test, reason = _test_split(config, train)
   if reason is not None:
     log.warning("evaluation skipped: %s", reason)
     return {"eval/skipped": reason}
