@@ -8,7 +8,6 @@ exported statistics differ from the checkpoint's running averages.
 import json
 import os
 import re
-import shlex
 
 import jax
 import numpy as np
@@ -22,28 +21,14 @@ from ssljax.eval.features import extract_features
 from ssljax.eval.knn import knn_accuracy
 from ssljax.train import loop
 from ssljax.train.checkpoint import Checkpointer
-from tests.util import tiny_config
+from tests.util import readme_command, readme_text, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKDIR = "runs/simclr_fashion_mnist"  # the README's workdir, relative to the test's cwd
-
-
-def _readme() -> str:
-  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-    return f.read()
-
-
-def _readme_command(command: str) -> list[str]:
-  """The argv of the one README command ``ssljax <command> ...`` (a code line or span)."""
-  text = _readme().replace("\\\n", " ")
-  found = re.findall(rf"(?:^|`)(ssljax {command} [^`\n]*)", text, flags=re.M)
-  assert len(found) == 1, found
-  return shlex.split(found[0])
 
 
 def _readme_snippet() -> str:
   """The README's python block that calls ssljax.load_encoder."""
-  blocks = re.findall(r"```python\n(.*?)```", _readme(), flags=re.S)
+  blocks = re.findall(r"```python\n(.*?)```", readme_text(), flags=re.S)
   found = [b for b in blocks if "ssljax.load_encoder(" in b]
   assert len(found) == 1, blocks
   return found[0]
@@ -78,13 +63,13 @@ def test_readme_export_and_snippet_embed_with_the_evaluated_statistics(tmp_path,
   reported = loop.evaluate_workdir(WORKDIR)
 
   # The README's re-evaluation keeps the first result at the top level.
-  assert cli.main(_readme_command("eval")) == 0
+  assert cli.main(readme_command("eval")) == 0
   with open(os.path.join(WORKDIR, "results.json"), encoding="utf-8") as f:
     results = json.load(f)
   assert results["knn/top1"] == reported["knn/top1"]
   assert [e["options"] for e in results["evaluations"]] == [{}, {"eval.knn_k": 20}]
 
-  argv = _readme_command("export")
+  argv = readme_command("export")
   out = argv[argv.index("--out") + 1]
   capsys.readouterr()
   assert cli.main(argv) == 0

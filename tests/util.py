@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 from typing import Sequence
 
 import ml_collections
 import numpy as np
 
 from ssljax.config import default_config, lock
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_text() -> str:
+  """The repository's README.md."""
+  with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
+    return f.read()
+
+
+def readme_command(command: str, *, section: str | None = None,
+                   containing: str = "") -> list[str]:
+  """The argv of the one README command ``ssljax <command> ...`` that holds `containing`.
+
+  A command is a code line or a code span starting with ``ssljax <command> ``; backslash
+  continuations are joined first. With `section`, only the part under the heading
+  ``## <section>`` (up to the next ``## ``) is searched. Fails unless exactly one matches.
+  """
+  text = readme_text()
+  if section is not None:
+    heading = f"\n## {section}"
+    assert heading in text, f"README.md has no section {section!r}"
+    text = text.split(heading, 1)[1].split("\n## ", 1)[0]
+  text = text.replace("\\\n", " ")
+  found = [c for c in re.findall(rf"(?:^|`)(ssljax {command} [^`\n]*)", text, flags=re.M)
+           if containing in c]
+  assert len(found) == 1, found
+  return shlex.split(found[0])
 
 
 def write_tiny_dataset(directory: str, *, num_train: int = 64, num_test: int = 32,

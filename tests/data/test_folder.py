@@ -15,6 +15,7 @@ from ssljax.data import build_source
 from ssljax.data.folder import (FOLDER_KEYS, channel_statistics, describe_image_folder,
                                 open_keys, resolve_config)
 from ssljax.eval.evaluate import skip_reason
+from tests.util import readme_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -223,15 +224,10 @@ def test_skip_reason_says_why_evaluation_cannot_run(tmp_path):
 
 
 def test_the_readme_command_reads_the_folder(tmp_path, monkeypatch):
-  import re
-  import shlex
-
   from ssljax import cli
 
-  readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-  section = readme.split("## Your own images", 1)[1].split("\n## ", 1)[0]
-  command = re.search(r"```bash\n(ssljax train .*?)\n```", section, re.S).group(1)
-  argv = shlex.split(command.replace("\\\n", " ").replace("DIR", str(tmp_path)))
+  argv = [a.replace("DIR", str(tmp_path))
+          for a in readme_command("train", section="Your own images")]
   assert argv[:2] == ["ssljax", "train"] and "configs/simclr.py:folder" in argv
   _labelled_rgb(tmp_path)
   monkeypatch.chdir(ROOT)  # the README's commands run from the repository root

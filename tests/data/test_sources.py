@@ -28,6 +28,7 @@ from ssljax.data.sources import (
     load_tfds,
     read_idx,
 )
+from tests.util import REPO_ROOT, readme_command
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -583,16 +584,8 @@ def test_tfds_mock_data_policy_errors_are_reported_as_not_prepared():
 
 def _readme_tfds_command() -> list[str]:
   """The argv of the README's `ssljax train ... --config.data.source=tfds` command."""
-  import shlex
-
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
-    text = f.read().replace("\\\n", " ")
-  commands = [line for line in text.splitlines()
-              if line.startswith("ssljax train") and "--config.data.source=tfds" in line]
-  assert len(commands) == 1, commands
-  argv = shlex.split(commands[0])
-  return [os.path.join(root, a) if a.startswith("configs/") else a for a in argv]
+  argv = readme_command("train", containing="--config.data.source=tfds")
+  return [os.path.join(REPO_ROOT, a) if a.startswith("configs/") else a for a in argv]
 
 
 def test_readme_tfds_command_reads_mock_data(tmp_path):
