@@ -126,13 +126,9 @@ def export_encoder(workdir: str, out: str,
   from ssljax.train import loop
 
   run = loop.restore_latest(workdir, config)
-  variables = jax.device_get(evaluate.encoder_variables(
-      run.config, run.method, run.state, run.mesh, run.train_source.images))
-  variables = jax.tree.map(np.asarray, variables)
-  precise = 0
-  if run.config.eval.precise_bn_examples > 0 and "batch_stats" in variables:
-    count, batch = evaluate._precise_bn_plan(run.config, run.mesh, len(run.train_source))
-    precise = count // batch * batch
+  variables, precise = evaluate.encoder_variables_and_bn_images(
+      run.config, run.method, run.state, run.mesh, run.train_source.images)
+  variables = jax.tree.map(np.asarray, jax.device_get(variables))
   image_shape = (1, *run.train_source.image_shape)
   features = jax.eval_shape(lambda v, x: run.method.encoder.apply(v, x, train=False),
                             variables, jax.ShapeDtypeStruct(image_shape, jnp.float32))

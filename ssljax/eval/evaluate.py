@@ -88,13 +88,29 @@ def _precise_bn_plan(config, mesh, num_images: int) -> tuple[int, int]:
 
 def encoder_variables(config, method: Method, state, mesh, train_images: np.ndarray) -> Any:
   """The encoder's eval variables; BN statistics re-estimated if ``eval.precise_bn_examples``."""
+  return encoder_variables_and_bn_images(config, method, state, mesh, train_images)[0]
+
+
+def encoder_variables_and_bn_images(config, method: Method, state, mesh,
+                                    train_images: np.ndarray) -> tuple[Any, int]:
+  """`encoder_variables`, and how many clean train images its BN statistics come from.
+
+  Returns:
+    ``(variables, images)``: ``images`` is the number of train images (whole batches of the
+    ``eval.precise_bn_examples`` drawn) whose statistics replaced the running ones; 0 when
+    the running statistics are kept (``eval.precise_bn_examples`` 0, or an encoder without
+    BatchNorm).
+  """
   variables = method.eval_variables(state.params, state.method_state)
   if config.eval.precise_bn_examples <= 0:
-    return variables
+    return variables, 0
   count, batch = _precise_bn_plan(config, mesh, len(train_images))
+  if "batch_stats" not in variables:
+    return variables, 0
   idx = _subset_index(len(train_images), count, config.seed + 2)
   images = train_images if idx is None else train_images[idx]
-  return precise_batch_stats(method.encoder, variables, images, batch_size=batch, mesh=mesh)
+  variables = precise_batch_stats(method.encoder, variables, images, batch_size=batch, mesh=mesh)
+  return variables, count // batch * batch
 
 
 def _features(config, variables, method: Method, images: np.ndarray, mesh) -> np.ndarray:
@@ -185,7 +201,8 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
   if reason is not None:
     log.warning("evaluation skipped: %s", reason)
     return {"eval/skipped": reason}
-  variables = encoder_variables(config, method, state, mesh, train.images)
+  variables, bn_images = encoder_variables_and_bn_images(config, method, state, mesh,
+                                                         train.images)
   train_features = _features(config, variables, method, train.images, mesh)
   test_features = _features(config, variables, method, test.images, mesh)
   results: dict[str, Any] = {"feature_dim": int(train_features.shape[1])}
@@ -195,10 +212,8 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
   results["knn/top1"], results["knn/top5"] = knn["top1"], knn["top5"]
   results["knn/protocol"] = (f"weighted kNN k={ec.knn_k} t={ec.knn_t} on L2-normalised "
                              f"encoder features")
-  if ec.precise_bn_examples > 0:
-    count, batch = _precise_bn_plan(config, mesh, len(train))
-    results["knn/protocol"] += (f", BN statistics re-estimated on {count // batch * batch} "
-                                f"clean train images")
+  if bn_images:
+    results["knn/protocol"] += f", BN statistics re-estimated on {bn_images} clean train images"
   log.info("kNN top-1 %.4f", knn["top1"])
   if ec.linear_probe:
     probe = linear_probe(train_features, train.labels, test_features, test.labels,

@@ -129,6 +129,14 @@ def test_evaluation_uses_reestimated_statistics_when_configured(tmp_path, num_de
   changed = jax.tree.map(lambda a, b: not np.allclose(a, b), recalibrated["batch_stats"], stats)
   assert all(jax.tree.leaves(changed))
 
+  # How many images the statistics come from, as export and the kNN protocol report it: the
+  # whole batches of the images drawn (32 = 2 x 16; 36 drawn -> 2 x 16 = 32; 8 -> one batch
+  # of 8 = the mesh size), and 0 when the running statistics are kept.
+  for examples, used in ((32, 32), (36, 32), (8, 8), (0, 0)):
+    config.eval.precise_bn_examples = examples
+    _, count = evaluate.encoder_variables_and_bn_images(config, method, state, mesh, images)
+    assert count == used, examples
+
 
 def test_evaluation_rejects_fewer_examples_than_devices(tmp_path, num_devices):
   config = tiny_config(str(tmp_path))
