@@ -252,6 +252,16 @@ def addon_reports(config: ml_collections.ConfigDict, method: Method, state, work
   return results
 
 
+def _set_aside(directory, text: str) -> str:
+  """Writes a damaged results.json's `text` to a free results.unreadable[.N].json; its name."""
+  name, n = "results.unreadable.json", 0
+  while (directory / name).exists():
+    n += 1
+    name = f"results.unreadable.{n}.json"
+  (directory / name).write_text(text, encoding="utf-8")
+  return name
+
+
 def write_results(config: ml_collections.ConfigDict, workdir: str,
                   results: dict[str, Any]) -> None:
   """Adds `results` to ``results.json`` and draws the training-curve plot (process 0 only).
@@ -268,15 +278,25 @@ def write_results(config: ml_collections.ConfigDict, workdir: str,
     text = path.read_text(encoding="utf-8")
     try:
       previous = json.loads(text)
-    except json.JSONDecodeError:
-      log.warning("%s is not valid JSON; it is kept as results.unreadable.json and a new "
-                  "one is started", path)
-      (directory / "results.unreadable.json").write_text(text, encoding="utf-8")
+      damage = results_file.problem(previous)
+    except json.JSONDecodeError as e:
+      damage = f"is not valid JSON ({e})"
+    if damage is not None:
+      aside = _set_aside(directory, text)
+      log.warning("%s %s; it is kept as %s and a new one is started", path, damage, aside)
+      previous = None
   config_path = directory / "config.json"
-  reference = results_file.read_reference_config(
-      config_path.read_text(encoding="utf-8") if config_path.exists() else None)
-  entry = results_file.evaluation_entry(config, results,
-                                        results_file.changed_options(config, reference))
+  if config_path.exists():
+    reference = results_file.read_reference_config(config_path.read_text(encoding="utf-8"))
+    unknown = f"{config_path} cannot be read as a config"
+  else:
+    reference, unknown = None, f"{config_path} does not exist"
+  options = results_file.changed_options(config, reference)
+  if options is None:
+    log.warning("%s, so the options this evaluation changed from the run's config are "
+                "unknown: it is recorded with options null, as an entry that replaces no "
+                "other (not as the run's own evaluation)", unknown)
+  entry = results_file.evaluation_entry(config, results, options)
   replace_text(path, results_file.dumps(results_file.merge(previous, entry)))
   metrics = directory / "metrics.jsonl"
   if not (config.eval.plots and metrics.exists()):

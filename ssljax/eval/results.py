@@ -7,7 +7,8 @@ holds (format 2):
   evaluations   one entry per evaluation, oldest first:
                   options      the config keys the evaluation changed from the workdir's
                                ``config.json``, flat (``{'eval.knn_k': 20}``); ``{}`` for the
-                               run's own config (what ``ssljax train`` evaluates with).
+                               run's own config (what ``ssljax train`` evaluates with); null
+                               when unknown (``config.json`` was missing or unreadable).
                   results      what it measured (``knn/top1``, ``linear_probe/top1``,
                                ``steps``, ...), as `ssljax.eval.evaluate.evaluate_state` and
                                the trainer return them.
@@ -16,8 +17,9 @@ holds (format 2):
                                from a git checkout), Python, jax, jaxlib and flax versions,
                                platform, device kind and count, process count, host.
                   date         when it was written (UTC, ISO 8601).
-                An evaluation with the same options of the same checkpoint step replaces the
-                earlier one; any other is appended.
+                An evaluation with the same (known) options of the same checkpoint step
+                replaces the earlier one; any other is appended, so one with unknown options
+                never replaces the run's own.
   headline      the top-level keys repeat one evaluation flat, as files before format 2 held
                 their only one (``results['knn/top1']`` keeps working): the latest with
                 ``options == {}``, or the latest of all when none has. Its own keys are those
@@ -63,14 +65,14 @@ def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def changed_options(config: ml_collections.ConfigDict,
-                    reference: ml_collections.ConfigDict | None) -> dict[str, Any]:
-  """The keys of `config` whose values differ from `reference`; ``{}`` without a reference.
+                    reference: ml_collections.ConfigDict | None) -> dict[str, Any] | None:
+  """The keys of `config` whose values differ from `reference`; None (unknown) without one.
 
   A key only one of the two has (another method's section) counts as changed, with None
   for a key `config` lacks.
   """
   if reference is None:
-    return {}
+    return None
   ours, theirs = flat_config(config), flat_config(reference)
   return {key: ours.get(key) for key in sorted(set(ours) | set(theirs))
           if ours.get(key) != theirs.get(key) or (key in ours) != (key in theirs)}
@@ -122,7 +124,7 @@ def environment() -> dict[str, Any]:
 
 
 def evaluation_entry(config: ml_collections.ConfigDict, results: dict[str, Any],
-                     options: dict[str, Any]) -> dict[str, Any]:
+                     options: dict[str, Any] | None) -> dict[str, Any]:
   """One entry of ``evaluations``: `results` with the run, options, environment and date."""
   return {
       "options": options,
@@ -147,14 +149,52 @@ def _from_legacy(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _same_evaluation(a: dict[str, Any], b: dict[str, Any]) -> bool:
-  return (a["options"] == b["options"]
+  """Whether `b` replaces `a`: the same known options at the same step."""
+  return (a["options"] is not None and a["options"] == b["options"]
           and a["results"].get("steps") == b["results"].get("steps"))
+
+
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
+def problem(record: Any) -> str | None:
+  """Why `record`, a results.json's parsed JSON, cannot be merged into; None when it can.
+
+  A file before format 2 can be any object; from format 2 on, ``evaluations`` is a list of
+  objects with ``options`` (an object or null), ``results`` and ``run`` (objects).
+  """
+  if not isinstance(record, dict):
+    return f"holds {_JSON_TYPES.get(type(record), 'a value')}, not a JSON object"
+  if "evaluations" not in record:
+    return None
+  if not isinstance(record["evaluations"], list):
+    return "has an 'evaluations' that is not a list"
+  for i, entry in enumerate(record["evaluations"]):
+    if not isinstance(entry, dict):
+      return f"has an evaluations[{i}] that is not an object"
+    missing = [key for key in ("options", "results", "run") if key not in entry]
+    if missing:
+      return f"has an evaluations[{i}] without {', '.join(repr(k) for k in missing)}"
+    if not (isinstance(entry["results"], dict) and isinstance(entry["run"], dict)
+            and isinstance(entry["options"], (dict, type(None)))
+            and isinstance(entry.get("environment", {}), dict)):
+      return (f"has an evaluations[{i}] whose options, results, run or environment is not "
+              f"an object")
+  return None
 
 
 def merge(previous: dict[str, Any] | None, entry: dict[str, Any]) -> dict[str, Any]:
   """The results.json record after adding `entry` to `previous` (the file's JSON; None or
-  ``{}`` when there is none yet)."""
-  if not isinstance(previous, dict) or not previous:
+  ``{}`` when there is none yet).
+
+  Raises:
+    ValueError: `previous` is not a results record (`problem` says why); the caller sets the
+      file aside instead of dropping it.
+  """
+  if previous is not None and problem(previous) is not None:
+    raise ValueError(f"results.json {problem(previous)}")
+  if not previous:
     evaluations = []
   elif "evaluations" in previous:
     evaluations = list(previous["evaluations"])

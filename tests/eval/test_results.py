@@ -32,7 +32,7 @@ def _overridden(config, **values):
 def test_changed_options_are_the_overridden_keys(tmp_path):
   config = tiny_config(str(tmp_path))
   assert results_file.changed_options(config, config) == {}
-  assert results_file.changed_options(config, None) == {}
+  assert results_file.changed_options(config, None) is None  # no reference: unknown
   changed = _overridden(config, eval__knn_k=20, eval__linear_probe=False, data__mean=(0.5,))
   assert results_file.changed_options(changed, config) == {
       "data.mean": [0.5], "eval.knn_k": 20, "eval.linear_probe": False}
@@ -74,6 +74,31 @@ def test_merge_keeps_each_result_with_its_options():
   # Without an own evaluation, the headline is the latest one, and says its options.
   only = results_file.merge({}, other)
   assert only["knn/top1"] == 0.6 and only["options"] == other["options"]
+
+
+def test_unknown_options_replace_no_evaluation():
+  trained = _entry({}, 6, **{"knn/top1": 0.7})
+  unknown = _entry(None, 6, **{"knn/top1": 0.1})
+  record = results_file.merge(results_file.merge(None, trained), unknown)
+  assert record["evaluations"] == [trained, unknown]
+  assert record["knn/top1"] == 0.7 and record["options"] == {}  # still the run's own
+  again = _entry(None, 6, **{"knn/top1": 0.2})  # two unknowns may differ: both are kept
+  assert results_file.merge(record, again)["evaluations"] == [trained, unknown, again]
+
+
+@pytest.mark.parametrize("record, message", [
+    ([1, 2], "holds an array, not a JSON object"),
+    ({"evaluations": {}}, "'evaluations' that is not a list"),
+    ({"evaluations": [3]}, r"evaluations\[0\] that is not an object"),
+    ({"evaluations": [{"results": {}}]}, r"evaluations\[0\] without 'options', 'run'"),
+    ({"evaluations": [{"options": {}, "results": [], "run": {}}]},
+     r"evaluations\[0\] whose options, results, run or environment is not an object"),
+])
+def test_merge_refuses_what_is_not_a_results_record(record, message):
+  assert results_file.problem(record) is not None
+  with pytest.raises(ValueError, match=message):
+    results_file.merge(record, _entry({}, 6))
+  assert results_file.problem({}) is None and results_file.problem({"knn/top1": 0.5}) is None
 
 
 def test_a_results_json_from_before_format_2_becomes_the_first_entry():
@@ -132,3 +157,43 @@ def test_write_results_merges_train_and_eval_records(tmp_path):
     assert f.read() == "{not json"
   with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
     assert len(json.load(f)["evaluations"]) == 1
+
+
+def test_write_results_sets_aside_a_record_it_cannot_merge(tmp_path, caplog):
+  workdir = tmp_path / "run"
+  config = tiny_config(str(tmp_path))
+  workdir.mkdir()
+  loop._save_config(config, str(workdir))
+  (workdir / "results.unreadable.json").write_text("{not json")  # an earlier one is kept
+  for n, text in enumerate(('[{"knn/top1": 0.7}]', '{"evaluations": [{"results": {}}]}'), 1):
+    (workdir / "results.json").write_text(text)
+    with caplog.at_level("WARNING"):
+      evaluate.write_results(config, str(workdir), {"knn/top1": 0.75, "steps": 6})
+    assert (workdir / f"results.unreadable.{n}.json").read_text() == text
+    record = json.loads((workdir / "results.json").read_text())
+    assert [e["results"]["knn/top1"] for e in record["evaluations"]] == [0.75]
+    assert f"it is kept as results.unreadable.{n}.json" in caplog.text
+  assert (workdir / "results.unreadable.json").read_text() == "{not json"
+
+
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_an_evaluation_without_the_run_config_keeps_the_runs_own_entry(tmp_path, caplog,
+                                                                        damage):
+  workdir = tmp_path / "run"
+  config = tiny_config(str(tmp_path))
+  workdir.mkdir()
+  loop._save_config(config, str(workdir))
+  evaluate.write_results(config, str(workdir), {"knn/top1": 0.7, "steps": 6})
+  if damage == "missing":
+    (workdir / "config.json").unlink()
+  else:
+    (workdir / "config.json").write_text("{not a config")
+  changed = _overridden(config, eval__knn_k=3)
+  with caplog.at_level("WARNING"):
+    evaluate.write_results(changed, str(workdir), {"knn/top1": 0.2, "steps": 6})
+  record = json.loads((workdir / "results.json").read_text())
+  assert [(e["options"], e["results"]["knn/top1"]) for e in record["evaluations"]] == [
+      ({}, 0.7), (None, 0.2)]
+  assert record["knn/top1"] == 0.7  # the headline is still the run's own evaluation
+  reason = "does not exist" if damage == "missing" else "cannot be read as a config"
+  assert f"config.json {reason}, so the options this evaluation changed" in caplog.text
