@@ -193,8 +193,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ``eval.enabled`` is False or the data cannot be evaluated (`evaluate.skip_reason`).
 
   Raises:
-    ConfigError: the config is invalid or cannot resume the workdir's checkpoint (nothing
-      was written).
+    ConfigError: the config is invalid (also when the method, its augmentation policy or
+      optimiser refuses it while being built) or cannot resume the workdir's checkpoint
+      (nothing was written).
     CheckpointMismatchError, NoIntactCheckpointError: see `Checkpointer`.
     CheckpointSaveError: a checkpoint could not be written (training stopped).
     WorkdirError: a bucket workdir (gs://) without its filesystem package.
@@ -227,8 +228,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   image_shape = tuple(train_source.image_shape)
 
   # ------------------------------------------------------------------ init / restore
-  method, init, step_fn = build_state_and_step(config, mesh, image_shape, steps_per_epoch,
-                                               total_steps, len(train_source))
+  try:  # a method builder's own checks of its config section (SimCLR's positives, CLD, UOTA)
+    method, init, step_fn = build_state_and_step(config, mesh, image_shape, steps_per_epoch,
+                                                 total_steps, len(train_source))
+  except ValueError as e:
+    raise ConfigError(f"{e} (nothing was written)") from None
   workdir_path(workdir).mkdir(parents=True, exist_ok=True)
   ckpt = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   restored = ckpt.restore_latest_intact(jax.eval_shape(init))

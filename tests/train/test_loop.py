@@ -220,6 +220,28 @@ def test_cli_rejects_unknown_config_key(tmp_path):
               "--config.optim.lrr=0.3"])
 
 
+def test_cli_reports_a_method_builder_refusal_in_one_line(tmp_path):
+  # SimCLR's builder refuses an unknown positives form: `ssljax train` says so in one line
+  # with exit status 1, as for any config error, without a traceback or a workdir.
+  import subprocess
+  import sys
+
+  config_path = _write_config_file(tmp_path)
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  workdir = tmp_path / "w"
+  done = subprocess.run(
+      [sys.executable, "-m", "ssljax.cli", "train", "--config", config_path,
+       "--workdir", str(workdir), "--config.method.simclr.positives=bogus"],
+      capture_output=True, text=True, timeout=300, cwd=root,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+  assert done.returncode == 1, done.stderr
+  assert "Traceback" not in done.stderr
+  assert done.stderr.strip().splitlines()[-1] == (
+      "ssljax train: method.simclr.positives must be one of ('mean_log', 'log_sum'), got "
+      "'bogus'; e.g. --config.method.simclr.positives=log_sum (nothing was written)")
+  assert not workdir.exists()
+
+
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="not an ssljax workdir"):
     loop.evaluate_workdir(str(tmp_path))
