@@ -113,6 +113,18 @@ def test_readme_export_and_snippet_embed_with_the_evaluated_statistics(tmp_path,
   assert embedding.shape == (1, features)
   np.testing.assert_allclose(embedding, queries[:1], rtol=1e-4, atol=1e-5)
 
+  # A larger, non-square image is decoded as an image folder's images are (shorter side
+  # resized, centre crop), not squashed to a square.
+  wide = np.array(Image.fromarray(test.images[1, :, :, 0]).resize((40, 24)))
+  wide[:, :4] = 255  # a band at the edge: squashing keeps it, the centre crop drops it
+  Image.fromarray(wide).save("image.png")
+  exec(compile(_readme_snippet(), "README.md", "exec"), namespace)  # noqa: S102
+  decoded = data.sources._decode_image("image.png", 16, 1)
+  assert decoded.shape == (16, 16, 1)
+  expected = module.apply(variables, decoded[None].astype(np.float32) / 255.0, train=False)
+  np.testing.assert_allclose(np.asarray(namespace["embedding"]), np.asarray(expected),
+                             rtol=1e-4, atol=1e-5)
+
 
 @pytest.mark.parametrize("method", ["metamask", "simclr+uota", "npid"])
 def test_load_encoder_rebuilds_the_encoder_each_method_evaluates(tmp_path, method):
