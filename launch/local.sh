@@ -182,7 +182,10 @@ case "$command" in
     ;;
   test)
     install test
-    exec "$PY" -m pytest -q tests "$@"
+    # One pytest worker per core (pytest-xdist), a test file per worker: the suite is bound by
+    # XLA compiles, which use about one core each, so 2 workers take about half the wall time
+    # on 2 cores. SSLJAX_TEST_WORKERS=0 runs it in one process.
+    exec "$PY" -m pytest -q -n "${SSLJAX_TEST_WORKERS:-auto}" --dist loadfile tests "$@"
     ;;
   *)
     die "unknown command '$command' (train, eval or test)"
