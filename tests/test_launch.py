@@ -170,6 +170,7 @@ _FAKE_PYTHON_PIP_LOG = """#!/usr/bin/env bash
 case "$1 $2" in
   "-m pip") shift 2; echo "pip $*" >> "$FAKE_PIP_LOG"; exit 0 ;;
   "-m ssljax.cli") shift 2; echo "RUN JAX_PLATFORMS=${JAX_PLATFORMS:-} $*"; exit 0 ;;
+  "-m pytest") shift 2; echo "PYTEST $*"; exit 0 ;;
 esac
 exec "$REAL_PYTHON" "$@"
 """
@@ -184,7 +185,8 @@ printf '%s\\n%s\\n' "$FAKE_DRIVER" "$FAKE_DRIVER"
 """
 
 
-def _launch_eval_with_gpu(tmp_path, accelerator: str | None, driver: str | None
+def _launch_eval_with_gpu(tmp_path, accelerator: str | None, driver: str | None,
+                          command: tuple[str, ...] = ("eval", "W"), extra_env=None
                           ) -> tuple[subprocess.CompletedProcess, list[str]]:
   import sys
   bin_dir = tmp_path / "bin"
@@ -194,14 +196,16 @@ def _launch_eval_with_gpu(tmp_path, accelerator: str | None, driver: str | None
     (bin_dir / name).chmod(0o755)
   log = tmp_path / "pip.log"
   env = {k: v for k, v in os.environ.items()
-         if k not in ("JAX_PLATFORMS", "SSLJAX_ACCELERATOR", "FAKE_DRIVER")}
+         if k not in ("JAX_PLATFORMS", "SSLJAX_ACCELERATOR", "FAKE_DRIVER",
+                       "SSLJAX_TEST_WORKERS")}
   env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "python-fake"),
              REAL_PYTHON=sys.executable, TMPDIR=str(tmp_path), FAKE_PIP_LOG=str(log))
   if accelerator is not None:
     env["SSLJAX_ACCELERATOR"] = accelerator
   if driver is not None:
     env["FAKE_DRIVER"] = driver
-  result = subprocess.run(["bash", os.path.join(_REPO, "launch", "local.sh"), "eval", "W"],
+  env.update(extra_env or {})
+  result = subprocess.run(["bash", os.path.join(_REPO, "launch", "local.sh"), *command],
                           env=env, capture_output=True, text=True, timeout=120)
   return result, log.read_text().splitlines() if log.exists() else []
 
@@ -245,3 +249,17 @@ def test_an_unknown_accelerator_names_the_choices(tmp_path):
   result, pip_calls = _launch_eval_with_gpu(tmp_path, "tpu", None)
   assert result.returncode != 0 and pip_calls == []
   assert "SSLJAX_ACCELERATOR='tpu' is not one of auto, cpu, gpu, cuda12, cuda13" in result.stderr
+
+
+# README command 2: the test extra is installed, then the suite runs with one pytest-xdist
+# worker per core (a file per worker), or in one process with SSLJAX_TEST_WORKERS=0; the
+# CPU build stays even on a GPU machine.
+@pytest.mark.parametrize("workers, n", [(None, "auto"), ("0", "0"), ("2", "2")])
+def test_readme_command_two_installs_the_test_extra_and_runs_the_suite(tmp_path, workers, n):
+  env = {} if workers is None else {"SSLJAX_TEST_WORKERS": workers}
+  result, pip_calls = _launch_eval_with_gpu(tmp_path, None, "580.95.05",
+                                            command=("test", "-k", "x"), extra_env=env)
+  assert result.returncode == 0, result.stderr
+  assert pip_calls == [_BASE_INSTALL + "[test]"]
+  assert f"PYTEST -q -n {n} --dist loadfile tests -k x" in result.stdout
+
