@@ -22,7 +22,9 @@ steps of every method in turn, the order rotating from round to round, so that l
 jobs and slow drift hit every method alike. Each step's wall time is taken after its outputs
 are ready; a method's time is the median over all its timed steps, and its ratio is that
 median over SimCLR's. ``XLA_FLAGS`` defaults to ``ssljax.cli.CPU_XLA_FLAGS``, as for
-``ssljax train``. The JSON also holds the per-round medians, CPU times and load averages.
+``ssljax train``. The JSON also holds the per-round medians, CPU times and load averages, and
+each step's memory as XLA's buffer assignment reports it (``peak_mib``, ``temp_mib``:
+`step_memory`), which is what the ``metamask[remat]`` arm changes.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ VARIANTS = {
     "moco[3 views]": ("configs/moco.py:fashion_mnist", "moco",
                       {"method.moco.num_views": 3, "method.moco.symmetric": False,
                        "augment.num_views": 3}),
+    # CISSL's target (issue 17) is against the ISSL code's SimCLR, whose one shared head is
+    # CISSL's teacher (Linear-BN-ReLU to 1024, Linear to 128, BN); configs/simclr.py's head is
+    # 512 wide without the last BN.
+    "simclr[issl head]": ("configs/simclr.py:fashion_mnist", "simclr",
+                          {"method.simclr.proj_hidden_dim": 1024,
+                           "method.simclr.proj_last_bn": True}),
     "swav[multi-crop]": ("configs/swav_uota.py:fashion_mnist_base", "swav", {}),
     "swav+uota": ("configs/swav_uota.py:fashion_mnist", "swav+uota", {}),
     "swav+uota[learned]": ("configs/swav_uota.py:fashion_mnist_learned", "swav+uota", {}),
@@ -76,6 +84,9 @@ VARIANTS = {
                                {"method.metamask.meta_step": False}),
     "metamask[finite difference]": ("configs/metamask.py:fashion_mnist", "metamask",
                                     {"method.metamask.second_order": "finite_difference"}),
+    # The exact meta step with the backbone under jax.checkpoint (memory against time).
+    "metamask[remat]": ("configs/metamask.py:fashion_mnist", "metamask",
+                        {"method.metamask.remat_backbone": True}),
 }
 
 
@@ -136,6 +147,7 @@ class MethodBench:
     start = time.perf_counter()
     self.step = step.lower(self.state, batch["image"], batch["index"], batch["label"]).compile()
     self.compile_s = time.perf_counter() - start
+    self.memory = step_memory(self.step)
     self.wall: list[float] = []
     self.cpu: list[float] = []
     self.round_medians: list[float] = []
@@ -173,7 +185,29 @@ class MethodBench:
         "round_median_ms": [1000 * m for m in self.round_medians],
         "ratio_to_simclr": median / reference_median_s if reference_median_s else None,
         "last_loss": self.loss, "nonfinite_step": int(self.state.nonfinite_step),
+        **self.memory,
     }
+
+
+def step_memory(compiled) -> dict[str, float | None]:
+  """XLA's buffer assignment of the compiled step, in MiB (per device).
+
+  ``peak_mib`` = arguments + outputs + temporaries - aliased (donated) bytes: the memory the
+  step needs at its peak as XLA planned it, the same figure on every backend (on a GPU/TPU it
+  is what must fit in device memory). ``temp_mib`` is the activations and other temporaries,
+  the part ``jax.checkpoint`` trades against recomputation. None where the backend gives no
+  analysis.
+  """
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001  (backends without the analysis)
+    stats = None
+  if stats is None:
+    return {"peak_mib": None, "temp_mib": None}
+  mib = 1 / 2 ** 20
+  peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+          + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  return {"peak_mib": peak * mib, "temp_mib": stats.temp_size_in_bytes * mib}
 
 
 def real_batch(reference, mesh) -> dict[str, Any]:
@@ -262,11 +296,13 @@ def print_table(report: dict[str, Any]) -> None:
   print(f"\nbatch {batch}, {report['rounds']} rounds x {report['steps']} steps per method, "
         f"{report['devices']} device(s), load {report['device']['load_average_at_start']} -> "
         f"{report['device']['load_average_at_end']}")
-  rows = [("method", "views", "params", "ms/step", "x simclr", "images/s", "compile s")]
+  rows = [("method", "views", "params", "ms/step", "x simclr", "images/s", "compile s",
+           "peak MiB", "temp MiB")]
+  mib = lambda v: "-" if v is None else f"{v:.0f}"
   for name, r in report["methods"].items():
     rows.append((name, str(r["views"]), f"{r['param_count']:,}", f"{r['median_ms']:.1f}",
                  f"{r['ratio_to_simclr']:.2f}", f"{1000 * batch / r['median_ms']:.0f}",
-                 f"{r['compile_s']:.1f}"))
+                 f"{r['compile_s']:.1f}", mib(r.get("peak_mib")), mib(r.get("temp_mib"))))
   cpu_step.print_table(rows)
 
 
