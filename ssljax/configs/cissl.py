@@ -13,7 +13,10 @@ Commands:
       --config.data.data_dir=DATA_DIR
 The MLP-probe variant of the official code (``cissl_mlp``) is any of these with
 ``--config.method.cissl.student_hidden_dims='(2048,2048)'
---config.method.cissl.teacher_hidden_dims='(2048,2048)'``.
+--config.method.cissl.teacher_hidden_dims='(2048,2048)'``. It is evaluated, as
+the official code does, with an MLP probe (two Linear-BN-ReLU layers of 2048, then a linear
+classifier, on frozen features): add ``--config.eval.mlp_probe=True`` to the training command,
+or run ``ssljax eval --workdir DIR --config.eval.mlp_probe=True`` on a trained workdir.
 
 fashion_mnist: CPU-sized. Everything but the method is the SimCLR default job
   (configs/simclr.py:fashion_mnist: resnet_tiny + 1x1 expansion to 512 features, 20x20 views

@@ -14,7 +14,10 @@ Commands:
 The MLP-probe variant of the official code (``dissl_mlp``) is any of these with
 ``--config.method.dissl.student_hidden_dims='(2048,2048)'
 --config.method.dissl.teacher_hidden_dims='(2048,2048)'`` (both heads keep the low-rank
-output map).
+output map). It is evaluated, as the official code does, with an MLP probe (two
+Linear-BN-ReLU layers of 2048, then a linear classifier, on frozen features): add
+``--config.eval.mlp_probe=True`` to the training command, or run
+``ssljax eval --workdir DIR --config.eval.mlp_probe=True`` on a trained workdir.
 
 fashion_mnist: CPU-sized. Everything but the method is the SimCLR default job
   (configs/simclr.py:fashion_mnist: resnet_tiny + 1x1 expansion to 512 features, 20x20 views

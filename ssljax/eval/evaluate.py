@@ -1,4 +1,5 @@
-"""Evaluation of a trained encoder: weighted kNN and an offline linear probe.
+"""Evaluation of a trained encoder: weighted kNN, an offline linear probe and, optionally, an
+offline MLP probe.
 
 ssljax's choice: the same two protocols for every method (kNN k = 200, t = 0.1 and the
 held-out-selected linear probe), because each paper evaluates differently and one protocol
@@ -10,6 +11,11 @@ statistics are first re-estimated on that many clean training images (`precise_b
 encoders trained on views smaller than the images. Protocols: kNN with ``eval.knn_k`` /
 ``eval.knn_t`` on L2-normalised features (default k = 200, t = 0.1); linear probe on
 standardised frozen features, hyperparameters chosen on a held-out part of the train split.
+With ``eval.mlp_probe`` (``--config.eval.mlp_probe=True``) also the MLP probe of DISSL /
+CISSL's ``_mlp`` evaluation (`ssljax.eval.mlp_probe`: Linear-BN-ReLU hidden layers
+``eval.mlp_probe_hidden_dims``) on the same features with the same held-out selection,
+reported as ``mlp_probe/*``; it is off by default, since an epoch of one grid point is ~1000x
+the linear probe's arithmetic at 512 features.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from ssljax.eval import results as results_file
 from ssljax.eval.features import extract_features
 from ssljax.eval.knn import knn_accuracy
 from ssljax.eval.linear_probe import linear_probe
+from ssljax.eval.mlp_probe import mlp_probe
 from ssljax.eval.plots import plot_training_curves
 from ssljax.eval.precise_bn import precise_batch_stats
 from ssljax.methods.base import Method
@@ -189,7 +196,7 @@ def knn_monitor(config: ml_collections.ConfigDict, method: Method, mesh, *,
 
 def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mesh, *,
                    train_source=None) -> dict[str, Any]:
-  """kNN (and, if ``eval.linear_probe``, a linear probe) of the state's encoder.
+  """kNN (and, if ``eval.linear_probe`` / ``eval.mlp_probe``, the probes) of the state's encoder.
 
   When `skip_reason` finds a reason (``eval.enabled`` False, unlabelled data, an image folder
   without a test split), nothing is computed: the reason is logged and returned as
@@ -226,6 +233,18 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
     results["linear_probe/best_lr"] = probe["best_lr"]
     results["linear_probe/best_weight_decay"] = probe["best_weight_decay"]
     log.info("linear probe top-1 %.4f", probe["test_top1"])
+  if ec.mlp_probe:
+    probe = mlp_probe(train_features, train.labels, test_features, test.labels,
+                      num_classes=config.data.num_classes,
+                      hidden_dims=tuple(ec.mlp_probe_hidden_dims), epochs=ec.mlp_probe_epochs,
+                      batch_size=ec.probe_batch_size, lrs=tuple(ec.mlp_probe_lrs),
+                      weight_decays=tuple(ec.mlp_probe_weight_decays),
+                      holdout_fraction=ec.probe_holdout_fraction, seed=config.seed)
+    results["mlp_probe/top1"] = probe["test_top1"]
+    results["mlp_probe/holdout_top1"] = probe["holdout_top1"]
+    results["mlp_probe/best_lr"] = probe["best_lr"]
+    results["mlp_probe/best_weight_decay"] = probe["best_weight_decay"]
+    log.info("MLP probe top-1 %.4f", probe["test_top1"])
   return results
 
 

@@ -82,10 +82,12 @@ def _logits(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
   return jnp.dot(x, params["w"], precision=jax.lax.Precision.HIGHEST) + params["b"]
 
 
-def _optimizer(lr: jax.Array, weight_decay: jax.Array,
-               total_steps: int) -> optax.GradientTransformation:
+def _optimizer(lr: jax.Array, weight_decay: jax.Array, total_steps: int,
+               decay_mask: Any = None) -> optax.GradientTransformation:
+  """Coupled weight decay, then Nesterov SGD with a cosine schedule (`decay_mask`: the
+  parameters decayed, as ``optax.add_decayed_weights``'s mask; None decays all)."""
   return optax.chain(
-      optax.add_decayed_weights(weight_decay),
+      optax.add_decayed_weights(weight_decay, mask=decay_mask),
       optax.sgd(optax.cosine_decay_schedule(lr, total_steps), momentum=_MOMENTUM,
                 nesterov=True))
 

@@ -97,6 +97,26 @@ def test_cli_trains_checkpoints_resumes_and_evaluates(tmp_path, capsys, caplog):
               ({}, True), ({"eval.knn_k": 3, "eval.linear_probe": False}, False)]
   assert merged["evaluations"][1]["results"]["knn/top1"] == evaluated["knn/top1"]
 
+  # The MLP probe on a workdir whose config.json predates its keys: they take their defaults,
+  # the overrides apply, and the entry records what changed from the run's config.
+  stored = json.loads((workdir / "config.json").read_text())
+  for key in [k for k in stored["eval"] if k.startswith("mlp_probe")]:
+    del stored["eval"][key]
+  (workdir / "config.json").write_text(json.dumps(stored))
+  assert cli.main(["ssljax", "eval", "--workdir", str(workdir), "--config.eval.mlp_probe=True",
+                   "--config.eval.linear_probe=False", "--config.eval.mlp_probe_epochs=2",
+                   "--config.eval.mlp_probe_hidden_dims=(8,)"]) == 0
+  evaluated = json.loads(capsys.readouterr().out)
+  assert 0.0 <= evaluated["mlp_probe/top1"] <= 1.0 and "linear_probe/top1" not in evaluated
+  assert evaluated["mlp_probe/best_lr"] in (0.01, 0.1)
+  assert evaluated["mlp_probe/best_weight_decay"] in (1e-5, 1e-4)
+  merged = json.loads((workdir / "results.json").read_text())
+  assert merged["evaluations"][2]["options"] == {
+      "eval.linear_probe": False, "eval.mlp_probe": True, "eval.mlp_probe_epochs": 2,
+      "eval.mlp_probe_hidden_dims": [8]}
+  assert merged["evaluations"][2]["results"]["mlp_probe/top1"] == evaluated["mlp_probe/top1"]
+  assert merged["linear_probe/top1"] == pytest.approx(results["linear_probe/top1"])
+
 
 class _Terminal(io.StringIO):
   def isatty(self):
