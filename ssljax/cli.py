@@ -135,7 +135,8 @@ EVAL_HELP = f"""\
 usage: ssljax eval --workdir DIR [--config.eval.KEY=VALUE ...]
 
 Restores the latest checkpoint of DIR with the config saved there (DIR/config.json),
-evaluates the encoder (kNN, linear probe) and adds the results to DIR/results.json: earlier
+evaluates the encoder (kNN, linear probe; the MLP probe with --config.eval.mlp_probe=True)
+and adds the results to DIR/results.json: earlier
 evaluations are kept, each under "evaluations" with the config keys it changed ("options"),
 and the top-level keys stay those of the run's own config (ssljax/eval/results.py).
 

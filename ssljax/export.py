@@ -72,7 +72,7 @@ def _evaluated_knn(workdir: str, step: int) -> dict[str, Any]:
     results = entry.get("results", entry)
     if entry.get("options", {}) == {} and results.get("steps") == step:
       return {k: results[k] for k in ("knn/top1", "knn/top5", "knn/protocol",
-                                      "linear_probe/top1") if k in results}
+                                      "linear_probe/top1", "mlp_probe/top1") if k in results}
   return {}
 
 

@@ -44,7 +44,7 @@ from ssljax.methods import RunInfo, build_method
 from ssljax.parallel import (DATA_AXIS, check_batch_divisible, data_sharded, make_mesh,
                              replicated)
 from ssljax.train.checkpoint import Checkpointer
-from ssljax.train.metrics import MetricWriter
+from ssljax.train.metrics import FINAL_EVALUATION_KEYS, MetricWriter
 from ssljax.train.optim import build_optimizer, build_schedule
 from ssljax.train.paths import workdir_path
 from ssljax.train.step import (TrainState, compile_train_step, init_train_state,
@@ -261,7 +261,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   results.update({"steps": int(state.step), "epochs": int(state.step) / steps_per_epoch,
                   "pretrain_seconds_this_session": pretrain_seconds,
                   "total_seconds_this_session": time.time() - started})
-  for key in ("knn/top1", "knn/top5", "linear_probe/top1"):
+  for key in sorted(FINAL_EVALUATION_KEYS):
     if key in results:
       writer.write(int(state.step), {key: results[key]})
   writer.close()
