@@ -3,7 +3,7 @@
 Reads finished ``ssljax train`` workdirs ``<root>/<arm>_s<seed>`` (this script does not
 train; the runs are the commands in docs/results.md, section "CISSL / DISSL") and prints a
 Markdown table with, per run, kNN top-1 (k = 200, t = 0.1 on the L2-normalised backbone
-features) and linear-probe top-1 from results.json, the pretraining seconds, and for DISSL the
+features), linear-probe top-1 and, where it ran, MLP-probe top-1 from results.json, the pretraining seconds, and for DISSL the
 last logged diagnostics (H_M, H_M_given_Z, KL_invariance); then the mean per arm. Runs that
 have not finished are listed as missing.
 
@@ -45,6 +45,7 @@ def collect(root: str, arms, seeds) -> list[dict]:
         with open(path) as f:
           results = json.load(f)
         row.update(knn=results.get("knn/top1"), probe=results.get("linear_probe/top1"),
+                   mlp_probe=_mlp_probe(results),
                    pretrain_s=results.get("pretrain_seconds_this_session"),
                    steps=results.get("steps"), date=results.get("date"))
         row.update(_last_metrics(workdir, _DIAGNOSTICS))
@@ -52,20 +53,32 @@ def collect(root: str, arms, seeds) -> list[dict]:
   return rows
 
 
+def _mlp_probe(results: dict):
+  """The MLP probe's top-1: the run's own, else that of the latest ``ssljax eval`` that ran it
+  (results.json keeps each later evaluation under ``evaluations``)."""
+  if "mlp_probe/top1" in results:
+    return results["mlp_probe/top1"]
+  for entry in reversed(results.get("evaluations", [])):
+    if "mlp_probe/top1" in entry.get("results", {}):
+      return entry["results"]["mlp_probe/top1"]
+  return None
+
+
 def _fmt(value, digits=4):
   return "-" if value is None else f"{value:.{digits}f}"
 
 
 def table(rows) -> str:
-  lines = ["| arm | seed | kNN top-1 | linear probe | pretrain (s) | H_M / H_M_given_Z / KL_inv |",
-           "| --- | --- | --- | --- | --- | --- |"]
+  lines = ["| arm | seed | kNN top-1 | linear probe | MLP probe | pretrain (s) | "
+           "H_M / H_M_given_Z / KL_inv |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     if "knn" not in r:
-      lines.append(f"| {r['arm']} | {r['seed']} | missing | | | |")
+      lines.append(f"| {r['arm']} | {r['seed']} | missing | | | | |")
       continue
     diag = " / ".join(_fmt(r.get(k), 3) for k in _DIAGNOSTICS) if "train/H_M" in r else ""
     lines.append(f"| {r['arm']} | {r['seed']} | {_fmt(r['knn'])} | {_fmt(r['probe'])} | "
-                 f"{_fmt(r['pretrain_s'], 0)} | {diag} |")
+                 f"{_fmt(r.get('mlp_probe'))} | {_fmt(r['pretrain_s'], 0)} | {diag} |")
   lines.append("")
   for arm in dict.fromkeys(r["arm"] for r in rows):
     done = [r for r in rows if r["arm"] == arm and "knn" in r]
@@ -73,7 +86,10 @@ def table(rows) -> str:
       knn = statistics.mean(r["knn"] for r in done)
       probes = [r["probe"] for r in done if r["probe"] is not None]
       probe = statistics.mean(probes) if probes else None
-      lines.append(f"{arm}: mean over {len(done)} seed(s): kNN {knn:.4f}, probe {_fmt(probe)}")
+      mlps = [r["mlp_probe"] for r in done if r.get("mlp_probe") is not None]
+      mlp = statistics.mean(mlps) if mlps else None
+      lines.append(f"{arm}: mean over {len(done)} seed(s): kNN {knn:.4f}, probe {_fmt(probe)}, "
+                   f"MLP probe {_fmt(mlp)}")
   return "\n".join(lines)
 
 
