@@ -55,7 +55,10 @@ def default_config(method: str = "simclr",
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()
   # One of: 'fashion_mnist_idx' (the four IDX files), 'tfds', 'cifar' (python archive
-  # directory), 'image_folder', 'arrays' (an .npz file with `images`, optional `labels`).
+  # directory), 'image_folder', 'arrays' (an .npz file with `images`, optional `labels`), or
+  # a streaming source for ImageNet-scale data, read and pre-cropped per batch and never held
+  # in memory (ssljax.data.streaming): 'tfds_stream' (data.name prepared as ArrayRecord, e.g.
+  # 'imagenet2012') or 'folder_stream' (<data_dir>/<split>/<class>/<image>).
   c.data.source = "fashion_mnist_idx"
   c.data.name = "fashion_mnist"  # TFDS dataset name, or 'cifar10'/'cifar100' for 'cifar'.
   c.data.data_dir = FASHION_MNIST_DIR  # Directory (or file for 'arrays') to read from.
@@ -73,6 +76,15 @@ def default_config(method: str = "simclr",
   # mean and std from this many train images drawn with `seed`.
   c.data.stats_examples = 1000
   c.data.prefetch = 2  # Host batches prepared ahead of the train step.
+  # Streaming sources only: the host's random-resized-crop box (area fraction, aspect range)
+  # cut from each image and resized to data.image_size; (1.0, 1.0) keeps the whole image (its
+  # centre crop of clamped aspect), so the device crop's scale range keeps its meaning.
+  c.data.precrop_scale = (1.0, 1.0)
+  c.data.precrop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  # Streaming sources only: grain worker processes decoding batches (0: in the trainer's
+  # process) and read threads in each; sized for a TPU VM host (dozens of cores).
+  c.data.stream_workers = 16
+  c.data.stream_threads = 2
   # > 0: train on the long-tailed subset of the train split (CIFAR-10-LT construction,
   # ssljax.data.sources.long_tailed_subset): exponential class sizes with this ratio between
   # the largest and the smallest class (100: CIFAR-10-LT). The test split stays balanced.

@@ -1,5 +1,6 @@
-"""Host-side data: sources that hold uint8 images and int32 labels, and the input pipeline
-that slices, prefetches and places global batches on the device mesh."""
+"""Host-side data: sources that hold uint8 images and int32 labels (or, streaming, read and
+pre-crop them per batch), and the input pipeline that slices, prefetches and places global
+batches on the device mesh."""
 
 from __future__ import annotations
 
@@ -22,14 +23,24 @@ from ssljax.data.sources import (
     long_tailed_subset,
     read_idx,
 )
+from ssljax.data.streaming import (
+    STREAMING_SOURCES,
+    StreamingLoader,
+    StreamingSource,
+    build_streaming_source,
+)
 
 __all__ = [
     "SOURCE_NAMES",
+    "STREAMING_SOURCES",
     "ArrayOnlyUnpickler",
     "ArraySource",
     "EpochSampler",
     "HostLoader",
+    "StreamingLoader",
+    "StreamingSource",
     "build_source",
+    "build_streaming_source",
     "global_batch_indices",
     "load_arrays",
     "load_cifar",

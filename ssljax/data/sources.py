@@ -11,7 +11,8 @@ Loaders:
   load_image_folder       a class-per-subdirectory tree or a flat folder of image files
   load_arrays             an .npz file with ``images`` and optional ``labels``
   load_tfds               a TFDS dataset (array_record without TensorFlow; tfrecord with it)
-  build_source            picks one of the above from the ``data`` config section
+  build_source            picks one of the above from the ``data`` config section, or a
+                          streaming source (`ssljax.data.streaming`) that holds no pixels
 """
 
 from __future__ import annotations
@@ -26,16 +27,20 @@ import os
 import pickle
 import tarfile
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import ml_collections
 import numpy as np
+
+if TYPE_CHECKING:
+  from ssljax.data.streaming import StreamingSource
 
 FASHION_MNIST_REPO = "https://github.com/zalandoresearch/fashion-mnist"
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 IMAGE_EXTENSIONS = (
     ".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
-SOURCE_NAMES = ("fashion_mnist_idx", "tfds", "cifar", "image_folder", "arrays")
+SOURCE_NAMES = ("fashion_mnist_idx", "tfds", "cifar", "image_folder", "arrays", "tfds_stream",
+                "folder_stream")
 
 
 # ------------------------------------------------------------------------- ArraySource
@@ -497,17 +502,25 @@ def _decode_image_unchecked(path: str, image_size: int | None, channels: int) ->
   from PIL import Image  # Lazy: only this source needs Pillow.
 
   with Image.open(path) as img:
-    img = img.convert("L" if channels == 1 else "RGB")
-    if image_size is not None:
-      width, height = img.size
-      scale = image_size / min(width, height)
-      new_w = max(image_size, round(width * scale))
-      new_h = max(image_size, round(height * scale))
-      if (new_w, new_h) != (width, height):
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-      left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-      img = img.crop((left, top, left + image_size, top + image_size))
-    array = np.asarray(img, dtype=np.uint8)
+    return resize_centre_crop(img, image_size, channels)
+
+
+def resize_centre_crop(img: Any, image_size: int | None, channels: int) -> np.ndarray:
+  """A PIL image as uint8 ``[s, s, channels]``: shorter side resized (bilinear) to
+  ``s = image_size``, then the centre square; converted only when `image_size` is None."""
+  from PIL import Image
+
+  img = img.convert("L" if channels == 1 else "RGB")
+  if image_size is not None:
+    width, height = img.size
+    scale = image_size / min(width, height)
+    new_w = max(image_size, round(width * scale))
+    new_h = max(image_size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+      img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+    img = img.crop((left, top, left + image_size, top + image_size))
+  array = np.asarray(img, dtype=np.uint8)
   return array[..., None] if channels == 1 else array
 
 
@@ -791,7 +804,8 @@ def long_tailed_subset(source: ArraySource, *, ratio: float, num_classes: int,
   return ArraySource(source.images[index], source.labels[index])
 
 
-def build_source(data_config: ml_collections.ConfigDict, split: str) -> ArraySource:
+def build_source(data_config: ml_collections.ConfigDict,
+                 split: str) -> ArraySource | StreamingSource:
   """Loads split `split` as configured by the ``data`` config section.
 
   Dispatches on ``data.source``:
@@ -802,6 +816,9 @@ def build_source(data_config: ml_collections.ConfigDict, split: str) -> ArraySou
                          ``data.image_size``, decoded with ``data.channels`` channels
     'arrays'             ``<data.data_dir>/<split>.npz``, or ``data.data_dir`` as a file
                          path (``{split}`` in it is replaced by the split)
+    'tfds_stream'        a `StreamingSource` (`ssljax.data.streaming.build_streaming_source`):
+    'folder_stream'      examples read and pre-cropped per batch, never loaded whole; it
+                         checks its own split and classes and is returned as it is
 
   Then checks the images against ``(data.image_size, data.image_size, data.channels)``
   and the labels against ``data.num_classes``. With ``data.imbalance`` > 0 the train split
@@ -811,6 +828,9 @@ def build_source(data_config: ml_collections.ConfigDict, split: str) -> ArraySou
   """
   data = data_config
   source = data.source
+  if source in ("tfds_stream", "folder_stream"):
+    from ssljax.data.streaming import build_streaming_source  # it imports this module
+    return build_streaming_source(data, split)
   if source == "fashion_mnist_idx":
     loaded = load_fashion_mnist_idx(data.data_dir, split)
   elif source == "tfds":
