@@ -46,3 +46,13 @@ def test_memory_arms_build_their_method(bench):
   assert issl_head.method.simclr.proj_hidden_dim == 1024
   assert issl_head.method.simclr.proj_last_bn
   assert issl_head.model.to_dict() == reference.model.to_dict()
+
+
+def test_dino_arm_gets_dissls_views(bench):
+  # DISSL over DINO is only a like-for-like ratio when both augment the same views.
+  reference = bench.cpu_step.load_config(bench.config_spec("simclr"))
+  dino = bench.method_config("dino[dissl views]", reference, 64)
+  dissl = bench.method_config("dissl", reference, 64)
+  assert dino.method.name == "dino"
+  assert dino.augment.to_dict() == dissl.augment.to_dict()
+  assert dino.model.to_dict() == dissl.model.to_dict()
