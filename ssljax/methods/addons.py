@@ -123,8 +123,11 @@ def weight_terms(method: Method, weights: WeightFn, *, addon: str) -> Method:
                          axis_name=axis_name)
     terms = out.terms()
     value = reduce_terms(terms, w)
+    # The unweighted loss from the same terms (equal to out.value by the terms' contract), so
+    # the base loss is not evaluated a second time just for this metric.
+    unweighted = jax.lax.stop_gradient(reduce_terms(terms))
     return Objective(value, lambda: w * terms, {**out.metrics, **metrics,
-                                                "unweighted_loss": out.value},
+                                                "unweighted_loss": unweighted},
                      out.method_state)
 
   return dataclasses.replace(method, name=f"{method.name}+{addon}", objective=objective)
