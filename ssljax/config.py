@@ -251,7 +251,7 @@ DATASETS: dict[str, dict[str, Any]] = {
         image_size=32, channels=3, num_classes=100,
         mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
     "imagenet": dict(
-        source="tfds", name="imagenet2012", data_dir="", train_split="train",
+        source="tfds_stream", name="imagenet2012", data_dir="", train_split="train",
         test_split="validation", image_size=224, channels=3, num_classes=1000,
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
 }
@@ -305,8 +305,18 @@ def set_dataset(c: ml_collections.ConfigDict, name: str) -> None:
                    mean (0.4914, 0.4822, 0.4465), std (0.2470, 0.2435, 0.2616).
     cifar100       'tfds' cifar100 (data_dir ''), splits train/test, 32 x 32 x 3, 100 classes,
                    mean (0.5071, 0.4865, 0.4409), std (0.2673, 0.2564, 0.2762).
-    imagenet       'tfds' imagenet2012 (data_dir ''), splits train/validation, 224 x 224 x 3,
-                   1000 classes, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225).
+    imagenet       'tfds_stream' imagenet2012 (data_dir ''; prepared as array_record),
+                   splits train/validation, 224 x 224 x 3, 1000 classes,
+                   mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225). ImageNet's images
+                   vary in size and do not fit in a host's memory, so it streams
+                   (ssljax.data.streaming): the host decodes each image and resizes it
+                   whole (its 4:3 centre if it is longer than that either way) to 224 x 224,
+                   the default ``data.precrop_scale = (1.0, 1.0)``, so the recipe's
+                   random-resized crop on the device keeps its area range relative to the
+                   whole image. The other streaming keys (``precrop_ratio``,
+                   ``stream_workers``, ``stream_threads``) keep their defaults. A copy as
+                   JPEG folders (DIR/train/<wnid>/*.JPEG) streams with
+                   ``--config.data.source=folder_stream --config.data.data_dir=DIR``.
 
   Recipes whose reference code uses other channel statistics override ``data.mean``/``std``
   after the call.

@@ -56,13 +56,27 @@ imagenet: the official ResNet-50 recipe (facebookresearch/barlowtwins, the offic
   Deviation: the official code gives biases and BN parameters their own learning rate (0.0048
   per 256 images, 1/41.7 of the weights' rate); ssljax's optimiser has one learning rate, so
   they train at the weights' rate (still without decay or trust ratio).
-  Published (not measured by ssljax): 73.5% top-1 (91.0% top-5) linear evaluation after 1000
-  epochs at batch 2048, facebookresearch/barlowtwins README; "approximately 7 days on 16 V100
-  GPUs" for this recipe (same README).
-  Status: ImageNet's images have varying sizes, so the host must decode and pre-crop them; the
-  in-memory sources of ssljax.data refuse that with a clear error. This config holds the
-  recipe for the streaming TFDS source that comes with the TPU-pod launcher; it does not run
-  yet.
+  Published, not measured by ssljax: 73.5% top-1 (91.0% top-5) linear evaluation after
+  1000 epochs at batch 2048, facebookresearch/barlowtwins README; "approximately 7 days
+  on 16 V100 GPUs" for this recipe (same README).
+  Launch (streams imagenet2012 from DATA_DIR, prepared by TFDS as array_record and readable
+  on every host, e.g. a disk attached to all workers):
+  TPU pod (v4-32, a slice whose devices divide batch 2048; ZONE as the pod's zone):
+    ZONE=ZONE ACCELERATOR_TYPE=v4-32 bash launch/tpu_pod.sh train \
+        configs/barlow_twins.py:imagenet gs://BUCKET/barlow_in1k --config.data.data_dir=DATA_DIR
+  SLURM, 16 GPUs (2 nodes x 8; 6 decode workers per task fit the script's 8 CPUs):
+    sbatch --nodes=2 --gpus-per-node=8 --ntasks-per-node=8 launch/slurm.sbatch \
+        configs/barlow_twins.py:imagenet /shared/runs/barlow_in1k \
+        --config.data.data_dir=DATA_DIR --config.data.stream_workers=6
+  A copy as JPEG folders (DIR/train/<wnid>/*.JPEG) streams with
+  --config.data.source=folder_stream --config.data.data_dir=DIR (data.test_split names the
+  validation folder). The host squeezes each image (whole, or its 4:3 centre when it is
+  longer than 4:3 either way) to a square of data.image_size = 224; the device takes the crops
+  above from it: their areas are fractions of the whole image as in the paper, but cut
+  from the 224 px copy rather than the full-size JPEG (a larger --config.data.image_size,
+  e.g. 256, gives small crops more pixels at more host work). Evaluation: the kNN
+  monitor, kNN and linear probe do not run on a streaming source yet; results.json
+  records eval/skipped (`ssljax export` writes the encoder for an external probe).
 """
 
 from ssljax.config import (config_dataset, default_config, set_augment_preset, set_cpu_job,

@@ -59,13 +59,28 @@ imagenet: the paper's ResNet-50 recipe (google-deepmind/deepmind-research/byol,
   epochs lr 0.3, wd 1e-6, EMA 0.99; 100 epochs lr 0.45, wd 1e-6, EMA 0.99.
   Deviation: the DeepMind code draws the target's initial weights from a second seed; ssljax
   starts the target as a copy of the online network (as solo-learn).
-  Published (not measured by ssljax): "between 74.0% and 74.5%" top-1 linear evaluation "after
-  about 8h of training using 512 Cloud TPU v3" (deepmind-research/byol README; the released
-  ResNet-50 checkpoint "should evaluate to ~74.4%").
-  Status: ImageNet's images have varying sizes, so the host must decode and pre-crop them; the
-  in-memory sources of ssljax.data refuse that with a clear error. This config holds the
-  recipe for the streaming TFDS source that comes with the TPU-pod launcher; it does not run
-  yet.
+  Published, not measured by ssljax: "between 74.0% and 74.5%" top-1 linear evaluation
+  "after about 8h of training using 512 Cloud TPU v3" (deepmind-research/byol README; the
+  released ResNet-50 checkpoint "should evaluate to ~74.4%").
+  Launch (streams imagenet2012 from DATA_DIR, prepared by TFDS as array_record and readable
+  on every host, e.g. a disk attached to all workers):
+  TPU pod (v3-512, the README's 512 v3 cores; ZONE as the pod's zone):
+    ZONE=ZONE ACCELERATOR_TYPE=v3-512 bash launch/tpu_pod.sh train \
+        configs/byol.py:imagenet gs://BUCKET/byol_in1k --config.data.data_dir=DATA_DIR
+  SLURM, 64 GPUs (8 nodes x 8; 6 decode workers per task fit the script's 8 CPUs):
+    sbatch --nodes=8 --gpus-per-node=8 --ntasks-per-node=8 launch/slurm.sbatch \
+        configs/byol.py:imagenet /shared/runs/byol_in1k \
+        --config.data.data_dir=DATA_DIR --config.data.stream_workers=6
+  A copy as JPEG folders (DIR/train/<wnid>/*.JPEG) streams with
+  --config.data.source=folder_stream --config.data.data_dir=DIR (data.test_split names the
+  validation folder). The host squeezes each image (whole, or its 4:3 centre when it is
+  longer than 4:3 either way) to a square of data.image_size = 224; the device takes the crops
+  above from it: their areas are fractions of the whole image as in the paper, but cut
+  from the 224 px copy rather than the full-size JPEG (a larger --config.data.image_size,
+  e.g. 256, gives small crops more pixels at more host work). Evaluation: the kNN
+  monitor, kNN and linear probe do not run on a streaming source yet; results.json
+  records eval/skipped (`ssljax export` writes the encoder for an external probe).
+  (64 GPUs is 8x less hardware than the README's; expect correspondingly longer runs.)
 """
 
 from ssljax.config import (config_dataset, default_config, set_augment_preset, set_cpu_job,

@@ -71,9 +71,26 @@ imagenet: ResNet-50 at 224 px, two views, batch 2560, 100 epochs, z = 2048, fp16
   official runs (README). The released ImageNet models were trained with a VISSL fork whose
   optimiser settings are not in the sources ssljax was written from; this config keeps the
   TinyImageNet optimiser (Adam 2e-3) as a placeholder and the SimCLR ImageNet views.
-  Published (not measured by ssljax): the README reports DISSL only on ImageNet; no CISSL
-  ImageNet number. Status: as the other ImageNet configs, it needs the streaming TFDS source
-  of the TPU-pod launcher and does not run yet.
+  Published, not measured by ssljax: none; the README reports DISSL only on ImageNet (8
+  A100s, no training time stated), no CISSL ImageNet number.
+  Launch (streams imagenet2012 from DATA_DIR, prepared by TFDS as array_record and readable
+  on every host, e.g. a disk attached to all workers):
+  TPU pod (v4-32, a slice whose devices divide batch 2560; ZONE as the pod's zone):
+    ZONE=ZONE ACCELERATOR_TYPE=v4-32 bash launch/tpu_pod.sh train \
+        configs/cissl.py:imagenet gs://BUCKET/cissl_in1k --config.data.data_dir=DATA_DIR
+  SLURM, 8 GPUs (1 node x 8; 6 decode workers per task fit the script's 8 CPUs):
+    sbatch --nodes=1 --gpus-per-node=8 --ntasks-per-node=8 launch/slurm.sbatch \
+        configs/cissl.py:imagenet /shared/runs/cissl_in1k \
+        --config.data.data_dir=DATA_DIR --config.data.stream_workers=6
+  A copy as JPEG folders (DIR/train/<wnid>/*.JPEG) streams with
+  --config.data.source=folder_stream --config.data.data_dir=DIR (data.test_split names the
+  validation folder). The host squeezes each image (whole, or its 4:3 centre when it is
+  longer than 4:3 either way) to a square of data.image_size = 224; the device takes the crops
+  above from it: their areas are fractions of the whole image as in the paper, but cut
+  from the 224 px copy rather than the full-size JPEG (a larger --config.data.image_size,
+  e.g. 256, gives small crops more pixels at more host work). Evaluation: the kNN
+  monitor, kNN and linear probe do not run on a streaming source yet; results.json
+  records eval/skipped (`ssljax export` writes the encoder for an external probe).
 """
 
 from ssljax.config import (config_dataset, default_config, set_augment_preset, set_cpu_job,

@@ -77,13 +77,27 @@ imagenet: the official ResNet-50 recipe (facebookresearch/dino; the README's Res
   decays every parameter); its augmentations differ per crop (blur p 1.0 / 0.1 / 0.5 for
   global 1, global 2 and small crops, solarisation 0.2 on global 2), while ssljax's
   'multicrop' policy gives every crop the same settings (blur p 0.5, no solarisation here).
-  Published (not measured by ssljax): ResNet-50 75.3% top-1 linear and 67.5% k-NN on
-  ImageNet, facebookresearch/dino README (released checkpoint). Hardware / time: the README's
-  command runs on one node with 8 GPUs for 100 epochs (its time is not stated).
-  Status: ImageNet's images have varying sizes, so the host must decode and pre-crop them; the
-  in-memory sources of ssljax.data refuse that with a clear error. This config holds the
-  recipe for the streaming TFDS source that comes with the TPU-pod launcher; it does not run
-  yet.
+  Published, not measured by ssljax: ResNet-50 75.3% top-1 linear and 67.5% k-NN on
+  ImageNet, facebookresearch/dino README (released checkpoint). Hardware / time: the
+  README's command runs on one node with 8 GPUs for 100 epochs; it states no time.
+  Launch (streams imagenet2012 from DATA_DIR, prepared by TFDS as array_record and readable
+  on every host, e.g. a disk attached to all workers):
+  TPU pod (v4-32, a slice whose devices divide batch 512; ZONE as the pod's zone):
+    ZONE=ZONE ACCELERATOR_TYPE=v4-32 bash launch/tpu_pod.sh train \
+        configs/dino.py:imagenet gs://BUCKET/dino_in1k --config.data.data_dir=DATA_DIR
+  SLURM, 8 GPUs (1 node x 8; 6 decode workers per task fit the script's 8 CPUs):
+    sbatch --nodes=1 --gpus-per-node=8 --ntasks-per-node=8 launch/slurm.sbatch \
+        configs/dino.py:imagenet /shared/runs/dino_in1k \
+        --config.data.data_dir=DATA_DIR --config.data.stream_workers=6
+  A copy as JPEG folders (DIR/train/<wnid>/*.JPEG) streams with
+  --config.data.source=folder_stream --config.data.data_dir=DIR (data.test_split names the
+  validation folder). The host squeezes each image (whole, or its 4:3 centre when it is
+  longer than 4:3 either way) to a square of data.image_size = 224; the device takes the crops
+  above from it: their areas are fractions of the whole image as in the paper, but cut
+  from the 224 px copy rather than the full-size JPEG (a larger --config.data.image_size,
+  e.g. 256, gives small crops more pixels at more host work). Evaluation: the kNN
+  monitor, kNN and linear probe do not run on a streaming source yet; results.json
+  records eval/skipped (`ssljax export` writes the encoder for an external probe).
 """
 
 from ssljax.config import (config_dataset, default_config, set_augment_preset, set_cpu_job,

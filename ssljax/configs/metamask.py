@@ -43,7 +43,26 @@ cifar100: the CIFAR-10 recipe unchanged (the repository has no other setting), w
 imagenet: no official recipe exists (the repository releases CIFAR-10 only). This setting is a
   proposal that builds: ResNet-50 (7x7 stem, max-pool), heads 2048-2048-2048-2048 and
   2048-2048-256, the CIFAR loss weights and optimiser at batch 512, 100 epochs, the
-  `symmetric_weak` views without blur. Not run.
+  `symmetric_weak` views without blur. No published ImageNet number, hardware or time
+  exists for MetaMask; not measured by ssljax.
+  Launch (streams imagenet2012 from DATA_DIR, prepared by TFDS as array_record and readable
+  on every host, e.g. a disk attached to all workers):
+  TPU pod (v4-32, a slice whose devices divide batch 512; ZONE as the pod's zone):
+    ZONE=ZONE ACCELERATOR_TYPE=v4-32 bash launch/tpu_pod.sh train \
+        configs/metamask.py:imagenet gs://BUCKET/metamask_in1k --config.data.data_dir=DATA_DIR
+  SLURM, 8 GPUs (1 node x 8; 6 decode workers per task fit the script's 8 CPUs):
+    sbatch --nodes=1 --gpus-per-node=8 --ntasks-per-node=8 launch/slurm.sbatch \
+        configs/metamask.py:imagenet /shared/runs/metamask_in1k \
+        --config.data.data_dir=DATA_DIR --config.data.stream_workers=6
+  A copy as JPEG folders (DIR/train/<wnid>/*.JPEG) streams with
+  --config.data.source=folder_stream --config.data.data_dir=DIR (data.test_split names the
+  validation folder). The host squeezes each image (whole, or its 4:3 centre when it is
+  longer than 4:3 either way) to a square of data.image_size = 224; the device takes the crops
+  above from it: their areas are fractions of the whole image as in the paper, but cut
+  from the 224 px copy rather than the full-size JPEG (a larger --config.data.image_size,
+  e.g. 256, gives small crops more pixels at more host work). Evaluation: the kNN
+  monitor, kNN and linear probe do not run on a streaming source yet; results.json
+  records eval/skipped (`ssljax export` writes the encoder for an external probe).
 """
 
 from ssljax.config import (config_dataset, default_config, set_augment_preset, set_cpu_job,

@@ -48,9 +48,27 @@ imagenet: train_imagenet_mocov2_cld.sh: ResNet-50, batch 512, lr 0.2, cosine, 20
   degenerates to per-row clusters plus 56 zero centroids, which ssljax refuses: this config
   clusters the gathered global batch (method.cld.global_kmeans = True, 512 rows). Shuffle-BN
   is replaced by synchronised BN; bfloat16 compute.
-  Published (not measured here): linear top-1 70.0% (NormMLP, 200 epochs; 69.2% with MLP)
-  against 67.5% for MoCo v2, the CLD README. 8 GPUs there. Status: like configs/moco.py:
-  imagenet, this recipe waits for the streaming ImageNet source.
+  Published, not measured by ssljax: linear top-1 70.0% (NormMLP, 200 epochs; 69.2% with
+  MLP) against 67.5% for MoCo v2, the CLD README; 8 GPUs there, no training time stated.
+  Launch (streams imagenet2012 from DATA_DIR, prepared by TFDS as array_record and readable
+  on every host, e.g. a disk attached to all workers):
+  TPU pod (v4-32, a slice whose devices divide batch 512; ZONE as the pod's zone):
+    ZONE=ZONE ACCELERATOR_TYPE=v4-32 bash launch/tpu_pod.sh train \
+        configs/moco_cld.py:imagenet gs://BUCKET/moco_cld_in1k --config.data.data_dir=DATA_DIR
+  SLURM, 8 GPUs (1 node x 8; 6 decode workers per task fit the script's 8 CPUs):
+    sbatch --nodes=1 --gpus-per-node=8 --ntasks-per-node=8 launch/slurm.sbatch \
+        configs/moco_cld.py:imagenet /shared/runs/moco_cld_in1k \
+        --config.data.data_dir=DATA_DIR --config.data.stream_workers=6
+  A copy as JPEG folders (DIR/train/<wnid>/*.JPEG) streams with
+  --config.data.source=folder_stream --config.data.data_dir=DIR (data.test_split names the
+  validation folder). The host squeezes each image (whole, or its 4:3 centre when it is
+  longer than 4:3 either way) to a square of data.image_size = 224; the device takes the crops
+  above from it: their areas are fractions of the whole image as in the paper, but cut
+  from the 224 px copy rather than the full-size JPEG (a larger --config.data.image_size,
+  e.g. 256, gives small crops more pixels at more host work). Evaluation: the kNN
+  monitor, kNN and linear probe do not run on a streaming source yet; results.json
+  records eval/skipped (`ssljax export` writes the encoder for an external probe).
+  The long-tailed variant (data.imbalance) is refused on a streaming source.
 """
 
 import os

@@ -63,12 +63,29 @@ imagenet: the original NCE recipe (zhirongw/lemniscate.pytorch main.py, Wu et al
   jitter, ssljax's policy after it. The original's BN statistics are per GPU (DataParallel);
   here they span the global batch. This config computes in bfloat16 (the original in
   float32).
-  Published (not measured by ssljax): top-1 accuracy 46.8% for ResNet-50 (41.0% for
-  ResNet-18), the lemniscate.pytorch README, which evaluates with its weighted kNN classifier.
-  Status: ImageNet's images have varying sizes, so the host must decode and pre-crop them; the
-  in-memory sources of ssljax.data refuse that with a clear error. This config holds the
-  recipe for the streaming TFDS source that comes with the TPU-pod launcher; it does not run
-  yet.
+  Published, not measured by ssljax: top-1 accuracy 46.8% for ResNet-50 (41.0% for
+  ResNet-18), the lemniscate.pytorch README, which evaluates with its weighted kNN
+  classifier. The README and the sources ssljax was written from state no hardware or
+  training time for it.
+  Launch (streams imagenet2012 from DATA_DIR, prepared by TFDS as array_record and readable
+  on every host, e.g. a disk attached to all workers):
+  TPU pod (v4-8, a slice whose devices divide batch 256; ZONE as the pod's zone):
+    ZONE=ZONE ACCELERATOR_TYPE=v4-8 bash launch/tpu_pod.sh train \
+        configs/npid.py:imagenet gs://BUCKET/npid_in1k --config.data.data_dir=DATA_DIR
+  SLURM, 8 GPUs (1 node x 8; 6 decode workers per task fit the script's 8 CPUs):
+    sbatch --nodes=1 --gpus-per-node=8 --ntasks-per-node=8 launch/slurm.sbatch \
+        configs/npid.py:imagenet /shared/runs/npid_in1k \
+        --config.data.data_dir=DATA_DIR --config.data.stream_workers=6
+  A copy as JPEG folders (DIR/train/<wnid>/*.JPEG) streams with
+  --config.data.source=folder_stream --config.data.data_dir=DIR (data.test_split names the
+  validation folder). The host squeezes each image (whole, or its 4:3 centre when it is
+  longer than 4:3 either way) to a square of data.image_size = 224; the device takes the crops
+  above from it: their areas are fractions of the whole image as in the paper, but cut
+  from the 224 px copy rather than the full-size JPEG (a larger --config.data.image_size,
+  e.g. 256, gives small crops more pixels at more host work). Evaluation: the kNN
+  monitor, kNN and linear probe do not run on a streaming source yet; results.json
+  records eval/skipped (`ssljax export` writes the encoder for an external probe).
+  The memory bank holds one row per example of the streamed split (its length).
 """
 
 from ssljax.config import (config_dataset, default_config, set_augment_preset, set_cpu_job,

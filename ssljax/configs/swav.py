@@ -70,14 +70,28 @@ imagenet: the paper's 800-epoch multi-crop ResNet-50 recipe (facebookresearch/sw
   official swav_200ep_bs256 script uses lr 0.6 per 256, final lr 0.0006, no warmup, and a queue of
   3840 from epoch 15 (--config.method.swav.queue_size=3840
   --config.method.swav.queue_start_epoch=15).
-  Published (not measured by ssljax): 75.3% ImageNet top-1 linear evaluation after 800 epochs
-  (facebookresearch/swav README). Hardware / time: the README's running-time table gives 3 min
-  40 s per epoch at batch 4096 with this script's 64 GPUs (8 nodes), about 49 h for 800
-  epochs.
-  Status: ImageNet's images have varying sizes, so the host must decode and pre-crop them; the
-  in-memory sources of ssljax.data refuse that with a clear error. This config holds the
-  recipe for the streaming TFDS source that comes with the TPU-pod launcher; it does not run
-  yet.
+  Published, not measured by ssljax: 75.3% ImageNet top-1 linear evaluation after 800
+  epochs (facebookresearch/swav README). Hardware / time: the README's running-time table
+  gives 3 min 40 s per epoch at batch 4096 with this script's 64 V100 GPUs (8 nodes),
+  about 49 h for 800 epochs.
+  Launch (streams imagenet2012 from DATA_DIR, prepared by TFDS as array_record and readable
+  on every host, e.g. a disk attached to all workers):
+  TPU pod (v4-64, a slice whose devices divide batch 4096; ZONE as the pod's zone):
+    ZONE=ZONE ACCELERATOR_TYPE=v4-64 bash launch/tpu_pod.sh train \
+        configs/swav.py:imagenet gs://BUCKET/swav_in1k --config.data.data_dir=DATA_DIR
+  SLURM, 64 GPUs (8 nodes x 8; 6 decode workers per task fit the script's 8 CPUs):
+    sbatch --nodes=8 --gpus-per-node=8 --ntasks-per-node=8 launch/slurm.sbatch \
+        configs/swav.py:imagenet /shared/runs/swav_in1k \
+        --config.data.data_dir=DATA_DIR --config.data.stream_workers=6
+  A copy as JPEG folders (DIR/train/<wnid>/*.JPEG) streams with
+  --config.data.source=folder_stream --config.data.data_dir=DIR (data.test_split names the
+  validation folder). The host squeezes each image (whole, or its 4:3 centre when it is
+  longer than 4:3 either way) to a square of data.image_size = 224; the device takes the crops
+  above from it: their areas are fractions of the whole image as in the paper, but cut
+  from the 224 px copy rather than the full-size JPEG (a larger --config.data.image_size,
+  e.g. 256, gives small crops more pixels at more host work). Evaluation: the kNN
+  monitor, kNN and linear probe do not run on a streaming source yet; results.json
+  records eval/skipped (`ssljax export` writes the encoder for an external probe).
 """
 
 from ssljax.config import (config_dataset, default_config, set_augment_preset, set_cpu_job,

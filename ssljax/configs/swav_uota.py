@@ -22,9 +22,28 @@ imagenet: the official README run (main_uota.py defaults): ResNet-50, projector
   from epoch 100 (start_fraction 0.5) with the official learning-rate restart at the switch
   (optim.restart_fraction 0.5: the cosine's peak doubles). Deviations: the official LARC skips
   no parameter (as here) but clips nothing; apex O1 mixed precision vs bfloat16 compute here
-  (the weights are computed in float32 in both). Published (README, not measured here): SwAV
-  72.7 -> SwAV+UOTA 73.5 linear top-1 (the dataset, ImageNet-1K or -100, is ambiguous in the
-  source). Hardware / time: 4 V100 GPUs, about 181 h in the paper; not run by ssljax.
+  (the weights are computed in float32 in both).
+  Published, not measured by ssljax: SwAV 72.7 -> SwAV+UOTA 73.5 linear top-1 (README;
+  the dataset, ImageNet-1K or -100, is ambiguous in the source). Hardware / time: 4 V100
+  GPUs, about 181 h in the paper.
+  Launch (streams imagenet2012 from DATA_DIR, prepared by TFDS as array_record and readable
+  on every host, e.g. a disk attached to all workers):
+  TPU pod (v4-8, a slice whose devices divide batch 256; ZONE as the pod's zone):
+    ZONE=ZONE ACCELERATOR_TYPE=v4-8 bash launch/tpu_pod.sh train \
+        configs/swav_uota.py:imagenet gs://BUCKET/swav_uota_in1k --config.data.data_dir=DATA_DIR
+  SLURM, 4 GPUs (1 node x 4; 6 decode workers per task fit the script's 8 CPUs):
+    sbatch --nodes=1 --gpus-per-node=4 --ntasks-per-node=4 launch/slurm.sbatch \
+        configs/swav_uota.py:imagenet /shared/runs/swav_uota_in1k \
+        --config.data.data_dir=DATA_DIR --config.data.stream_workers=6
+  A copy as JPEG folders (DIR/train/<wnid>/*.JPEG) streams with
+  --config.data.source=folder_stream --config.data.data_dir=DIR (data.test_split names the
+  validation folder). The host squeezes each image (whole, or its 4:3 centre when it is
+  longer than 4:3 either way) to a square of data.image_size = 224; the device takes the crops
+  above from it: their areas are fractions of the whole image as in the paper, but cut
+  from the 224 px copy rather than the full-size JPEG (a larger --config.data.image_size,
+  e.g. 256, gives small crops more pixels at more host work). Evaluation: the kNN
+  monitor, kNN and linear probe do not run on a streaming source yet; results.json
+  records eval/skipped (`ssljax export` writes the encoder for an external probe).
 
 cifar10: no official CIFAR recipe exists; the UOTA paper's authors' setting transferred as
   their README suggests: CIFAR ResNet-18, 2 global 32 px crops (area 0.14-1) + 4 x 16 px
