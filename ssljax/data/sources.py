@@ -742,7 +742,8 @@ def _materialise_data_source(examples: Any, name: str, image_key: str,
         raise ValueError(
             f"TFDS dataset {name!r}: example {i} has image shape {image.shape}, example 0 "
             f"has {images.shape[1:]}; variable-size datasets need a streaming source "
-            "with host-side cropping.")
+            "with host-side cropping: --config.data.source=tfds_stream (or folder_stream "
+            "for a folder of JPEGs).")
       images[i] = image
       if label_key is not None:
         labels[i] = example[label_key]
