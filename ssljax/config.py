@@ -190,6 +190,9 @@ def default_config(method: str = "simclr",
   # and an epoch mean; it is refused unless this is True.
   c.train.allow_batch_size_change = False
   c.train.eval_every_steps = 0  # Periodic kNN monitor (0: only at the end).
+  # Order of the devices along the one 'data' mesh axis: 'devices' (jax.devices()) or
+  # 'topology' (jax.experimental.mesh_utils, the TPU interconnect's order). ssljax.parallel.
+  c.train.mesh_device_order = "devices"
   # A tqdm bar when stderr is a terminal; off a terminal (log files, nohup, clusters) or when
   # False, one log line per log_every_steps (step, epoch, loss, images/s, ETA) instead.
   c.train.progress_bar = True

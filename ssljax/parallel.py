@@ -48,10 +48,47 @@ DEFAULT_TIMEOUT_S = 300  # jax.distributed's own default initialization_timeout
 EXIT_RENDEZVOUS_FAILED = 69
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A one-axis ``('data',)`` mesh over `devices` (default: every device of every host)."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+MESH_DEVICE_ORDERS = ("devices", "topology")
+
+
+def make_mesh(devices=None, *, device_order: str = "devices") -> Mesh:
+  """A one-axis ``('data',)`` mesh over `devices` (default: every device of every host).
+
+  `device_order` (``config.train.mesh_device_order``) is the order of the devices along the
+  axis: ``'devices'`` keeps ``jax.devices()``'s order; ``'topology'`` takes
+  ``jax.experimental.mesh_utils.create_device_mesh``'s, which on TPU follows the physical
+  interconnect (the order collectives such as the all-gather of contrastive negatives run
+  around) and elsewhere is the given order. Either way each process's devices must hold one
+  contiguous block of the axis, in process order, because host ``p`` loads rows
+  ``[p n, (p + 1) n)`` of every global batch (`ssljax.data.HostLoader`); an order that
+  interleaves processes is refused with an error rather than silently reordering the batch.
+
+  Raises:
+    ValueError: an unknown `device_order`, or an order that interleaves processes.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if device_order == "devices":
+    ordered = np.asarray(devices)
+  elif device_order == "topology":
+    from jax.experimental import mesh_utils
+    ordered = np.asarray(mesh_utils.create_device_mesh((len(devices),), devices=devices))
+  else:
+    raise ValueError(f"train.mesh_device_order must be one of {MESH_DEVICE_ORDERS}, got "
+                     f"{device_order!r}")
+  check_process_blocks(list(ordered.reshape(-1)), device_order)
+  return Mesh(ordered.reshape(-1), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def check_process_blocks(devices, device_order: str = "devices") -> None:
+  """Raises unless the processes' devices form contiguous blocks along the axis, in order."""
+  owners = [int(d.process_index) for d in devices]
+  blocks = [p for i, p in enumerate(owners) if i == 0 or p != owners[i - 1]]
+  if blocks != sorted(set(owners)):
+    raise ValueError(
+        f"train.mesh_device_order = {device_order!r} puts the devices of processes "
+        f"{blocks} along the data axis in that order, but every process must own one "
+        f"contiguous block of the axis, in process order (each host loads its own rows of "
+        f"every global batch); use --config.train.mesh_device_order=devices")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -214,8 +214,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   started = time.time()
 
   # ------------------------------------------------------------------ mesh
-  mesh = make_mesh()
   try:
+    mesh = make_mesh(device_order=config.train.get("mesh_device_order", "devices"))
     check_batch_divisible(config.train.batch_size, mesh)
   except ValueError as e:
     raise ConfigError(str(e)) from None
@@ -453,7 +453,7 @@ def restore_latest(workdir: str, config: ml_collections.ConfigDict | None = None
     FileNotFoundError: the workdir has no checkpoint yet.
   """
   config = config or load_workdir_config(workdir)
-  mesh = make_mesh()
+  mesh = make_mesh(device_order=config.train.get("mesh_device_order", "devices"))
   train_source = data.build_source(config.data, config.data.train_split)
   steps_per_epoch, total_steps = run_length(config, len(train_source))
   method, init, _ = build_state_and_step(config, mesh, tuple(train_source.image_shape),
