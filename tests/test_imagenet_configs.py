@@ -5,7 +5,8 @@ TFDS's mocked ``imagenet2012`` (random images of varying size, read through the
 ``'tfds_stream'`` source exactly as a prepared ImageNet is). Only sizes shrink: images and
 crops of 32 px (multi-crop small crops 16 px), the CPU backbone, batch 16, two steps, head
 widths, queues and negatives capped at 64, SwAV prototypes at the batch and CLD clusters below
-it. The data source, method, add-ons, augmentation policy and optimiser are the recipe's. Three
+it, evaluation on streamed subsets of 32 train and 16 test images with two probe epochs. The
+data source, method, add-ons, augmentation policy and optimiser are the recipe's. Three
 recipes run in the default suite, the rest with ``-m slow``; a recipe that the stream cannot
 serve (a long-tailed subset) and the in-memory source on ImageNet fail with their reason.
 """
@@ -31,6 +32,7 @@ SMALL_CROP_SIZE = 16
 BATCH = 16
 STEPS = 2
 CAP = 64  # the widest head, the longest queue, the most negatives
+EVAL_TRAIN, EVAL_TEST = 32, 16  # the streamed evaluation subsets (of 48 mocked images each)
 
 
 def _imagenet_configs() -> list[str]:
@@ -81,6 +83,10 @@ def _shrunk(config: ml_collections.ConfigDict, data_dir: str) -> ml_collections.
   c.train.num_steps = STEPS
   c.train.log_every_steps = 1
   c.train.checkpoint_every_steps = STEPS
+  c.eval.batch_size = BATCH
+  c.eval.monitor_train_examples = EVAL_TRAIN
+  c.eval.monitor_test_examples = EVAL_TEST
+  c.eval.probe_epochs = 2
   for section in (c.method.name, *c.method.addons):
     hp = c.method[section]
     for key, value in hp.items():
@@ -115,7 +121,11 @@ def test_imagenet_recipe_trains_on_mocked_imagenet_stream(name, mock_imagenet, t
   results = loop.train(c, workdir)
 
   assert results["steps"] == STEPS
-  assert "streams its images" in results["eval/skipped"]
+  # Evaluated on the stream: the recipe's subsets shrunk to 32 train / 16 test images.
+  assert "eval/skipped" not in results, results.get("eval/skipped")
+  assert (results["eval/train_examples"], results["eval/test_examples"]) == (EVAL_TRAIN,
+                                                                             EVAL_TEST)
+  assert 0.0 <= results["knn/top1"] <= 1.0 and 0.0 <= results["linear_probe/top1"] <= 1.0
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     stored = json.load(f)
   assert stored["data"]["source"] == "tfds_stream"

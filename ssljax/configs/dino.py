@@ -96,8 +96,8 @@ imagenet: the official ResNet-50 recipe (facebookresearch/dino; the README's Res
   above from it: their areas are fractions of the whole image as in the paper, but cut
   from the 224 px copy rather than the full-size JPEG (a larger --config.data.image_size,
   e.g. 256, gives small crops more pixels at more host work). Evaluation: the kNN
-  monitor, kNN and linear probe do not run on a streaming source yet; results.json
-  records eval/skipped (`ssljax export` writes the encoder for an external probe).
+  and linear probe run on the stream on seeded subsets of 50000 train and 10000 validation
+  images (eval.monitor_train_examples / eval.monitor_test_examples), read a batch at a time.
 """
 
 from ssljax.config import (config_dataset, default_config, set_augment_preset, set_cpu_job,

@@ -66,8 +66,8 @@ imagenet: train_imagenet_mocov2_cld.sh: ResNet-50, batch 512, lr 0.2, cosine, 20
   above from it: their areas are fractions of the whole image as in the paper, but cut
   from the 224 px copy rather than the full-size JPEG (a larger --config.data.image_size,
   e.g. 256, gives small crops more pixels at more host work). Evaluation: the kNN
-  monitor, kNN and linear probe do not run on a streaming source yet; results.json
-  records eval/skipped (`ssljax export` writes the encoder for an external probe).
+  and linear probe run on the stream on seeded subsets of 50000 train and 10000 validation
+  images (eval.monitor_train_examples / eval.monitor_test_examples), read a batch at a time.
   The long-tailed variant (data.imbalance) is refused on a streaming source.
 """
 

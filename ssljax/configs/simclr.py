@@ -58,8 +58,8 @@ imagenet: the original paper's ResNet-50 recipe (the SimCLR paper's defaults as
   above from it: their areas are fractions of the whole image as in the paper, but cut
   from the 224 px copy rather than the full-size JPEG (a larger --config.data.image_size,
   e.g. 256, gives small crops more pixels at more host work). Evaluation: the kNN
-  monitor, kNN and linear probe do not run on a streaming source yet; results.json
-  records eval/skipped (`ssljax export` writes the encoder for an external probe).
+  and linear probe run on the stream on seeded subsets of 50000 train and 10000 validation
+  images (eval.monitor_train_examples / eval.monitor_test_examples), read a batch at a time.
   Published, not measured by ssljax: 1.5 hours for this recipe (ResNet-50, batch 4096, 100
   epochs) on 128 TPU v3 cores (SimCLR paper, Sec. 2.2). Linear top-1 69.3% after 1000
   epochs (paper, Table 6; 100 epochs is plotted in its Fig. 9, not restated here); the

@@ -42,8 +42,8 @@ imagenet: the official README run (main_uota.py defaults): ResNet-50, projector
   above from it: their areas are fractions of the whole image as in the paper, but cut
   from the 224 px copy rather than the full-size JPEG (a larger --config.data.image_size,
   e.g. 256, gives small crops more pixels at more host work). Evaluation: the kNN
-  monitor, kNN and linear probe do not run on a streaming source yet; results.json
-  records eval/skipped (`ssljax export` writes the encoder for an external probe).
+  and linear probe run on the stream on seeded subsets of 50000 train and 10000 validation
+  images (eval.monitor_train_examples / eval.monitor_test_examples), read a batch at a time.
 
 cifar10: no official CIFAR recipe exists; the UOTA paper's authors' setting transferred as
   their README suggests: CIFAR ResNet-18, 2 global 32 px crops (area 0.14-1) + 4 x 16 px

@@ -16,6 +16,17 @@ CISSL's ``_mlp`` evaluation (`ssljax.eval.mlp_probe`: Linear-BN-ReLU hidden laye
 ``eval.mlp_probe_hidden_dims``) on the same features with the same held-out selection,
 reported as ``mlp_probe/*``; it is off by default, since an epoch of one grid point is ~1000x
 the linear probe's arithmetic at 512 features.
+
+Streaming sources (`ssljax.data.streaming`, ImageNet scale) never hold a split in memory, so
+the monitor and the final evaluation both run on the monitor's seeded subsets,
+``eval.monitor_train_examples`` train and ``eval.monitor_test_examples`` test images (a size at
+or above a split's takes all of it), decoded and centre-cropped (`StreamingSource.get`) one
+``eval.batch_size`` batch at a time. Per host that holds one batch of images, the subsets'
+indices and labels, and the float32 features [N, D] of the subset being extracted (50000 x 2048
+is 0.4 GB), where an in-memory split holds every image as well; as for arrays, every host reads
+and decodes every batch of the subset and receives all features. The precise-BN images are then
+drawn from the train subset, as the monitor draws them. A size of 0 (a whole split) on a stream
+is not evaluated: `skip_reason` records ``eval/skipped`` naming the two keys to set.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -33,7 +44,7 @@ import numpy as np
 
 from ssljax import data
 from ssljax.eval import results as results_file
-from ssljax.eval.features import extract_features
+from ssljax.eval.features import Images, StreamedImages, extract_features
 from ssljax.eval.knn import knn_accuracy
 from ssljax.eval.linear_probe import linear_probe
 from ssljax.eval.mlp_probe import mlp_probe
@@ -70,11 +81,40 @@ def _subset_index(n: int, count: int, seed: int) -> np.ndarray | None:
   return np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
 
 
-def _subset(source, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+class _Split(NamedTuple):
+  """Images and labels of (a subset of) an in-memory split."""
+  images: np.ndarray
+  labels: np.ndarray
+
+
+class _StreamedSplit:
+  """Examples `indices` of a streaming source, decoded a batch at a time when read.
+
+  ``images`` is `StreamedImages` over the examples; ``labels`` is filled in as their images are
+  read (a label costs the record read anyway), so it is complete once features of every image
+  have been extracted.
+  """
+
+  def __init__(self, source: data.StreamingSource, indices: np.ndarray):
+    self.indices = indices
+    self.labels = np.full((len(indices),), -1, np.int32)
+    self._source = source
+    self.images = StreamedImages(len(indices), self._read)
+
+  def _read(self, positions: np.ndarray) -> np.ndarray:
+    examples = self._source.get(self.indices[positions])
+    self.labels[positions] = examples["label"]
+    return examples["image"]
+
+
+def _subset(source, count: int, seed: int) -> _Split | _StreamedSplit:
+  """`count` examples of `source` drawn with `seed` (all for count 0 or >= its size)."""
   idx = _subset_index(len(source), count, seed)
+  if isinstance(source, data.StreamingSource):
+    return _StreamedSplit(source, np.arange(len(source)) if idx is None else idx)
   if idx is None:
-    return source.images, source.labels
-  return source.images[idx], source.labels[idx]
+    return _Split(source.images, source.labels)
+  return _Split(source.images[idx], source.labels[idx])
 
 
 def eval_batch_size(config, mesh) -> int:
@@ -93,14 +133,17 @@ def _precise_bn_plan(config, mesh, num_images: int) -> tuple[int, int]:
   return count, min(eval_batch_size(config, mesh), count - count % mesh.size)
 
 
-def encoder_variables(config, method: Method, state, mesh, train_images: np.ndarray) -> Any:
+def encoder_variables(config, method: Method, state, mesh, train_images: Images) -> Any:
   """The encoder's eval variables; BN statistics re-estimated if ``eval.precise_bn_examples``."""
   return encoder_variables_and_bn_images(config, method, state, mesh, train_images)[0]
 
 
 def encoder_variables_and_bn_images(config, method: Method, state, mesh,
-                                    train_images: np.ndarray) -> tuple[Any, int]:
+                                    train_images: Images) -> tuple[Any, int]:
   """`encoder_variables`, and how many clean train images its BN statistics come from.
+
+  `train_images` is an array or `StreamedImages` (a streaming source's subset, read one batch
+  at a time); the ``eval.precise_bn_examples`` drawn from it are the same either way.
 
   Returns:
     ``(variables, images)``: ``images`` is the number of train images (whole batches of the
@@ -115,12 +158,17 @@ def encoder_variables_and_bn_images(config, method: Method, state, mesh,
   if "batch_stats" not in variables:
     return variables, 0
   idx = _subset_index(len(train_images), count, config.seed + 2)
-  images = train_images if idx is None else train_images[idx]
+  if idx is None:
+    images = train_images
+  elif isinstance(train_images, StreamedImages):
+    images = train_images.take(idx)
+  else:
+    images = train_images[idx]
   variables = precise_batch_stats(method.encoder, variables, images, batch_size=batch, mesh=mesh)
   return variables, count // batch * batch
 
 
-def _features(config, variables, method: Method, images: np.ndarray, mesh) -> np.ndarray:
+def _features(config, variables, method: Method, images: Images, mesh) -> np.ndarray:
   return extract_features(_encode_fn(method), variables, images,
                           batch_size=eval_batch_size(config, mesh), mesh=mesh)
 
@@ -129,11 +177,23 @@ def skip_reason(config: ml_collections.ConfigDict, train_source,
                 test_source=None) -> str | None:
   """Why kNN and the linear probe cannot (or are not to) run, or None when they can.
 
-  Checked in order: ``eval.enabled``; labels on every train image; for an image folder, that
-  its test split exists; labels on every test image (when `test_source` is given).
+  Checked in order: ``eval.enabled``; for a streaming source, positive subset sizes
+  ``eval.monitor_train_examples`` and ``eval.monitor_test_examples`` (0 asks for a whole split,
+  which a stream does not evaluate: see the module docstring); labels on every train image; for
+  an image folder, that its test split exists; labels on every test image (when `test_source`
+  is given).
   """
   if not config.eval.enabled:
     return "eval.enabled is False"
+  if isinstance(train_source, data.StreamingSource):
+    ec = config.eval
+    if ec.monitor_train_examples <= 0 or ec.monitor_test_examples <= 0:
+      return (f"data.source={config.data.source!r} streams its images, and on a stream the kNN "
+              f"monitor, kNN and probes use subsets of eval.monitor_train_examples train and "
+              f"eval.monitor_test_examples test images (now {ec.monitor_train_examples} and "
+              f"{ec.monitor_test_examples}; 0 asks for a whole split): set both > 0, e.g. "
+              f"--config.eval.monitor_train_examples=50000 "
+              f"--config.eval.monitor_test_examples=10000")
   if not train_source.has_labels:
     return (f"the train split {config.data.train_split!r} is unlabelled (kNN and the linear "
             f"probe need a class per image: for an image folder, one subfolder per class)")
@@ -175,10 +235,12 @@ class KnnMonitor:
 
   def __call__(self, state) -> dict[str, float]:
     ec = self._config.eval
-    variables = encoder_variables(self._config, self._method, state, self._mesh, self._bank[0])
-    bank = _features(self._config, variables, self._method, self._bank[0], self._mesh)
-    queries = _features(self._config, variables, self._method, self._queries[0], self._mesh)
-    acc = knn_accuracy(bank, self._bank[1], queries, self._queries[1],
+    bank_images, query_images = self._bank.images, self._queries.images
+    variables = encoder_variables(self._config, self._method, state, self._mesh, bank_images)
+    bank = _features(self._config, variables, self._method, bank_images, self._mesh)
+    queries = _features(self._config, variables, self._method, query_images, self._mesh)
+    # A streamed split's labels are complete once its features are (read with the images).
+    acc = knn_accuracy(bank, self._bank.labels, queries, self._queries.labels,
                        num_classes=self._config.data.num_classes, k=ec.knn_k,
                        temperature=ec.knn_t, chunk_size=ec.knn_chunk_size)
     return {"monitor/knn_top1": acc["top1"]}
@@ -199,8 +261,13 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
   """kNN (and, if ``eval.linear_probe`` / ``eval.mlp_probe``, the probes) of the state's encoder.
 
   When `skip_reason` finds a reason (``eval.enabled`` False, unlabelled data, an image folder
-  without a test split), nothing is computed: the reason is logged and returned as
-  ``{'eval/skipped': reason}``.
+  without a test split, a streaming source asked for a whole split), nothing is computed: the
+  reason is logged and returned as ``{'eval/skipped': reason}``.
+
+  An in-memory source is evaluated on its whole splits. A streaming source is evaluated on the
+  kNN monitor's subsets (``eval.monitor_train_examples`` train, ``eval.monitor_test_examples``
+  test images; the same draws), read one ``eval.batch_size`` batch at a time; the results then
+  also hold ``eval/train_examples`` and ``eval/test_examples``, and ``knn/protocol`` names them.
   """
   ec = config.eval
   train = train_source or data.build_source(config.data, config.data.train_split)
@@ -208,17 +275,27 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
   if reason is not None:
     log.warning("evaluation skipped: %s", reason)
     return {"eval/skipped": reason}
+  streamed = isinstance(train, data.StreamingSource)
+  if streamed:
+    train = _subset(train, ec.monitor_train_examples, config.seed)
+    test = _subset(test, ec.monitor_test_examples, config.seed + 1)
   variables, bn_images = encoder_variables_and_bn_images(config, method, state, mesh,
                                                          train.images)
   train_features = _features(config, variables, method, train.images, mesh)
   test_features = _features(config, variables, method, test.images, mesh)
   results: dict[str, Any] = {"feature_dim": int(train_features.shape[1])}
+  if streamed:
+    results["eval/train_examples"] = len(train.labels)
+    results["eval/test_examples"] = len(test.labels)
   knn = knn_accuracy(train_features, train.labels, test_features, test.labels,
                      num_classes=config.data.num_classes, k=ec.knn_k, temperature=ec.knn_t,
                      chunk_size=ec.knn_chunk_size)
   results["knn/top1"], results["knn/top5"] = knn["top1"], knn["top5"]
   results["knn/protocol"] = (f"weighted kNN k={ec.knn_k} t={ec.knn_t} on L2-normalised "
                              f"encoder features")
+  if streamed:
+    results["knn/protocol"] += (f", on {len(train.labels)} train and {len(test.labels)} test "
+                                f"images drawn from the streamed splits")
   if bn_images:
     results["knn/protocol"] += f", BN statistics re-estimated on {bn_images} clean train images"
   log.info("kNN top-1 %.4f", knn["top1"])

@@ -13,12 +13,18 @@ is split over its ``data`` axis and the variables are replicated. A mesh may spa
 processes (multi-host): every process then passes the same images, copies only the rows of its
 own devices, and receives all features back (an all-gather over processes).
 
+Images too many to hold (a streaming source's ImageNet split) come as `StreamedImages`: a
+count and a function that reads the images at given positions. Extraction then reads one batch
+at a time, so the host holds one batch of images and the [N, D] features, never the N images;
+every process reads every batch, as every process passes the whole array otherwise.
+
 The compiled function is cached per ``(apply_fn, mesh)``: a training run's periodic kNN
 monitor, which passes the same ``apply_fn`` each time, compiles once rather than at every call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +38,45 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedImages:
+  """`count` images read on demand, e.g. a subset of a `ssljax.data.StreamingSource`.
+
+  Attributes:
+    count: how many images there are (``len``).
+    read: ``read(positions)`` -> uint8 ``[len(positions), H, W, C]``, the images at those
+      positions in ``[0, count)``, in the order given (all of one shape).
+  """
+
+  count: int
+  read: Callable[[np.ndarray], np.ndarray]
+
+  def __len__(self) -> int:
+    return self.count
+
+  def rows(self, start: int, stop: int) -> np.ndarray:
+    """The uint8 images at positions ``[start, min(stop, count))``."""
+    images = self.read(np.arange(start, min(stop, self.count)))
+    chex.assert_rank(images, 4)
+    chex.assert_type(images, np.uint8)
+    return images
+
+  def take(self, positions: np.ndarray) -> StreamedImages:
+    """The images at `positions`, still read on demand."""
+    positions = np.asarray(positions)
+    return StreamedImages(len(positions), lambda p: self.read(positions[p]))
+
+
+Images = np.ndarray | StreamedImages
+
+
+def image_rows(images: Images, start: int, stop: int) -> np.ndarray:
+  """Rows ``[start, stop)`` of an array, or read from `StreamedImages`."""
+  if isinstance(images, StreamedImages):
+    return images.rows(start, stop)
+  return images[start:stop]
 
 
 def _batch_shardings(mesh: Mesh | None) -> tuple[Any, Any]:
@@ -78,7 +123,7 @@ def _compiled_features(apply_fn: ApplyFn, mesh: Mesh | None) -> Callable[..., ja
     return _build_features_fn(apply_fn, mesh)
 
 
-def extract_features(apply_fn: ApplyFn, variables: Any, images: np.ndarray, *,
+def extract_features(apply_fn: ApplyFn, variables: Any, images: Images, *,
                      batch_size: int, mesh: Mesh | None = None) -> np.ndarray:
   """Features of every image under a frozen encoder: ``apply_fn(variables, images / 255)``.
 
@@ -86,7 +131,8 @@ def extract_features(apply_fn: ApplyFn, variables: Any, images: np.ndarray, *,
     apply_fn: pure function ``(variables, x) -> [b, D]`` with ``x`` float32 in [0, 1] of shape
       [b, H, W, C]; the caller closes over eval-mode settings (e.g. ``train=False``).
     variables: the encoder's variable pytree (parameters and batch statistics).
-    images: uint8 array [N, H, W, C], N >= 1.
+    images: uint8 array [N, H, W, C], N >= 1, or `StreamedImages` of N >= 1 images, read one
+      batch at a time (the host then holds one batch of images, not N).
     batch_size: images per compiled call. The last batch is zero-padded to this size.
     mesh: optional ``Mesh`` with the one axis ``'data'``. Each batch is sharded as
       ``P('data')`` (so ``batch_size`` must be divisible by ``mesh.size``) and the variables
@@ -99,9 +145,10 @@ def extract_features(apply_fn: ApplyFn, variables: Any, images: np.ndarray, *,
   Transfers overlap with compute: batch i + 1 is copied and dispatched before the result of
   batch i is pulled back to the host.
   """
-  chex.assert_rank(images, 4)
-  chex.assert_type(images, np.uint8)
-  num_images = images.shape[0]
+  if not isinstance(images, StreamedImages):
+    chex.assert_rank(images, 4)
+    chex.assert_type(images, np.uint8)
+  num_images = len(images)
   if num_images == 0:
     raise ValueError("extract_features got an empty image array")
   if batch_size < 1:
@@ -117,7 +164,7 @@ def extract_features(apply_fn: ApplyFn, variables: Any, images: np.ndarray, *,
   results: list[np.ndarray] = []
   pending: jax.Array | None = None
   for start in range(0, num_images, batch_size):
-    batch = images[start:start + batch_size]
+    batch = image_rows(images, start, start + batch_size)
     if batch.shape[0] < batch_size:
       padding = np.zeros((batch_size - batch.shape[0], *batch.shape[1:]), np.uint8)
       batch = np.concatenate([batch, padding])

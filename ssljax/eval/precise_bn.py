@@ -24,6 +24,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ssljax.eval.features import Images, StreamedImages, image_rows
+
 
 def _build_statistics_fn(module: nn.Module, mesh: Mesh | None) -> Callable[..., Any]:
   """``jit`` of ``(variables, uint8 batch) -> this batch's BN statistics`` for `module`."""
@@ -51,7 +53,7 @@ def _compiled_statistics(module: nn.Module, mesh: Mesh | None) -> Callable[..., 
     return _build_statistics_fn(module, mesh)
 
 
-def precise_batch_stats(module: nn.Module, variables: Any, images: np.ndarray, *,
+def precise_batch_stats(module: nn.Module, variables: Any, images: Images, *,
                         batch_size: int, mesh: Mesh | None = None) -> Any:
   """`variables` with ``batch_stats`` re-estimated on `images` (see the module docstring).
 
@@ -59,7 +61,8 @@ def precise_batch_stats(module: nn.Module, variables: Any, images: np.ndarray, *
     module: the Flax encoder whose variables these are. It must expose ``bn_momentum`` and
       ``axis_name`` fields (ssljax's ResNet does) and take ``(x, train=...)``.
     variables: ``{'params': ..., 'batch_stats': ...}`` of `module`.
-    images: uint8 ``[N, H, W, C]`` clean images (scaled to [0, 1] inside), N >= batch_size.
+    images: uint8 ``[N, H, W, C]`` clean images (scaled to [0, 1] inside), N >= batch_size,
+      or `StreamedImages` of N images, read one batch at a time.
     batch_size: images per batch; BatchNorm statistics are computed over each whole batch
       (over every device of `mesh`) and averaged over the ``N // batch_size`` full batches.
     mesh: optional ``Mesh`` with the one axis ``'data'``; each batch is split over it.
@@ -70,10 +73,11 @@ def precise_batch_stats(module: nn.Module, variables: Any, images: np.ndarray, *
   Raises:
     ValueError: fewer images than one batch, or a module without the BatchNorm fields.
   """
-  chex.assert_rank(images, 4)
-  chex.assert_type(images, np.uint8)
-  if batch_size < 1 or images.shape[0] < batch_size:
-    raise ValueError(f"precise BN needs at least one full batch: got {images.shape[0]} images "
+  if not isinstance(images, StreamedImages):
+    chex.assert_rank(images, 4)
+    chex.assert_type(images, np.uint8)
+  if batch_size < 1 or len(images) < batch_size:
+    raise ValueError(f"precise BN needs at least one full batch: got {len(images)} images "
                      f"for batch_size {batch_size}")
   if "batch_stats" not in variables:
     return variables
@@ -93,9 +97,9 @@ def precise_batch_stats(module: nn.Module, variables: Any, images: np.ndarray, *
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     variables = jax.device_put(variables, replicated)
     put = lambda batch: jax.device_put(batch, split)
-  num_batches = images.shape[0] // batch_size
+  num_batches = len(images) // batch_size
   total = None
   for i in range(num_batches):
-    stats = compiled(variables, put(images[i * batch_size:(i + 1) * batch_size]))
+    stats = compiled(variables, put(image_rows(images, i * batch_size, (i + 1) * batch_size)))
     total = stats if total is None else jax.tree.map(jnp.add, total, stats)
   return {**variables, "batch_stats": jax.tree.map(lambda t: t / num_batches, total)}

@@ -190,8 +190,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   The image-folder preset's open keys (``ssljax.data.folder``) are filled in first, from the
   workdir's config on resume, else from the folder; ``config.json`` stores the values used.
   Evaluation is skipped, with the reason logged and in ``results.json``, when
-  ``eval.enabled`` is False, the data cannot be evaluated (`evaluate.skip_reason`) or the
-  source streams (`ssljax.data.streaming`).
+  ``eval.enabled`` is False or the data cannot be evaluated (`evaluate.skip_reason`). A
+  streaming source (`ssljax.data.streaming`) is evaluated, monitor and final evaluation alike,
+  on subsets of ``eval.monitor_train_examples`` / ``eval.monitor_test_examples`` images read a
+  batch at a time; with either at 0 (a whole split) it is skipped with a reason naming them.
 
   Raises:
     ConfigError: the config is invalid (also when the method, its augmentation policy or
@@ -247,9 +249,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start_step = int(state.step)
 
   writer = MetricWriter(workdir, resume_step=start_step)
-  streaming_skip = _streaming_eval_skip(config, train_source)
   monitor = (evaluate.knn_monitor(config, method, mesh, train_source=train_source)
-             if config.train.eval_every_steps and streaming_skip is None else None)
+             if config.train.eval_every_steps else None)
   if start_step < total_steps:
     try:
       state = _loop(config, state, step_fn, train_source, mesh, ckpt, writer, monitor,
@@ -259,11 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   pretrain_seconds = time.time() - started
 
   # ------------------------------------------------------------------ evaluators
-  if streaming_skip is None:
-    results = evaluate.evaluate_state(config, method, state, mesh, train_source=train_source)
-  else:
-    log.warning("evaluation skipped: %s", streaming_skip)
-    results = {"eval/skipped": streaming_skip}
+  results = evaluate.evaluate_state(config, method, state, mesh, train_source=train_source)
   results.update({"steps": int(state.step), "epochs": int(state.step) / steps_per_epoch,
                   "pretrain_seconds_this_session": pretrain_seconds,
                   "total_seconds_this_session": time.time() - started})
@@ -276,16 +273,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                         train_source=train_source))
   evaluate.write_results(config, workdir, results)
   return results
-
-
-def _streaming_eval_skip(config: ml_collections.ConfigDict, train_source) -> str | None:
-  """Why kNN and the probes cannot run on a streaming source (they hold every image's
-  features and read ``source.images``), or None for an in-memory source."""
-  if not isinstance(train_source, data.StreamingSource):
-    return None
-  return (f"data.source={config.data.source!r} streams its images, and the kNN / linear-probe "
-          f"evaluation reads whole splits from memory (streamed evaluation is not implemented "
-          f"yet); the trained encoder can be exported with `ssljax export`")
 
 
 def _host_loader(config: ml_collections.ConfigDict, source, start_step: int, total_steps: int):
@@ -474,9 +461,6 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
                      ) -> dict[str, Any]:
   """Restores the latest checkpoint of `workdir` and evaluates it (``ssljax eval``)."""
   run = restore_latest(workdir, config)
-  reason = _streaming_eval_skip(run.config, run.train_source)
-  if reason is not None:
-    raise ValueError(f"cannot evaluate {workdir}: {reason}")
   results = evaluate.evaluate_state(run.config, run.method, run.state, run.mesh,
                                     train_source=run.train_source)
   results.update({"steps": run.step, "epochs": run.step / run.steps_per_epoch})

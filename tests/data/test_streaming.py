@@ -203,7 +203,8 @@ def test_unprepared_tfds_dataset_names_the_fix(tmp_path):
 # ------------------------------------------------------------------------- wiring, bad input
 
 
-def test_the_trainer_picks_the_streaming_loader_and_skips_evaluation(folder):
+def test_the_trainer_picks_the_streaming_loader_and_evaluates_subsets(folder):
+  from ssljax.eval import evaluate
   from ssljax.train import loop
 
   c = default_config()
@@ -218,7 +219,11 @@ def test_the_trainer_picks_the_streaming_loader_and_skips_evaluation(folder):
       next(loader)
   finally:
     loader.close()
-  assert "streams its images" in loop._streaming_eval_skip(c, source)
+  # The default monitor subsets (10000 / 2000) are positive, so the stream is evaluated on them;
+  # a whole split (0) is skipped with the keys to set.
+  assert evaluate.skip_reason(c, source) is None
+  c.eval.monitor_train_examples = 0
+  assert "eval.monitor_train_examples" in evaluate.skip_reason(c, source)
 
 
 @pytest.mark.parametrize("override, error, message", [
