@@ -127,7 +127,8 @@ def export_encoder(workdir: str, out: str,
 
   run = loop.restore_latest(workdir, config)
   variables, precise = evaluate.encoder_variables_and_bn_images(
-      run.config, run.method, run.state, run.mesh, run.train_source.images)
+      run.config, run.method, run.state, run.mesh,
+      evaluate.bn_images(run.config, run.train_source))
   variables = jax.tree.map(np.asarray, jax.device_get(variables))
   image_shape = (1, *run.train_source.image_shape)
   features = jax.eval_shape(lambda v, x: run.method.encoder.apply(v, x, train=False),

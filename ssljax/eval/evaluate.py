@@ -168,6 +168,14 @@ def encoder_variables_and_bn_images(config, method: Method, state, mesh,
   return variables, count // batch * batch
 
 
+def bn_images(config: ml_collections.ConfigDict, train_source) -> Images:
+  """The train images ``eval.precise_bn_examples`` are drawn from, as `evaluate_state` draws
+  them: an in-memory split's array, or a streaming source's evaluation subset (read on demand)."""
+  if isinstance(train_source, data.StreamingSource):
+    return _subset(train_source, config.eval.monitor_train_examples, config.seed).images
+  return train_source.images
+
+
 def _features(config, variables, method: Method, images: Images, mesh) -> np.ndarray:
   return extract_features(_encode_fn(method), variables, images,
                           batch_size=eval_batch_size(config, mesh), mesh=mesh)

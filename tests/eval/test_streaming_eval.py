@@ -19,6 +19,7 @@ from ssljax.config import default_config
 from ssljax.eval import evaluate
 from ssljax.eval.features import StreamedImages, extract_features
 from ssljax.eval.precise_bn import precise_batch_stats
+from ssljax.export import export_encoder
 from ssljax.train import loop
 
 NUM_CLASSES = 2
@@ -170,3 +171,6 @@ def test_training_on_a_stream_writes_knn_monitor_and_probe(folder, tmp_path):
   assert len(monitors) == 1 and 0.0 <= monitors[0] <= 1.0
   stored = json.loads((tmp_path / "run" / "results.json").read_text())
   assert stored["knn/top1"] == results["knn/top1"]
+  # `ssljax export` re-estimates BN on the same streamed train subset (no `.images` on a stream).
+  spec = export_encoder(str(tmp_path / "run"), str(tmp_path / "export"))
+  assert spec["batch_stats"] == "re-estimated on 16 clean train images (eval.precise_bn_examples)"
