@@ -207,7 +207,8 @@ def default_config(method: str = "simclr",
   c.eval.knn_k = 200
   c.eval.knn_t = 0.1
   c.eval.knn_chunk_size = 1024  # Test rows compared with the whole bank at once.
-  # The periodic monitor uses subsets to stay cheap (0 = all).
+  # The periodic monitor uses subsets to stay cheap (0 = all); on a streaming source they also
+  # size the final kNN and linear probe (a whole split, 0, is skipped there).
   c.eval.monitor_train_examples = 10000
   c.eval.monitor_test_examples = 2000
   # > 0: before extracting features (final evaluation and monitor), replace the encoder's
@@ -319,7 +320,13 @@ def set_dataset(c: ml_collections.ConfigDict, name: str) -> None:
                    whole image. The other streaming keys (``precrop_ratio``,
                    ``stream_workers``, ``stream_threads``) keep their defaults. A copy as
                    JPEG folders (DIR/train/<wnid>/*.JPEG) streams with
-                   ``--config.data.source=folder_stream --config.data.data_dir=DIR``.
+                   ``--config.data.source=folder_stream --config.data.data_dir=DIR``
+                   (``data.test_split`` names the validation folder). The crops are cut
+                   from the 224 px copy, not the full-size JPEG; a larger
+                   ``data.image_size`` (e.g. 256) gives small crops more pixels at more
+                   host work. Evaluation (kNN monitor, kNN, linear probe) runs on seeded
+                   subsets of ``eval.monitor_train_examples`` / ``monitor_test_examples``
+                   images read a batch at a time (the recipes: 50000 / 10000).
 
   Recipes whose reference code uses other channel statistics override ``data.mean``/``std``
   after the call.

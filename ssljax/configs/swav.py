@@ -83,15 +83,8 @@ imagenet: the paper's 800-epoch multi-crop ResNet-50 recipe (facebookresearch/sw
     sbatch --nodes=8 --gpus-per-node=8 --ntasks-per-node=8 launch/slurm.sbatch \
         configs/swav.py:imagenet /shared/runs/swav_in1k \
         --config.data.data_dir=DATA_DIR --config.data.stream_workers=6
-  A copy as JPEG folders (DIR/train/<wnid>/*.JPEG) streams with
-  --config.data.source=folder_stream --config.data.data_dir=DIR (data.test_split names the
-  validation folder). The host squeezes each image (whole, or its 4:3 centre when it is
-  longer than 4:3 either way) to a square of data.image_size = 224; the device takes the crops
-  above from it: their areas are fractions of the whole image as in the paper, but cut
-  from the 224 px copy rather than the full-size JPEG (a larger --config.data.image_size,
-  e.g. 256, gives small crops more pixels at more host work). Evaluation: the kNN
-  and linear probe run on the stream on seeded subsets of 50000 train and 10000 validation
-  images (eval.monitor_train_examples / eval.monitor_test_examples), read a batch at a time.
+  Streaming input (a JPEG-folder copy, the host pre-crop, evaluation on seeded subsets of
+  50000 train / 10000 validation images): ``ssljax.config.set_dataset``, ``imagenet``.
 """
 
 from ssljax.config import (config_dataset, default_config, set_augment_preset, set_cpu_job,
