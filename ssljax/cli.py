@@ -202,9 +202,21 @@ CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce "
                  "--xla_cpu_enable_fast_math=true")
 
 
+# Environment defaults set before NumPy, SciPy or JAX load (a value the user set wins). One
+# OpenBLAS thread: the LAPACK routines XLA:CPU calls inside a compiled step (UOTA's Cholesky
+# factor and triangular solve) otherwise start OpenBLAS's thread pool, whose spinning threads
+# then compete with XLA's own for the cores for the rest of the step. UOTA's closed form cost
+# 1.17x SwAV's step with the pool and 1.02x without it (interleaved A/B in one process, 2-core
+# AMD EPYC, 2026-12-03; docs/results.md, UOTA). XLA's own dots and convolutions do not use
+# OpenBLAS, and GPU/TPU steps do not call it.
+CPU_ENV_DEFAULTS = {"OPENBLAS_NUM_THREADS": "1"}
+
+
 def _set_default_xla_flags() -> None:
   if "XLA_FLAGS" not in os.environ:
     os.environ["XLA_FLAGS"] = CPU_XLA_FLAGS
+  for key, value in CPU_ENV_DEFAULTS.items():
+    os.environ.setdefault(key, value)
 
 
 def _parse(argv: list[str], command: str):
@@ -405,8 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     print(COMMAND_HELP[command])
     return 0
   if command == "analyze":
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see ssljax.analysis.analyze
-    _set_default_xla_flags()
+    _set_default_xla_flags()  # includes one OpenBLAS thread (see ssljax.analysis.analyze)
     from ssljax.analysis.analyze import main as analyze_main
     return analyze_main(rest[1:])
   if command == "sweep":

@@ -90,3 +90,27 @@ def test_help_text_is_wrapped_and_paths_stand_on_their_own_lines(command):
   assert path_lines == [os.path.join(cli._HERE, "config.py"),
                         os.path.join(cli._HERE, "methods", "<name>.py"),
                         os.path.join(cli._HERE, "configs", "<method>.py")]
+
+
+def test_cpu_defaults_give_openblas_one_thread_unless_the_user_chose(monkeypatch):
+  # LAPACK calls inside a compiled step (UOTA's Cholesky) must not start OpenBLAS's spinning
+  # thread pool next to XLA's; a value the user exported wins, as for XLA_FLAGS.
+  from ssljax import cli
+  monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  cli._set_default_xla_flags()
+  assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+  assert os.environ["XLA_FLAGS"] == cli.CPU_XLA_FLAGS
+  monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  cli._set_default_xla_flags()
+  assert os.environ["OPENBLAS_NUM_THREADS"] == "4"
+  assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
+
+
+def test_importing_the_cli_loads_no_blas_before_the_defaults_are_set():
+  # The defaults only take effect if NumPy/SciPy/JAX (and so OpenBLAS) load after them.
+  code = ("import sys, ssljax.cli; "
+          "print(sorted(m for m in ('numpy', 'scipy', 'jax') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
