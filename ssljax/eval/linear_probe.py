@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import chex
@@ -100,7 +100,6 @@ def _train_grid(x: jax.Array, y: jax.Array, lrs: jax.Array, weight_decays: jax.A
   num_examples, dim = x.shape
   steps_per_epoch = -(-num_examples // batch_size)
   total_steps = epochs * steps_per_epoch
-  padded = steps_per_epoch * batch_size
 
   def init(lr: jax.Array, wd: jax.Array) -> tuple[dict[str, jax.Array], Any]:
     params = {"w": jnp.zeros((dim, num_classes), jnp.float32),
@@ -112,10 +111,31 @@ def _train_grid(x: jax.Array, y: jax.Array, lrs: jax.Array, weight_decays: jax.A
     ce = optax.softmax_cross_entropy_with_integer_labels(_logits(params, xb), yb)
     return jnp.sum(ce * mask) / jnp.sum(mask)
 
-  def update(params: dict[str, jax.Array], opt_state: Any, lr: jax.Array, wd: jax.Array,
-             xb: jax.Array, yb: jax.Array, mask: jax.Array) -> tuple[dict[str, jax.Array], Any]:
+  return fit_grid(init, loss_fn, lambda lr, wd: _optimizer(lr, wd, total_steps), lrs,
+                  weight_decays, x, y, key, epochs=epochs, batch_size=batch_size)
+
+
+def fit_grid(init: Callable[[jax.Array, jax.Array], tuple[Any, Any]],
+             loss_fn: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array],
+             optimizer: Callable[[jax.Array, jax.Array], optax.GradientTransformation],
+             lrs: jax.Array, weight_decays: jax.Array, x: jax.Array, y: jax.Array,
+             key: jax.Array, *, epochs: int, batch_size: int) -> Any:
+  """Trains one model per (learning rate, weight decay) pair at once, vmapped over the grid.
+
+  Every epoch visits the rows of `x` in a permutation drawn from its own split of `key`, in
+  batches of `batch_size` (the last one padded with row 0 and masked out); all models see the
+  same batches. ``init(lr, wd) -> (params, opt_state)``, ``loss_fn(params, xb, yb, mask)`` (a
+  masked mean) and ``optimizer(lr, wd)`` define the model; returns the trained parameters with
+  a leading grid axis. Shared by the linear and the MLP probe (to be traced inside a jit).
+  """
+  num_examples = x.shape[0]
+  steps_per_epoch = -(-num_examples // batch_size)
+  padded = steps_per_epoch * batch_size
+
+  def update(params: Any, opt_state: Any, lr: jax.Array, wd: jax.Array, xb: jax.Array,
+             yb: jax.Array, mask: jax.Array) -> tuple[Any, Any]:
     grads = jax.grad(loss_fn)(params, xb, yb, mask)
-    updates, opt_state = _optimizer(lr, wd, total_steps).update(grads, opt_state, params)
+    updates, opt_state = optimizer(lr, wd).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
   update_grid = jax.vmap(update, in_axes=(0, 0, 0, 0, None, None, None))

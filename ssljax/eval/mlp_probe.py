@@ -50,7 +50,7 @@ import numpy as np
 import optax
 
 from ssljax.eval.linear_probe import _check_split, _optimizer, _standardize, _standardizer
-from ssljax.eval.linear_probe import holdout_split
+from ssljax.eval.linear_probe import fit_grid, holdout_split
 
 log = logging.getLogger(__name__)
 
@@ -186,29 +186,8 @@ def _fit_grid(x: jax.Array, y: jax.Array, lrs: jax.Array, weight_decays: jax.Arr
     ce = optax.softmax_cross_entropy_with_integer_labels(train_logits(params, xb, mask), yb)
     return jnp.sum(ce * mask) / jnp.sum(mask)
 
-  def update(params: Params, opt_state: Any, lr: jax.Array, wd: jax.Array, xb: jax.Array,
-             yb: jax.Array, mask: jax.Array) -> tuple[Params, Any]:
-    grads = jax.grad(loss_fn)(params, xb, yb, mask)
-    updates, opt_state = optimizer(lr, wd).update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  update_grid = jax.vmap(update, in_axes=(0, 0, 0, 0, None, None, None))
-  _, valid = _chunks(num_examples, batch_size)
-
-  def run_epoch(carry: tuple[Params, Any], epoch_key: jax.Array
-                ) -> tuple[tuple[Params, Any], None]:
-    order = jax.random.permutation(epoch_key, num_examples)
-    order = jnp.pad(order, (0, valid.size - num_examples)).reshape(-1, batch_size)
-
-    def step(carry: tuple[Params, Any], batch: tuple[jax.Array, jax.Array]
-             ) -> tuple[tuple[Params, Any], None]:
-      rows, mask = batch
-      return update_grid(*carry, lrs, weight_decays, x[rows], y[rows], mask), None
-
-    return jax.lax.scan(step, carry, (order, valid))[0], None
-
-  carry = jax.vmap(init)(lrs, weight_decays)
-  params, _ = jax.lax.scan(run_epoch, carry, jax.random.split(order_key, epochs))[0]
+  params = fit_grid(init, loss_fn, optimizer, lrs, weight_decays, x, y, order_key,
+                    epochs=epochs, batch_size=batch_size)
   bn = jax.vmap(lambda p: population_stats(p, x, stats_chunk))(params)
   return params, bn
 
