@@ -254,10 +254,8 @@ def select_methods(requested: str | None) -> tuple[list[str], dict[str, str]]:
 
 def main(args: argparse.Namespace) -> None:
   os.chdir(REPO_ROOT)
-  os.environ.setdefault("XLA_FLAGS", cpu_step.cli_xla_flags())
-  from ssljax.cli import CPU_ENV_DEFAULTS  # what `ssljax train` sets (imports no NumPy)
-  for key, value in CPU_ENV_DEFAULTS.items():
-    os.environ.setdefault(key, value)
+  from ssljax.cli import set_cpu_defaults  # what `ssljax train` sets (imports no NumPy)
+  set_cpu_defaults()
   import jax
   from ssljax.parallel import make_mesh
 

@@ -212,7 +212,9 @@ CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce "
 CPU_ENV_DEFAULTS = {"OPENBLAS_NUM_THREADS": "1"}
 
 
-def _set_default_xla_flags() -> None:
+def set_cpu_defaults() -> None:
+  """`CPU_XLA_FLAGS` unless XLA_FLAGS is set, and `CPU_ENV_DEFAULTS` where unset; call before
+  NumPy, SciPy or JAX load (``ssljax train``/``eval``/``export``/``analyze``, the benchmarks)."""
   if "XLA_FLAGS" not in os.environ:
     os.environ["XLA_FLAGS"] = CPU_XLA_FLAGS
   for key, value in CPU_ENV_DEFAULTS.items():
@@ -417,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     print(COMMAND_HELP[command])
     return 0
   if command == "analyze":
-    _set_default_xla_flags()  # includes one OpenBLAS thread (see ssljax.analysis.analyze)
+    set_cpu_defaults()  # includes one OpenBLAS thread (see ssljax.analysis.analyze)
     from ssljax.analysis.analyze import main as analyze_main
     return analyze_main(rest[1:])
   if command == "sweep":
@@ -426,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
   if command not in ("train", "eval", "export"):
     print(f"ssljax: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
-  _set_default_xla_flags()
+  set_cpu_defaults()
   fv = _parse(rest, command)
   logging.basicConfig(level=getattr(logging, fv.log_level.upper(), logging.INFO),
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")

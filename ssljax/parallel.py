@@ -58,10 +58,10 @@ def make_mesh(devices=None, *, device_order: str = "devices") -> Mesh:
   axis: ``'devices'`` keeps ``jax.devices()``'s order; ``'topology'`` takes
   ``jax.experimental.mesh_utils.create_device_mesh``'s, which on TPU follows the physical
   interconnect (the order collectives such as the all-gather of contrastive negatives run
-  around) and elsewhere is the given order. Either way each process's devices must hold one
-  contiguous block of the axis, in process order, because host ``p`` loads rows
-  ``[p n, (p + 1) n)`` of every global batch (`ssljax.data.HostLoader`); an order that
-  interleaves processes is refused with an error rather than silently reordering the batch.
+  around) and elsewhere is the given order. A topology order must leave each process's devices
+  one contiguous block of the axis, in process order, because host ``p`` loads rows
+  ``[p n, (p + 1) n)`` of every global batch (`ssljax.data.HostLoader`); one that interleaves
+  processes is refused rather than silently reordering the batch.
 
   Raises:
     ValueError: an unknown `device_order`, or an order that interleaves processes.
@@ -72,11 +72,12 @@ def make_mesh(devices=None, *, device_order: str = "devices") -> Mesh:
   elif device_order == "topology":
     from jax.experimental import mesh_utils
     ordered = np.asarray(mesh_utils.create_device_mesh((len(devices),), devices=devices))
+    ordered = ordered.reshape(-1)
+    check_process_blocks(list(ordered), device_order)
   else:
     raise ValueError(f"train.mesh_device_order must be one of {MESH_DEVICE_ORDERS}, got "
                      f"{device_order!r}")
-  check_process_blocks(list(ordered.reshape(-1)), device_order)
-  return Mesh(ordered.reshape(-1), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+  return Mesh(ordered, (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def check_process_blocks(devices, device_order: str = "devices") -> None:

@@ -98,12 +98,12 @@ def test_cpu_defaults_give_openblas_one_thread_unless_the_user_chose(monkeypatch
   from ssljax import cli
   monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
   monkeypatch.delenv("XLA_FLAGS", raising=False)
-  cli._set_default_xla_flags()
+  cli.set_cpu_defaults()
   assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
   assert os.environ["XLA_FLAGS"] == cli.CPU_XLA_FLAGS
   monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
   monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
-  cli._set_default_xla_flags()
+  cli.set_cpu_defaults()
   assert os.environ["OPENBLAS_NUM_THREADS"] == "4"
   assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
 

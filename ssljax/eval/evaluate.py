@@ -160,12 +160,7 @@ def encoder_variables_and_bn_images(config, method: Method, state, mesh,
   if "batch_stats" not in variables:
     return variables, 0
   idx = _subset_index(len(train_images), count, config.seed + 2)
-  if idx is None:
-    images = train_images
-  elif isinstance(train_images, StreamedImages):
-    images = train_images.take(idx)
-  else:
-    images = train_images[idx]
+  images = train_images if idx is None else train_images[idx]
   variables = precise_batch_stats(method.encoder, variables, images, batch_size=batch, mesh=mesh)
   return variables, count // batch * batch
 

@@ -63,8 +63,9 @@ class StreamedImages:
     chex.assert_type(images, np.uint8)
     return images
 
-  def take(self, positions: np.ndarray) -> StreamedImages:
-    """The images at `positions`, still read on demand."""
+  def __getitem__(self, positions: np.ndarray) -> StreamedImages:
+    """The images at an array of `positions`, still read on demand (as ``array[positions]``
+    selects rows of an in-memory split)."""
     positions = np.asarray(positions)
     return StreamedImages(len(positions), lambda p: self.read(positions[p]))
 

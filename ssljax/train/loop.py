@@ -217,7 +217,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # ------------------------------------------------------------------ mesh
   try:
-    mesh = make_mesh(device_order=config.train.get("mesh_device_order", "devices"))
+    mesh = _mesh(config)
     check_batch_divisible(config.train.batch_size, mesh)
   except ValueError as e:
     raise ConfigError(str(e)) from None
@@ -273,6 +273,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                         train_source=train_source))
   evaluate.write_results(config, workdir, results)
   return results
+
+
+def _mesh(config: ml_collections.ConfigDict):
+  """The run's data mesh (``train.mesh_device_order``; a workdir config from before the key
+  existed gets the default order)."""
+  return make_mesh(device_order=config.train.get("mesh_device_order", "devices"))
 
 
 def _host_loader(config: ml_collections.ConfigDict, source, start_step: int, total_steps: int):
@@ -440,7 +446,7 @@ def restore_latest(workdir: str, config: ml_collections.ConfigDict | None = None
     FileNotFoundError: the workdir has no checkpoint yet.
   """
   config = config or load_workdir_config(workdir)
-  mesh = make_mesh(device_order=config.train.get("mesh_device_order", "devices"))
+  mesh = _mesh(config)
   train_source = data.build_source(config.data, config.data.train_split)
   steps_per_epoch, total_steps = run_length(config, len(train_source))
   method, init, _ = build_state_and_step(config, mesh, tuple(train_source.image_shape),

@@ -115,7 +115,7 @@ def test_streamed_images_are_read_one_batch_at_a_time():
   np.testing.assert_array_equal(
       got, extract_features(_pool_and_project, variables, images, batch_size=5))
   assert reads == [list(range(0, 5)), list(range(5, 10)), list(range(10, 13))]
-  picked = StreamedImages(13, read).take(np.array([12, 0, 7]))
+  picked = StreamedImages(13, read)[np.array([12, 0, 7])]
   np.testing.assert_array_equal(picked.rows(1, 9), images[[0, 7]])
 
 
