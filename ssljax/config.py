@@ -182,7 +182,9 @@ def default_config(method: str = "simclr",
   c.train.batch_size = 256  # Global batch of distinct images (each gives several views).
   c.train.epochs = 10.0
   c.train.num_steps = 0  # > 0 overrides `epochs`.
-  c.train.compute_dtype = "float32"  # 'bfloat16' computes in bf16 with float32 parameters.
+  # 'auto': bf16 activations on a GPU/TPU, float32 on a CPU (ssljax.models.resolve_compute_dtype);
+  # 'bfloat16' or 'float32' force one. Parameters and loss reductions are float32 always.
+  c.train.compute_dtype = "auto"
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 500
   c.train.keep_checkpoints = 2

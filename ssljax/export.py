@@ -44,6 +44,7 @@ import numpy as np
 
 from ssljax.config import config_from_json, config_to_json
 from ssljax.eval.results import environment
+from ssljax.models import resolve_compute_dtype
 from ssljax.train.paths import workdir_path
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def encoder_spec(config: ml_collections.ConfigDict, module: Any, *, feature_dim:
       "architecture": type(module).__name__,
       "encoder": config.model.encoder,
       "model": config.model.to_dict(),
-      "compute_dtype": config.train.compute_dtype,
+      "compute_dtype": resolve_compute_dtype(config.train.compute_dtype),
       "feature_dim": feature_dim,
       "input": {
           "image_size": data.image_size, "channels": data.channels,

@@ -41,7 +41,8 @@ cifar10, cifar100: the solo-learn recipe (ResNet-18, 1000 epochs; scripts/pretra
   jitter 0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2, flip 0.5, no blur, solarisation p 0.2 on
   the second view only.
   Deviations: solo-learn's LARS also clips the adaptive rate (`clip_lr`) and its warmup starts
-  at 3e-5 rather than 0; solo-learn trains in fp16 (here float32 unless train.compute_dtype).
+  at 3e-5 rather than 0; solo-learn trains in fp16 (here bf16 activations on a GPU/TPU,
+  float32 on a CPU: train.compute_dtype = 'auto').
   Published (not measured by ssljax): 92.58% (CIFAR-10) and 70.46% (CIFAR-100) linear top-1
   after 1000 epochs, solo-learn README. Hardware / time: one GPU suffices
   (solo-learn's config runs on one device at batch 256); not run by ssljax yet, so no time of

@@ -55,9 +55,10 @@ cifar10, cifar100: the solo-learn recipe (ResNet-18, 1000 epochs), official DINO
   For the DISSL/CISSL code's variant (issl/losses/dino.py) use the `method.dino` defaults
   instead (head z-1024-BN-GELU, normalised before the bottleneck, K = 1000, per-pair centre
   updates). Deviations: solo-learn's LARS also clips the adaptive rate (`clip_lr`) and its
-  warmup starts at 3e-5 rather than 0; solo-learn trains in fp16 (here float32 unless
-  train.compute_dtype). Published (not measured by ssljax): 89.52% (CIFAR-10) and 66.76%
-  (CIFAR-100) linear top-1 after 1000 epochs, solo-learn README (CIFAR table, DINO row).
+  warmup starts at 3e-5 rather than 0; solo-learn trains in fp16 (here bf16 on a
+  GPU/TPU, float32 on a CPU: train.compute_dtype 'auto'). Published (not measured by
+  ssljax): 89.52% (CIFAR-10) and 66.76% (CIFAR-100) linear top-1 after 1000 epochs,
+  solo-learn README (CIFAR table, DINO row).
   Hardware / time: one GPU suffices (solo-learn's config runs on one device at batch 256); not
   run by ssljax yet, so no time of ours is quoted.
 

@@ -59,7 +59,8 @@ tinyimagenet: the official TinyImageNet Table 1 recipe (bin/tinyimagenet/base_ti
   channels) adds ``--config.model.expand_features=2048 --config.model.expand_bottleneck=512``.
   The schedule is the official one, stepped per epoch (``warmup_cosine_per_epoch``: the
   first epoch trains at lr 0, the peak comes at epoch 9). Deviations: fp16 mixed precision
-  (here float32 unless train.compute_dtype); bicubic crops (ssljax resizes bilinearly).
+  (here bf16 on a GPU/TPU, float32 on a CPU: compute_dtype 'auto'); bicubic crops (ssljax
+  resizes bilinearly).
   Hardware / time: one GPU in the official code; not run by ssljax (no GPU in this session).
   Published (not measured by ssljax): 45.1% TinyImageNet linear-probe accuracy (DINO in the
   same code: 43.3%); 48.0% with the representation widened to 2048 inside the backbone,

@@ -43,8 +43,8 @@ cifar10, cifar100: CLD's NPID branch and its scripts (ResNet-18, full softmax, 2
   (zhirongw/lemniscate.pytorch cifar.py) instead used NCE with 4096 noise samples
   (method.npid.nce_negatives = 4096), batch 128, constant lr 0.1, weight decay 5e-4 and no
   flip on CIFAR-10.
-  Deviations: the CLD scripts train with apex AMP O1 (here float32 unless
-  train.compute_dtype).
+  Deviations: the CLD scripts train with apex AMP O1 (here bf16 on a GPU/TPU,
+  float32 on a CPU: train.compute_dtype 'auto').
   Published (not measured by ssljax): NPID kNN top-1 (k 200) 80.8% on CIFAR-10 and 51.6% on
   CIFAR-100, ResNet-18, 200 epochs, the CLD README's NPID row (the README does
   not say which script produced that row). CLD's kNN runs on the 128-d head output with sigma =

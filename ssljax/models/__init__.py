@@ -11,15 +11,31 @@ from ssljax.models.heads import MLPHead
 from ssljax.models.resnet import PRESETS, BasicBlock, Bottleneck, BottleneckExpand, ResNet
 
 __all__ = ["MLPHead", "ResNet", "BasicBlock", "Bottleneck", "BottleneckExpand", "PRESETS",
-           "build_encoder", "compute_dtype"]
+           "build_encoder", "compute_dtype", "resolve_compute_dtype"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve_compute_dtype(name: str) -> str:
+  """``train.compute_dtype`` as 'float32' or 'bfloat16'.
+
+  'auto' (the default) is 'bfloat16' where JAX's default backend is a GPU or TPU, whose
+  matrix units run bf16 at several times their float32 rate, and 'float32' on a CPU, where
+  XLA has no fast bf16 convolutions. Parameters, optimiser state and the losses' reductions
+  stay float32 in every case; only the networks' activations take this dtype.
+  """
+  if name == "auto":
+    import jax
+    return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+  if name not in _DTYPES:
+    raise ValueError(f"train.compute_dtype must be 'auto' or one of {sorted(_DTYPES)}, "
+                     f"got {name!r}")
+  return name
 
 
 def compute_dtype(name: str) -> Any:
-  """Maps ``train.compute_dtype`` to a dtype ('float32' or 'bfloat16')."""
-  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-  if name not in dtypes:
-    raise ValueError(f"train.compute_dtype must be one of {sorted(dtypes)}, got {name!r}")
-  return dtypes[name]
+  """Maps ``train.compute_dtype`` ('auto', 'float32' or 'bfloat16') to a dtype."""
+  return _DTYPES[resolve_compute_dtype(name)]
 
 
 def build_encoder(config: ml_collections.ConfigDict, *, axis_name: str | None = None) -> ResNet:

@@ -46,3 +46,36 @@ def test_bf16_compute_stays_close_to_float32(name, tmp_path):
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grad16)), "float32 parameters"
   cosine = float(g16 @ g32 / (jnp.linalg.norm(g16) * jnp.linalg.norm(g32)))
   assert cosine >= 0.97, f"{name}: gradient cosine {cosine:.4f} between bf16 and float32"
+
+
+def test_auto_compute_dtype_is_bf16_on_accelerators_only(monkeypatch):
+  from ssljax.config import default_config
+  from ssljax.models import compute_dtype, resolve_compute_dtype
+  assert default_config("simclr").train.compute_dtype == "auto"
+  assert jax.default_backend() == "cpu"
+  assert compute_dtype("auto") == jnp.float32
+  for backend in ("gpu", "tpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    assert resolve_compute_dtype("auto") == "bfloat16"
+  assert resolve_compute_dtype("float32") == "float32", "an explicit dtype wins"
+  with pytest.raises(ValueError, match="'auto' or one of \\['bfloat16', 'float32'\\], got 'fp16'"):
+    compute_dtype("fp16")
+
+
+def test_every_accelerator_recipe_computes_in_bf16_on_a_gpu(monkeypatch):
+  # The CIFAR / TinyImageNet / ImageNet recipes are GPU/TPU jobs: each either says 'auto' or
+  # 'bfloat16', so none of them trains in float32 on an accelerator by accident.
+  from ssljax import configs
+  from ssljax.config import DATASETS, load_config
+  from ssljax.models import resolve_compute_dtype
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  checked = 0
+  for name in configs.names():
+    for dataset in (d for d in DATASETS if d != "fashion_mnist"):
+      try:
+        config = load_config(f"{name}:{dataset}")
+      except ValueError:  # not every method ships every dataset
+        continue
+      assert resolve_compute_dtype(config.train.compute_dtype) == "bfloat16", (name, dataset)
+      checked += 1
+  assert checked >= 20
