@@ -1,0 +1,728 @@
+"""Accelerator speed of the SimCLR train step, side by side with PyTorch in the same run.
+
+  python benchmarks/accel_step.py [--cases r18_32_b1024,r18_32_b4096,r50_224]
+      [--r50-batch 256] [--steps 10] [--rounds 5] [--torch all|gpu_aug|none]
+      [--json benchmarks/results/accel_step.json] [--tiny]
+
+The cases (synthetic uint8 images, the config's on-device augmentation inside the step):
+
+  r18_32_b1024   configs/simclr.py:cifar10 (CIFAR ResNet-18, 3x3 stem, 2048-2048-256
+                 projector, NT-Xent t = 0.2, LARS), 32 px, batch 1024
+  r18_32_b4096   the same at batch 4096
+  r50_224        configs/simclr.py:imagenet (ResNet-50, 2048-2048-128 projector with a last
+                 BN, t = 0.1, LARS), 224 px, batch --r50-batch (default 256)
+
+Every case runs in bfloat16 compute (float32 parameters, optimiser state and loss reductions)
+unless ``--dtype float32``. For each case the script reports images per second, step time
+(median, min and max of the per-step time of ``--rounds`` rounds of ``--steps`` steps),
+compile time, peak device memory and model FLOPs utilisation: the step's FLOPs from XLA's
+cost analysis of the compiled step (augmentation and optimiser included, both small next to
+the network) over the device's published dense bf16 peak (``PEAK_BF16_TFLOPS``, matched on
+the device kind; ``--peak-tflops`` overrides, and a CPU has none, so MFU is left out there).
+
+PyTorch on the same device, same process, same rounds (``--torch``; torch >= 2.4, and
+torchvision for the DataLoader variant; not ssljax requirements: ``pip install torch
+torchvision`` with the CUDA build that matches the machine, or ``pip install torch==2.13.0``
+for a CPU build, whose PyPI torchvision does not load). The twin has the same network
+(torchvision's ResNet layout with the CIFAR stem where ssljax uses it), projector, NT-Xent
+loss and batch; its optimiser is SGD with momentum, because
+PyTorch has no LARS (LARS's per-layer norms cost little next to the network). Variants:
+
+  torch[eager]            float32, NCHW, eager, augmentation on the device
+  torch[bf16+cl]          bf16 autocast + channels_last, augmentation on the device
+  torch[bf16+cl+compile]  the same with the loss and the augmentation under torch.compile
+  torch[dataloader]       bf16 + channels_last (+ compile with --torch all), augmentation by
+                          torchvision transforms in a CPU DataLoader (one worker per core,
+                          pinned memory): what a solo-learn or lightly user gets by default
+
+The device augmentation of the twin draws the same distribution as the config's policy
+(random resized crop by bilinear sampling, flip, colour jitter in HSV, grayscale, Gaussian
+blur) with the jitter in a fixed order rather than a random one. The DataLoader variant is
+timed after the interleaved rounds, in rounds of its own: its worker processes keep producing
+batches while other variants run, so interleaving would credit it with work done off the
+clock. A variant that fails (e.g. torch.compile without a C++ compiler) is recorded with its
+error and the run goes on.
+
+``--tiny`` shrinks every case (16-32 px, batch 16, width 1/8) so that the whole script runs on
+a CPU in about a minute; its numbers say nothing about speed, it exists so that the script is
+tested where there is no accelerator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory for PyTorch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+DEFAULT_OUT = os.path.join("benchmarks", "results", "accel_step.json")
+
+CASES: dict[str, dict[str, Any]] = {
+    "r18_32_b1024": {"config": "simclr:cifar10", "batch": 1024},
+    "r18_32_b4096": {"config": "simclr:cifar10", "batch": 4096},
+    "r50_224": {"config": "simclr:imagenet", "batch": None},  # --r50-batch
+}
+
+# Dense bf16 peak TFLOP/s per chip from the vendors' data sheets (no sparsity), matched as a
+# lower-case substring of ``device.device_kind``; the first match wins.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("h100 pcie", 756.0),
+    ("h100", 989.4),   # SXM
+    ("h200", 989.4),
+    ("gh200", 989.4),
+    ("b200", 2250.0),
+    ("a100", 312.0),
+    ("l40s", 362.05),
+    ("l4", 121.0),
+    ("a10g", 70.0),
+    ("rtx 4090", 165.2),
+    ("tpu v6", 918.0),
+    ("tpu v5p", 459.0),
+    ("tpu v5 lite", 197.0),
+    ("tpu v5e", 197.0),
+    ("tpu v4", 275.0),
+)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """The published dense bf16 peak of a device kind, or None when it is not in the table."""
+  kind = device_kind.lower()
+  for key, value in PEAK_BF16_TFLOPS:
+    if key in kind:
+      return value
+  return None
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def case_config(name: str, args: argparse.Namespace):
+  """The ssljax config of a case: its recipe, batch, dtype, and ``--tiny``'s shrinking."""
+  from ssljax import config as config_lib
+  spec = CASES[name]
+  c = config_lib.load_config(spec["config"])
+  c.train.batch_size = int(spec["batch"] or args.r50_batch)
+  c.train.compute_dtype = args.dtype
+  if args.tiny:
+    c.train.batch_size = 16
+    c.model.width = 0.125
+    size = 16 if c.model.cifar_stem else 32
+    c.data.image_size = size
+    c.augment.crop_size = size
+    c.method.simclr.proj_hidden_dim = 64
+    c.method.simclr.proj_dim = 32
+  return c
+
+
+def image_shape(config) -> tuple[int, int, int]:
+  return (int(config.data.image_size), int(config.data.image_size), int(config.data.channels))
+
+
+# ---------------------------------------------------------------------------- JAX
+
+
+class JaxCase:
+  """The compiled ssljax train step of one config on a synthetic uint8 batch."""
+
+  def __init__(self, config):
+    import jax
+    import numpy as np
+    from ssljax import augment
+    from ssljax.methods import build_method
+    from ssljax.parallel import DATA_AXIS, data_sharded, make_mesh, replicated
+    from ssljax.train.optim import build_optimizer, build_schedule
+    from ssljax.train.step import compile_train_step, init_train_state, make_per_device_step
+
+    self.config = config
+    batch = int(config.train.batch_size)
+    if batch % jax.device_count():
+      raise ValueError(f"batch {batch} is not divisible by the {jax.device_count()} devices")
+    mesh = make_mesh()
+    schedule = build_schedule(config.optim, global_batch=batch, total_steps=1000,
+                              steps_per_epoch=100)
+    tx = build_optimizer(config.optim, schedule)
+    policy = augment.build_policy(config.augment)
+    method = build_method(config, axis_name=DATA_AXIS)
+    shape = image_shape(config)
+    rng = np.random.default_rng(0)
+    sharding = data_sharded(mesh)
+    self.images = jax.device_put(rng.integers(0, 256, (batch, *shape), np.uint8), sharding)
+    self.index = jax.device_put(np.arange(batch, dtype=np.int32), sharding)
+    self.label = jax.device_put(np.zeros(batch, np.int32), sharding)
+    init = jax.jit(lambda: init_train_state(method, tx, policy, shape, config.seed),
+                   out_shardings=replicated(mesh))
+    self.state = init()
+    self.param_count = sum(int(leaf.size) for leaf in jax.tree.leaves(self.state.params))
+    step = compile_train_step(make_per_device_step(method, tx, policy, schedule), mesh)
+    start = time.perf_counter()
+    self.compiled = step.lower(self.state, self.images, self.index, self.label).compile()
+    self.compile_s = time.perf_counter() - start
+    self.flops = _cost_flops(self.compiled)
+    self.last_loss = None
+
+  def run(self, steps: int) -> None:
+    """`steps` steps, waiting only for the last one (as a training loop would)."""
+    import jax
+    metrics = None
+    for _ in range(steps):
+      self.state, metrics = self.compiled(self.state, self.images, self.index, self.label)
+    self.last_loss = metrics["train/loss"]
+    jax.block_until_ready((self.state, metrics))
+
+
+def _cost_flops(compiled) -> float | None:
+  """Total FLOPs of a compiled program from XLA's cost analysis (None when not reported)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def jax_peak_memory_mib(case: JaxCase) -> tuple[float | None, str]:
+  """Peak device memory: the allocator's peak where the device reports one, else XLA's
+  static estimate of the step (arguments + outputs + temporaries - aliased)."""
+  import jax
+  stats = None
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:
+    pass
+  if stats and "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2 ** 20, "allocator peak (whole process, device 0)"
+  m = case.compiled.memory_analysis()
+  if m is None:
+    return None, "not reported"
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+           - m.alias_size_in_bytes)
+  return total / 2 ** 20, "XLA's estimate of the step (no allocator statistics here)"
+
+
+# ---------------------------------------------------------------------------- PyTorch
+
+
+def torch_available() -> bool:
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def torch_device():
+  import torch
+  if torch.cuda.is_available():
+    return torch.device("cuda")
+  return torch.device("cpu")
+
+
+def build_torch_model(config):
+  """ResNet-18/50 as torchvision builds them (3x3 CIFAR stem without max-pool where the config
+  has it; stride on the 3x3 convolution of a bottleneck) + the config's projector.
+
+  Written out here rather than taken from torchvision so that the twin also runs where
+  torchvision's compiled extension does not match the installed torch (a CPU torch with
+  PyPI's torchvision); only the DataLoader variant needs torchvision.
+  """
+  from torch import nn
+
+  width = float(config.model.width)
+  bottleneck = config.model.encoder == "resnet50"
+  expansion = 4 if bottleneck else 1
+  depths = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3)}[config.model.encoder]
+  planes = [int(round(p * width)) for p in (64, 128, 256, 512)]
+
+  def conv_bn(cin, cout, k, stride=1, relu=True):
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
+
+  class Block(nn.Module):
+    def __init__(self, cin, p, stride):
+      super().__init__()
+      cout = p * expansion
+      if bottleneck:
+        self.body = nn.Sequential(conv_bn(cin, p, 1), conv_bn(p, p, 3, stride),
+                                  conv_bn(p, cout, 1, relu=False))
+      else:
+        self.body = nn.Sequential(conv_bn(cin, p, 3, stride), conv_bn(p, p, 3, relu=False))
+      self.shortcut = (conv_bn(cin, cout, 1, stride, relu=False)
+                       if stride != 1 or cin != cout else nn.Identity())
+      self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+      return self.relu(self.body(x) + self.shortcut(x))
+
+  if config.model.cifar_stem:
+    stem = [conv_bn(3, planes[0], 3)]
+  else:
+    stem = [conv_bn(3, planes[0], 7, 2), nn.MaxPool2d(3, 2, 1)]
+  blocks, cin = [], planes[0]
+  for i, (p, depth) in enumerate(zip(planes, depths)):
+    for j in range(depth):
+      blocks.append(Block(cin, p, 2 if i > 0 and j == 0 else 1))
+      cin = p * expansion
+  backbone = nn.Sequential(*stem, *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+  hp = config.method.simclr
+  head = [nn.Linear(cin, hp.proj_hidden_dim), nn.BatchNorm1d(hp.proj_hidden_dim),
+          nn.ReLU(inplace=True), nn.Linear(hp.proj_hidden_dim, hp.proj_dim)]  # biases as ssljax
+  if hp.proj_last_bn:
+    head.append(nn.BatchNorm1d(hp.proj_dim, affine=False))
+  return nn.Sequential(backbone, nn.Sequential(*head))
+
+
+def torch_nt_xent(z, temperature: float):
+  """NT-Xent over 2n normalised embeddings (views of image i at rows i and n + i)."""
+  import torch
+  from torch.nn import functional as F
+  z = F.normalize(z.float(), dim=1)
+  n = z.shape[0] // 2
+  logits = z @ z.t() / temperature
+  logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+  targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+  return F.cross_entropy(logits, targets)
+
+
+def _rgb_to_hsv(x):
+  import torch
+  r, g, b = x.unbind(1)
+  high, _ = x.max(1)
+  low, _ = x.min(1)
+  spread = high - low
+  safe = torch.where(spread > 0, spread, torch.ones_like(spread))
+  hue = torch.where(high == r, (g - b) / safe,
+                    torch.where(high == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+  hue = torch.where(spread > 0, torch.remainder(hue / 6.0, 1.0), torch.zeros_like(hue))
+  sat = torch.where(high > 0, spread / torch.where(high > 0, high, torch.ones_like(high)),
+                    torch.zeros_like(high))
+  return hue, sat, high
+
+
+def _hsv_to_rgb(hue, sat, value):
+  import torch
+  k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=hue.device).view(1, 3, 1, 1)
+                      + 6.0 * hue.unsqueeze(1), 6.0)
+  weight = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+  return value.unsqueeze(1) - value.unsqueeze(1) * sat.unsqueeze(1) * weight
+
+
+def torch_device_augment(images, config, generator=None):
+  """One view per image of a uint8 NHWC batch on the device, as float32 NCHW normalised.
+
+  Random resized crop (area ``augment.crop_scale``, aspect ``augment.crop_ratio``) and flip
+  as one bilinear ``grid_sample`` per image; then, per image with probability
+  ``jitter_prob``, brightness, contrast, saturation and hue in that order; grayscale with
+  ``grayscale_prob``; a Gaussian blur with ``blur_prob`` (sigma in ``blur_sigma``, taps over
+  10% of the side); solarisation with ``solarize_prob``.
+  """
+  import math
+
+  import torch
+  from torch.nn import functional as F
+
+  a = config.augment
+  n = images.shape[0]
+  dev = images.device
+  x = images.permute(0, 3, 1, 2).float().div_(255.0)
+  size = int(a.crop_size)
+
+  def u(lo=0.0, hi=1.0):
+    return torch.rand(n, device=dev) * (hi - lo) + lo
+
+  area = u(*a.crop_scale)
+  log_ratio = u(math.log(a.crop_ratio[0]), math.log(a.crop_ratio[1]))
+  ratio = torch.exp(log_ratio)
+  w = torch.clamp(torch.sqrt(area * ratio), max=1.0)
+  h = torch.clamp(torch.sqrt(area / ratio), max=1.0)
+  cx = u() * (1 - w) * 2 - (1 - w)
+  cy = u() * (1 - h) * 2 - (1 - h)
+  flip = torch.where(u() < a.flip_prob, -1.0, 1.0)
+  theta = torch.zeros(n, 2, 3, device=dev)
+  theta[:, 0, 0] = w * flip
+  theta[:, 0, 2] = cx
+  theta[:, 1, 1] = h
+  theta[:, 1, 2] = cy
+  grid = F.affine_grid(theta, (n, x.shape[1], size, size), align_corners=False)
+  x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+  bri, con, sat, hue = (float(v) for v in a.jitter)
+  apply = (u() < a.jitter_prob).view(n, 1, 1, 1)
+  y = x
+  if bri:
+    y = torch.clamp(y * u(max(0.0, 1 - bri), 1 + bri).view(n, 1, 1, 1), 0, 1)
+  luma_w = torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)
+  if con:
+    mean = (y * luma_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    f = u(max(0.0, 1 - con), 1 + con).view(n, 1, 1, 1)
+    y = torch.clamp(f * y + (1 - f) * mean, 0, 1)
+  if sat:
+    gray = (y * luma_w).sum(1, keepdim=True)
+    f = u(max(0.0, 1 - sat), 1 + sat).view(n, 1, 1, 1)
+    y = torch.clamp(f * y + (1 - f) * gray, 0, 1)
+  if hue:
+    hh, ss, vv = _rgb_to_hsv(y)
+    hh = torch.remainder(hh + u(-hue, hue).view(n, 1, 1), 1.0)
+    y = _hsv_to_rgb(hh, ss, vv)
+  x = torch.where(apply, y, x)
+  gray = (x * luma_w).sum(1, keepdim=True).expand_as(x)
+  x = torch.where((u() < a.grayscale_prob).view(n, 1, 1, 1), gray, x)
+  if a.blur_prob > 0:
+    k = max(3, 2 * int(0.1 * size / 2) + 1)
+    sigma = u(*a.blur_sigma).view(n, 1)
+    taps = torch.arange(k, device=dev, dtype=torch.float32) - (k - 1) / 2
+    taps = torch.exp(-0.5 * (taps.view(1, k) / sigma) ** 2)
+    taps = (taps / taps.sum(1, keepdim=True)).repeat_interleave(3, 0)  # [3n, k]
+    flat = x.reshape(1, 3 * n, size, size)
+    flat = F.pad(flat, (k // 2, k // 2, 0, 0), mode="reflect")
+    flat = F.conv2d(flat, taps.view(3 * n, 1, 1, k), groups=3 * n)
+    flat = F.pad(flat, (0, 0, k // 2, k // 2), mode="reflect")
+    flat = F.conv2d(flat, taps.view(3 * n, 1, k, 1), groups=3 * n)
+    x = torch.where((u() < a.blur_prob).view(n, 1, 1, 1), flat.view(n, 3, size, size), x)
+  if getattr(a, "solarize_prob", 0.0) > 0:
+    x = torch.where((u() < a.solarize_prob).view(n, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
+  mean = torch.tensor(tuple(config.data.mean), device=dev).view(1, 3, 1, 1)
+  std = torch.tensor(tuple(config.data.std), device=dev).view(1, 3, 1, 1)
+  return (x - mean) / std
+
+
+class TorchCase:
+  """One PyTorch variant of a case: model, optimiser and a zero-argument ``run(steps)``."""
+
+  def __init__(self, config, variant: str, images_uint8, *, workers: int | None = None):
+    import numpy as np
+    import torch
+
+    self.variant = variant
+    self.config = config
+    self.device = torch_device()
+    torch.manual_seed(0)
+    bf16 = variant != "eager"
+    self.channels_last = variant != "eager"
+    self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None)
+    model = build_torch_model(config).to(self.device)
+    if self.channels_last:
+      model = model.to(memory_format=torch.channels_last)
+    self.model = model
+    o = config.optim
+    self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
+                                     weight_decay=float(o.weight_decay))
+    temperature = float(config.method.simclr.temperature)
+
+    def loss_fn(v1, v2):
+      z = self.model(torch.cat([v1, v2]))
+      return torch_nt_xent(z, temperature)
+
+    augment = lambda images: torch_device_augment(images, config)
+    self.compiled = variant.endswith("compile")
+    if self.compiled:
+      loss_fn = torch.compile(loss_fn)
+      augment = torch.compile(augment)
+    self.loss_fn, self.augment = loss_fn, augment
+    self.images = torch.from_numpy(np.asarray(images_uint8)).to(self.device)
+    self.loader = None
+    if variant.startswith("dataloader"):
+      self.loader = iter(_dataloader(config, np.asarray(images_uint8), workers))
+    self.last_loss = None
+    start = time.perf_counter()
+    self.run(2)  # warm-up: compiles where torch.compile is on, fills the loader's queue
+    self.compile_s = time.perf_counter() - start
+
+  def _views(self):
+    import torch
+    if self.loader is not None:
+      v1, v2 = next(self.loader)
+      v1 = v1.to(self.device, non_blocking=True)
+      v2 = v2.to(self.device, non_blocking=True)
+    else:
+      with torch.no_grad():
+        v1, v2 = self.augment(self.images), self.augment(self.images)
+    if self.channels_last:
+      v1 = v1.contiguous(memory_format=torch.channels_last)
+      v2 = v2.contiguous(memory_format=torch.channels_last)
+    return v1, v2
+
+  def run(self, steps: int) -> None:
+    import torch
+    loss = None
+    for _ in range(steps):
+      v1, v2 = self._views()
+      self.optimizer.zero_grad(set_to_none=True)
+      if self.autocast is not None:
+        with self.autocast:
+          loss = self.loss_fn(v1, v2)
+      else:
+        loss = self.loss_fn(v1, v2)
+      loss.backward()
+      self.optimizer.step()
+    self.last_loss = loss.detach()
+    if self.device.type == "cuda":
+      torch.cuda.synchronize()
+
+
+class _TwoViews:
+  """A map-style dataset of synthetic images with torchvision's transforms, two views each."""
+
+  def __init__(self, images, transform, length: int):
+    self.images, self.transform, self.length = images, transform, length
+
+  def __len__(self):
+    return self.length
+
+  def __getitem__(self, i):
+    import torch
+    image = torch.from_numpy(self.images[i % len(self.images)]).permute(2, 0, 1)
+    return self.transform(image), self.transform(image)
+
+
+def _dataloader(config, images, workers: int | None):
+  """torchvision.transforms.v2 on uint8 tensors in a DataLoader: the usual PyTorch input path."""
+  import torch
+  from torchvision.transforms import v2
+
+  a = config.augment
+  size = int(a.crop_size)
+  bri, con, sat, hue = (float(v) for v in a.jitter)
+  steps = [v2.RandomResizedCrop(size, scale=tuple(a.crop_scale), ratio=tuple(a.crop_ratio),
+                                antialias=True),
+           v2.RandomHorizontalFlip(a.flip_prob),
+           v2.RandomApply([v2.ColorJitter(bri, con, sat, hue)], p=a.jitter_prob),
+           v2.RandomGrayscale(a.grayscale_prob)]
+  if a.blur_prob > 0:
+    k = max(3, 2 * int(0.1 * size / 2) + 1)
+    steps.append(v2.RandomApply([v2.GaussianBlur(k, tuple(a.blur_sigma))], p=a.blur_prob))
+  if getattr(a, "solarize_prob", 0.0) > 0:
+    steps.append(v2.RandomSolarize(128, p=a.solarize_prob))
+  steps += [v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(tuple(config.data.mean), tuple(config.data.std))]
+  batch = int(config.train.batch_size)
+  workers = os.cpu_count() if workers is None else workers
+  dataset = _TwoViews(images, v2.Compose(steps), length=batch * 100000)
+  return torch.utils.data.DataLoader(
+      dataset, batch_size=batch, shuffle=False, num_workers=workers, drop_last=True,
+      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+      prefetch_factor=2 if workers > 0 else None)
+
+
+def torch_peak_memory_mib() -> float | None:
+  import torch
+  if torch.cuda.is_available():
+    return torch.cuda.max_memory_allocated() / 2 ** 20
+  return None
+
+
+def torch_variants(choice: str) -> list[str]:
+  return {"none": [], "gpu_aug": ["eager", "bf16+cl", "bf16+cl+compile"],
+          "all": ["eager", "bf16+cl", "bf16+cl+compile", "dataloader"]}[choice]
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def _timing(per_step: list[float], batch: int) -> dict[str, float]:
+  median = statistics.median(per_step)
+  return {"step_ms_median": 1e3 * median, "step_ms_min": 1e3 * min(per_step),
+          "step_ms_max": 1e3 * max(per_step), "images_per_s": batch / median,
+          "rounds": len(per_step)}
+
+
+def _timed_round(run: Callable[[int], None], steps: int) -> float:
+  start = time.perf_counter()
+  run(steps)
+  return (time.perf_counter() - start) / steps
+
+
+def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
+  """The JAX step and every PyTorch variant of one case, interleaved round by round."""
+  import jax
+  import numpy as np
+
+  config = case_config(name, args)
+  batch = int(config.train.batch_size)
+  result: dict[str, Any] = {"case": name, "config": CASES[name]["config"], "batch": batch,
+                            "image_shape": list(image_shape(config)),
+                            "encoder": config.model.encoder, "width": config.model.width,
+                            "compute_dtype": config.train.compute_dtype, "variants": {}}
+  jax_case = JaxCase(config)
+  device_kind = jax.devices()[0].device_kind
+  peak = args.peak_tflops or peak_tflops(device_kind)
+  runners: dict[str, Callable[[int], None]] = {"ssljax": jax_case.run}
+  jax_case.run(2)
+  result["variants"]["ssljax"] = {
+      "compile_s": jax_case.compile_s, "params": jax_case.param_count,
+      "step_flops": jax_case.flops, "peak_tflops_bf16": peak}
+
+  torch_cases: dict[str, TorchCase] = {}
+  later: dict[str, TorchCase] = {}
+  if args.torch != "none":
+    if not torch_available():
+      result["torch_skipped"] = ("torch not installed: pip install torch torchvision "
+                                 "(see this file's docstring)")
+    else:
+      rng = np.random.default_rng(1)
+      images = rng.integers(0, 256, (batch, *image_shape(config)), np.uint8)
+      for variant in torch_variants(args.torch):
+        label = f"torch[{variant}]"
+        try:
+          case = TorchCase(config, variant, images, workers=args.loader_workers)
+        except Exception as error:  # recorded, the run goes on
+          result["variants"][label] = {"error": f"{type(error).__name__}: {error}",
+                                       "traceback": traceback.format_exc(limit=3)}
+          continue
+        (later if case.loader is not None else torch_cases)[label] = case
+        result["variants"][label] = {"compile_s": case.compile_s}
+        runners_target = runners if case.loader is None else None
+        if runners_target is not None:
+          runners[label] = case.run
+
+  per_step: dict[str, list[float]] = {label: [] for label in runners}
+  failed: set[str] = set()
+  for _ in range(args.rounds):
+    for label, run in runners.items():
+      if label in failed:
+        continue
+      try:
+        per_step[label].append(_timed_round(run, args.steps))
+      except Exception as error:
+        failed.add(label)
+        result["variants"][label]["error"] = f"{type(error).__name__}: {error}"
+  for label, case in later.items():  # the DataLoader: its own back-to-back rounds
+    per_step[label] = []
+    try:
+      for _ in range(args.rounds):
+        per_step[label].append(_timed_round(case.run, args.steps))
+    except Exception as error:
+      result["variants"][label]["error"] = f"{type(error).__name__}: {error}"
+  for label, times in per_step.items():
+    if times:
+      result["variants"][label].update(_timing(times, batch))
+
+  jax_row = result["variants"]["ssljax"]
+  if "images_per_s" in jax_row:
+    if jax_case.flops and peak:
+      jax_row["mfu"] = jax_case.flops / (jax_row["step_ms_median"] / 1e3) / (peak * 1e12)
+    memory, how = jax_peak_memory_mib(jax_case)
+    jax_row["peak_memory_mib"], jax_row["peak_memory_source"] = memory, how
+    jax_row["final_loss"] = float(jax.device_get(jax_case.last_loss))
+  for label, case in {**torch_cases, **later}.items():
+    row = result["variants"][label]
+    if case.last_loss is not None:
+      row["final_loss"] = float(case.last_loss.float().cpu())
+    if jax_case.flops and peak and "step_ms_median" in row:
+      # The same network and batch: ssljax's FLOP count is the useful work of both steps.
+      row["mfu"] = jax_case.flops / (row["step_ms_median"] / 1e3) / (peak * 1e12)
+  memory = torch_peak_memory_mib() if torch_cases or later else None
+  if memory is not None:
+    result["torch_peak_memory_mib_all_variants"] = memory
+  torch_rows = {k: v for k, v in result["variants"].items()
+                if k.startswith("torch") and "images_per_s" in v}
+  if torch_rows and "images_per_s" in jax_row:
+    best = max(torch_rows, key=lambda k: torch_rows[k]["images_per_s"])
+    result["best_torch"] = best
+    result["ssljax_over_best_torch"] = jax_row["images_per_s"] / torch_rows[best]["images_per_s"]
+  del jax_case, torch_cases, later
+  return result
+
+
+def device_description() -> dict[str, Any]:
+  import jax
+  versions = {}
+  for package in ("jax", "jaxlib", "flax", "optax", "torch", "torchvision"):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = None
+  devices = jax.devices()
+  return {"backend": jax.default_backend(), "device_kind": devices[0].device_kind,
+          "device_count": len(devices), "host": platform.node(),
+          "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+          "python": platform.python_version(), "versions": versions,
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def print_report(report: dict[str, Any]) -> None:
+  d = report["device"]
+  print(f"\n{d['device_count']} x {d['device_kind']} ({d['backend']}), {d['date']}; "
+        f"jax {d['versions']['jax']}, torch {d['versions']['torch']}")
+  header = ("case", "variant", "images/s", "step ms (min-max)", "compile s", "peak MiB", "MFU")
+  rows = [header]
+  for case in report["cases"]:
+    for label, row in case["variants"].items():
+      if "error" in row and "images_per_s" not in row:
+        rows.append((case["case"], label, "failed: " + row["error"][:60], "", "", "", ""))
+        continue
+      if "images_per_s" not in row:
+        continue
+      memory = row.get("peak_memory_mib")
+      rows.append((case["case"], label, f"{row['images_per_s']:.0f}",
+                   f"{row['step_ms_median']:.2f} ({row['step_ms_min']:.2f}-"
+                   f"{row['step_ms_max']:.2f})", f"{row.get('compile_s', 0):.1f}",
+                   "-" if memory is None else f"{memory:.0f}",
+                   "-" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%"))
+    if "ssljax_over_best_torch" in case:
+      rows.append((case["case"], f"ssljax / {case['best_torch']}",
+                   f"{case['ssljax_over_best_torch']:.2f}x", "", "", "", ""))
+    if "torch_skipped" in case:
+      rows.append((case["case"], "torch", case["torch_skipped"][:60], "", "", "", ""))
+  widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+  for r in rows:
+    print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--cases", default=",".join(CASES),
+                      help=f"comma-separated, from {', '.join(CASES)}")
+  parser.add_argument("--r50-batch", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  parser.add_argument("--torch", default="all", choices=("all", "gpu_aug", "none"))
+  parser.add_argument("--loader-workers", type=int, default=None,
+                      help="DataLoader workers (default: one per core)")
+  parser.add_argument("--peak-tflops", type=float, default=None,
+                      help="the device's dense bf16 peak, where the built-in table lacks it")
+  parser.add_argument("--tiny", action="store_true",
+                      help="tiny shapes, to check the script on a CPU (numbers meaningless)")
+  parser.add_argument("--json", default=DEFAULT_OUT)
+  args = parser.parse_args(argv)
+  unknown = [c for c in args.cases.split(",") if c not in CASES]
+  if unknown:
+    parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+  return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  report: dict[str, Any] = {"device": device_description(), "args": vars(args), "cases": [],
+                            "peak_table_tflops_bf16": dict(PEAK_BF16_TFLOPS),
+                            "flops_source": "XLA cost analysis of the compiled ssljax step"}
+  for name in args.cases.split(","):
+    print(f"case {name} ...", flush=True)
+    report["cases"].append(run_case(name, args))
+  print_report(report)
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1)
+    print(f"wrote {args.json}")
+  return report
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,124 @@
+"""benchmarks/accel_step.py on the CPU: its table and JSON, the peak table, the PyTorch twin.
+
+The timings of a CPU run mean nothing (that is what ``--tiny`` says); these tests check that
+the script runs end to end where there is no accelerator, that what it reports is consistent
+(FLOPs, images/s against step time, MFU only with a known peak), and, where torch is
+installed, that its twin is the same network as ssljax's and augments like the policy.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+_BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "accel_step.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location("accel_step", _BENCH)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["accel_step"] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_peak_table_matches_device_kinds(bench):
+  assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+  assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0  # not the SXM number
+  assert bench.peak_tflops("NVIDIA H200") == 989.4
+  assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+  assert bench.peak_tflops("TPU v5 lite") == 197.0
+  assert bench.peak_tflops("TPU v4") == 275.0
+  assert bench.peak_tflops("cpu") is None
+
+
+def test_unknown_case_is_refused(bench, capsys):
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--cases", "r18_32_b1024,r34"])
+  assert "unknown case(s) ['r34']" in capsys.readouterr().err
+
+
+def test_cases_are_the_issue_recipes(bench):
+  args = bench.parse_args([])
+  r18 = bench.case_config("r18_32_b4096", args)
+  assert (r18.model.encoder, r18.model.cifar_stem, r18.train.batch_size) == ("resnet18", True,
+                                                                             4096)
+  assert bench.image_shape(r18) == (32, 32, 3)
+  r50 = bench.case_config("r50_224", args)
+  assert (r50.model.encoder, r50.model.cifar_stem, r50.train.batch_size) == ("resnet50", False,
+                                                                             256)
+  assert bench.image_shape(r50) == (224, 224, 3)
+  assert r18.train.compute_dtype == r50.train.compute_dtype == "bfloat16"
+
+
+def test_tiny_run_writes_a_consistent_report(bench, tmp_path, capsys):
+  out = tmp_path / "accel.json"
+  bench.main(["--tiny", "--cases", "r18_32_b1024", "--steps", "1", "--rounds", "2",
+              "--torch", "none", "--json", str(out)])
+  table = capsys.readouterr().out
+  report = json.loads(out.read_text())
+  assert report["device"]["backend"] == "cpu"
+  (case,) = report["cases"]
+  row = case["variants"]["ssljax"]
+  assert case["batch"] == 16 and row["rounds"] == 2
+  assert row["images_per_s"] == pytest.approx(16 / (row["step_ms_median"] / 1e3))
+  assert row["step_ms_min"] <= row["step_ms_median"] <= row["step_ms_max"]
+  assert row["step_flops"] > 0 and row["compile_s"] > 0 and math.isfinite(row["final_loss"])
+  assert row["peak_memory_mib"] > 0
+  assert "mfu" not in row, "a CPU has no published bf16 peak, so no MFU"
+  assert "r18_32_b1024" in table and "ssljax" in table
+
+
+def test_mfu_uses_the_given_peak(bench, tmp_path):
+  out = tmp_path / "accel.json"
+  report = bench.main(["--tiny", "--cases", "r18_32_b1024", "--steps", "1", "--rounds", "1",
+                       "--torch", "none", "--peak-tflops", "1.0", "--json", str(out)])
+  row = report["cases"][0]["variants"]["ssljax"]
+  expected = row["step_flops"] / (row["step_ms_median"] / 1e3) / 1e12
+  assert row["mfu"] == pytest.approx(expected)
+
+
+def _ssljax_param_count(config):
+  import jax
+  import jax.numpy as jnp
+  from ssljax.methods import build_method
+  size = int(config.data.image_size)
+  views = tuple(jnp.zeros((2, size, size, 3)) for _ in range(2))
+  params, _ = jax.eval_shape(lambda: build_method(config).init(jax.random.key(0), views))
+  return sum(leaf.size for leaf in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("case", ["r18_32_b1024", "r50_224"])
+def test_torch_twin_has_ssljax_parameter_count(bench, case):
+  torch = pytest.importorskip("torch")
+  config = bench.case_config(case, bench.parse_args([]))
+  twin = bench.build_torch_model(config)
+  assert sum(p.numel() for p in twin.parameters()) == _ssljax_param_count(config)
+  size = int(config.data.image_size)
+  with torch.no_grad():
+    z = twin.eval()(torch.zeros(2, 3, size, size))
+  assert z.shape == (2, config.method.simclr.proj_dim)
+
+
+def test_torch_device_augment_is_the_identity_without_randomness(bench):
+  torch = pytest.importorskip("torch")
+  config = bench.case_config("r18_32_b1024", bench.parse_args(["--tiny"]))
+  a = config.augment
+  a.crop_scale, a.crop_ratio, a.flip_prob = (1.0, 1.0), (1.0, 1.0), 0.0
+  a.jitter_prob, a.grayscale_prob, a.blur_prob, a.solarize_prob = 0.0, 0.0, 0.0, 0.0
+  images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), np.uint8)
+  out = bench.torch_device_augment(torch.from_numpy(images), config).numpy()
+  mean, std = np.asarray(config.data.mean), np.asarray(config.data.std)
+  expected = ((images / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+  # Full jitter / grayscale / blur keeps the shape and the [0, 1] range before normalising.
+  config.augment.jitter_prob = config.augment.grayscale_prob = config.augment.blur_prob = 1.0
+  config.augment.jitter = (0.8, 0.8, 0.8, 0.2)
+  out = bench.torch_device_augment(torch.from_numpy(images), config).numpy()
+  raw = out.transpose(0, 2, 3, 1) * std + mean
+  assert out.shape == (4, 3, 16, 16) and raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
