@@ -43,6 +43,11 @@ batches while other variants run, so interleaving would credit it with work done
 clock. A variant that fails (e.g. torch.compile without a C++ compiler) is recorded with its
 error and the run goes on.
 
+The optimised HLO of each ssljax step is summarised in the JSON (``hlo_ops``: fusions, library
+calls, layout transposes and copies, host transfers inside the step, collectives), and
+``--profile DIR`` writes a ``jax.profiler`` trace of a few steps per case for xprof or
+TensorBoard.
+
 ``--tiny`` shrinks every case (16-32 px, batch 16, width 1/8) so that the whole script runs on
 a CPU in about a minute; its numbers say nothing about speed, it exists so that the script is
 tested where there is no accelerator.
@@ -194,6 +199,45 @@ def _cost_flops(compiled) -> float | None:
   if not cost or "flops" not in cost:
     return None
   return float(cost["flops"])
+
+
+def hlo_op_counts(compiled) -> dict[str, int]:
+  """What the profile asks about, counted in the optimised HLO of the step.
+
+  ``transpose`` and ``copy`` are layout changes XLA kept (a copy is how a layout change
+  between fusions shows up after layout assignment); ``fusion`` the kernels; ``convolution``
+  and ``custom-call`` (cuDNN / cuBLAS on a GPU) the library calls; ``host`` the instructions
+  that talk to the host inside a step (send, recv, infeed, outfeed, host callbacks), which
+  should be 0; ``all-reduce`` and ``all-gather`` the collectives.
+  """
+  import re
+  counts = {op: 0 for op in ("fusion", "convolution", "custom-call", "transpose", "copy",
+                             "all-reduce", "all-gather", "host")}
+  for line in compiled.as_text().splitlines():
+    match = re.search(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9-]*)\(", line)
+    if not match:
+      continue
+    op = match.group(1)
+    if op in ("send", "recv", "infeed", "outfeed") or "host_callback" in line \
+        or "xla_python_cpu_callback" in line or "xla_ffi_python" in line:
+      counts["host"] += 1
+    elif op.startswith("all-reduce"):
+      counts["all-reduce"] += 1
+    elif op.startswith("all-gather"):
+      counts["all-gather"] += 1
+    elif op in counts:
+      counts[op] += 1
+  return counts
+
+
+def profile_steps(case: "JaxCase", directory: str, steps: int) -> str:
+  """A ``jax.profiler`` trace of `steps` steps in `directory` (open it with xprof or
+  TensorBoard's profile plugin); returns the directory."""
+  import jax
+  os.makedirs(directory, exist_ok=True)
+  with jax.profiler.trace(directory):
+    case.run(steps)
+  return directory
 
 
 def jax_peak_memory_mib(case: JaxCase) -> tuple[float | None, str]:
@@ -565,7 +609,8 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
   jax_case.run(2)
   result["variants"]["ssljax"] = {
       "compile_s": jax_case.compile_s, "params": jax_case.param_count,
-      "step_flops": jax_case.flops, "peak_tflops_bf16": peak}
+      "step_flops": jax_case.flops, "peak_tflops_bf16": peak,
+      "hlo_ops": hlo_op_counts(jax_case.compiled)}
 
   torch_cases: dict[str, TorchCase] = {}
   later: dict[str, TorchCase] = {}
@@ -613,6 +658,9 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
       result["variants"][label].update(_timing(times, batch))
 
   jax_row = result["variants"]["ssljax"]
+  if args.profile:
+    jax_row["trace_dir"] = profile_steps(jax_case, os.path.join(args.profile, name),
+                                         args.steps)
   if "images_per_s" in jax_row:
     if jax_case.flops and peak:
       jax_row["mfu"] = jax_case.flops / (jax_row["step_ms_median"] / 1e3) / (peak * 1e12)
@@ -697,6 +745,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="DataLoader workers (default: one per core)")
   parser.add_argument("--peak-tflops", type=float, default=None,
                       help="the device's dense bf16 peak, where the built-in table lacks it")
+  parser.add_argument("--profile", default=None, metavar="DIR",
+                      help="also write a jax.profiler trace of --steps ssljax steps per case "
+                      "to DIR/<case>")
   parser.add_argument("--tiny", action="store_true",
                       help="tiny shapes, to check the script on a CPU (numbers meaningless)")
   parser.add_argument("--json", default=DEFAULT_OUT)

@@ -122,3 +122,40 @@ def test_torch_device_augment_is_the_identity_without_randomness(bench):
   out = bench.torch_device_augment(torch.from_numpy(images), config).numpy()
   raw = out.transpose(0, 2, 3, 1) * std + mean
   assert out.shape == (4, 3, 16, 16) and raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+
+
+def test_hlo_op_counts_find_transposes_and_host_callbacks(bench):
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((8, 16))
+  plain = bench.hlo_op_counts(jax.jit(lambda v: (v @ v.T).sum()).lower(x).compile())
+  assert plain["host"] == 0
+  with_callback = jax.jit(lambda v: jax.pure_callback(
+      lambda a: np.asarray(a) * 2, jax.ShapeDtypeStruct(v.shape, v.dtype), v) + 1.0)
+  assert bench.hlo_op_counts(with_callback.lower(x).compile())["host"] >= 1
+
+
+  class Text:  # the parser on HLO lines as XLA prints them
+    def as_text(self):
+      return "\n".join([
+          "  %t = f32[16,8]{1,0} transpose(f32[8,16]{1,0} %p), dimensions={1,0}",
+          "  %c.1 = bf16[4,4]{0,1} copy(bf16[4,4]{1,0} %t2)",
+          "  %f = f32[8]{0} fusion(f32[8]{0} %a), kind=kLoop, calls=%fused",
+          "  ROOT %ar = f32[8]{0} all-reduce-start(f32[8]{0} %f), to_apply=%add",
+          "  %cc = (f32[2]{0}, u8[0]{0}) custom-call(f32[2]{0} %x), custom_call_target=\"__cudnn$conv\"",
+          "  %o = token[] outfeed(f32[2]{0} %x, token[] %tok)"])
+
+  counts = bench.hlo_op_counts(Text())
+  assert (counts["transpose"], counts["copy"], counts["fusion"], counts["all-reduce"],
+          counts["custom-call"], counts["host"]) == (1, 1, 1, 1, 1, 1)
+
+
+def test_profile_writes_a_trace(bench, tmp_path):
+  report = bench.main(["--tiny", "--cases", "r18_32_b1024", "--steps", "1", "--rounds", "1",
+                       "--torch", "none", "--profile", str(tmp_path / "trace"),
+                       "--json", str(tmp_path / "a.json")])
+  row = report["cases"][0]["variants"]["ssljax"]
+  files = [f for _, _, names in os.walk(row["trace_dir"]) for f in names]
+  assert any(f.endswith(".xplane.pb") for f in files), files
+  assert row["hlo_ops"]["host"] == 0 and row["hlo_ops"]["convolution"] + \
+      row["hlo_ops"]["fusion"] + row["hlo_ops"]["custom-call"] > 0
