@@ -15,6 +15,8 @@ default whole-image pre-crop, then times:
   2. ``StreamingLoader`` (grain) for several worker-process / read-thread settings: host
      batches of `--batch` images, `--batches` of them after one warm-up batch, which also
      absorbs the workers' start-up.
+  3. the evaluation views (``StreamingSource.get``: shorter side resized, centre crop) in
+     batches of `--batch`, decoded by one thread and by each of `--eval-threads`.
 
 Images/s is images delivered over wall time. The JSON records the machine (CPU model, core
 count, load average before and after) because the host is shared with other jobs: on a busy
@@ -71,6 +73,8 @@ def main() -> None:
   parser.add_argument("--batches", type=int, default=16)
   parser.add_argument("--settings", default="0x1,0x2,0x4,2x1",
                       help="comma-separated WORKERSxTHREADS grain settings")
+  parser.add_argument("--eval-threads", default="2",
+                      help="comma-separated thread counts for the evaluation views (and 1)")
   parser.add_argument("--out", default="benchmarks/results/streaming_input.json")
   args = parser.parse_args()
 
@@ -107,6 +111,19 @@ def main() -> None:
     rows.append({"setting": f"grain StreamingLoader, {workers} workers x {threads} threads",
                  "workers": workers, "threads": threads, "images": images, "seconds": seconds,
                  "images_per_sec": images / seconds})
+
+  # Evaluation views (resize + centre crop) through StreamingSource.get, by 1..N threads.
+  for threads in sorted({1, *(int(t) for t in args.eval_threads.split(","))}):
+    source.eval_threads = threads
+    indices = np.arange(min(len(source), args.batch * args.batches))
+    source.get(indices[:args.batch])  # warm-up
+    start = time.perf_counter()
+    for lo in range(0, len(indices), args.batch):
+      source.get(indices[lo:lo + args.batch])
+    seconds = time.perf_counter() - start
+    rows.append({"setting": f"evaluation views (get), {threads} threads", "workers": 0,
+                 "threads": threads, "images": len(indices), "seconds": seconds,
+                 "images_per_sec": len(indices) / seconds})
 
   print(f"{'setting':<52} {'images':>7} {'s':>7} {'images/s':>9}")
   for r in rows:

@@ -82,7 +82,8 @@ def default_config(method: str = "simclr",
   c.data.precrop_scale = (1.0, 1.0)
   c.data.precrop_ratio = (3.0 / 4.0, 4.0 / 3.0)
   # Streaming sources only: grain worker processes decoding batches (0: in the trainer's
-  # process) and read threads in each; sized for a TPU VM host (dozens of cores).
+  # process) and read threads in each; sized for a TPU VM host (dozens of cores). Evaluation
+  # decodes its views in workers x threads threads of the trainer (at most one per core).
   c.data.stream_workers = 16
   c.data.stream_threads = 2
   # > 0: train on the long-tailed subset of the train split (CIFAR-10-LT construction,

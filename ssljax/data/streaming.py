@@ -53,6 +53,7 @@ Evaluation images (`StreamingSource.get`) are resized so the shorter side is
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import os
@@ -198,11 +199,14 @@ class StreamingSource:
     channels: 1 or 3.
     scale, ratio: the pre-crop box's area-fraction and aspect ranges.
     num_classes: labels lie in ``[0, num_classes)``; 0 when unlabelled.
+    eval_threads: threads that read and decode the evaluation views of `get` (the training
+      batches are decoded by the loader's own grain threads and workers).
   """
 
   def __init__(self, records: FolderRecords | TfdsRecords, *, image_size: int, channels: int,
                scale: tuple[float, float] = (1.0, 1.0),
-               ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0), num_classes: int = 0):
+               ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0), num_classes: int = 0,
+               eval_threads: int = 1):
     if len(records) == 0:
       raise ValueError("the streaming source's split holds no examples.")
     if not isinstance(image_size, int) or image_size < 1:
@@ -217,7 +221,10 @@ class StreamingSource:
     if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
       raise ValueError(f"data.precrop_ratio = {ratio} must be (min, max) aspect ratios with "
                        f"0 < min <= max; e.g. --config.data.precrop_ratio=\"(0.75, 1.3333)\"")
+    if not isinstance(eval_threads, int) or eval_threads < 1:
+      raise ValueError(f"data.stream_threads = {eval_threads!r} must be an integer >= 1")
     self.records = records
+    self.eval_threads = eval_threads
     self.image_size = image_size
     self.channels = channels
     self.scale, self.ratio = scale, ratio
@@ -264,9 +271,20 @@ class StreamingSource:
     indices = [int(i) for i in np.asarray(indices).reshape(-1)]
     images = np.empty((len(indices), *self.image_shape), np.uint8)
     labels = np.empty((len(indices),), np.int32)
-    for row, (image, label) in enumerate(self.records.read(indices)):
-      images[row] = resize_centre_crop(image, self.image_size, self.channels)
-      labels[row] = label
+
+    def decode(rows: range) -> None:
+      for row, (image, label) in zip(rows, self.records.read([indices[r] for r in rows])):
+        images[row] = resize_centre_crop(image, self.image_size, self.channels)
+        labels[row] = label
+
+    threads = min(self.eval_threads, len(indices))
+    if threads <= 1:
+      decode(range(len(indices)))
+    else:  # PIL's decode and resize release the GIL; each thread fills its own rows
+      bounds = np.linspace(0, len(indices), threads + 1).astype(int)
+      with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for done in [pool.submit(decode, range(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]:
+          done.result()
     return {"image": images, "label": labels}
 
 
@@ -497,6 +515,13 @@ def _folder_records(data: ml_collections.ConfigDict, split: str) -> FolderRecord
   return records
 
 
+def _eval_threads(data: ml_collections.ConfigDict) -> int:
+  """Threads decoding evaluation views: as many as training's workers x threads decode with
+  (evaluation runs while those sit idle), at most one per core."""
+  workers = max(1, int(data.get("stream_workers", 0)))
+  return max(1, min(workers * int(data.get("stream_threads", 1)), os.cpu_count() or 1))
+
+
 def build_streaming_source(data: ml_collections.ConfigDict, split: str) -> StreamingSource:
   """The streaming source of split `split` for ``data.source`` in `STREAMING_SOURCES`.
 
@@ -525,7 +550,8 @@ def build_streaming_source(data: ml_collections.ConfigDict, split: str) -> Strea
   source = StreamingSource(records, image_size=data.image_size, channels=data.channels,
                            scale=tuple(data.get("precrop_scale", (1.0, 1.0))),
                            ratio=tuple(data.get("precrop_ratio", (3.0 / 4.0, 4.0 / 3.0))),
-                           num_classes=data.num_classes)
+                           num_classes=data.num_classes,
+                           eval_threads=_eval_threads(data))
   log.info("streaming %s split %r: %d examples, pre-cropped to %s on the host", data.source,
            split, len(source), source.image_shape)
   return source

@@ -24,6 +24,7 @@ monitor, which passes the same ``apply_fn`` each time, compiles once rather than
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -144,7 +145,8 @@ def extract_features(apply_fn: ApplyFn, variables: Any, images: Images, *,
     float32 array [N, D] on the host (on every host), row i the feature of ``images[i]``.
 
   Transfers overlap with compute: batch i + 1 is copied and dispatched before the result of
-  batch i is pulled back to the host.
+  batch i is pulled back to the host, and `StreamedImages` are read one batch ahead in a
+  background thread.
   """
   if not isinstance(images, StreamedImages):
     chex.assert_rank(images, 4)
@@ -164,14 +166,29 @@ def extract_features(apply_fn: ApplyFn, variables: Any, images: Images, *,
 
   results: list[np.ndarray] = []
   pending: jax.Array | None = None
-  for start in range(0, num_images, batch_size):
-    batch = image_rows(images, start, start + batch_size)
-    if batch.shape[0] < batch_size:
-      padding = np.zeros((batch_size - batch.shape[0], *batch.shape[1:]), np.uint8)
-      batch = np.concatenate([batch, padding])
-    out = compiled(variables, jax.device_put(batch, batch_sharding))
-    if pending is not None:
-      results.append(_to_host(pending))
-    pending = out
-  results.append(_to_host(pending))
+  # Streamed images are read one batch ahead in a background thread, so that the host's
+  # decoding of batch i + 1 overlaps the device's work on batch i.
+  reader = (concurrent.futures.ThreadPoolExecutor(1) if isinstance(images, StreamedImages)
+            else None)
+  read = lambda start: image_rows(images, start, start + batch_size)
+  try:
+    ahead = reader.submit(read, 0) if reader else None
+    for start in range(0, num_images, batch_size):
+      if reader:
+        batch = ahead.result()
+        if start + batch_size < num_images:
+          ahead = reader.submit(read, start + batch_size)
+      else:
+        batch = read(start)
+      if batch.shape[0] < batch_size:
+        padding = np.zeros((batch_size - batch.shape[0], *batch.shape[1:]), np.uint8)
+        batch = np.concatenate([batch, padding])
+      out = compiled(variables, jax.device_put(batch, batch_sharding))
+      if pending is not None:
+        results.append(_to_host(pending))
+      pending = out
+    results.append(_to_host(pending))
+  finally:
+    if reader:
+      reader.shutdown(cancel_futures=True)
   return np.concatenate(results)[:num_images]

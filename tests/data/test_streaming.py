@@ -110,6 +110,25 @@ def test_eval_views_are_the_in_memory_folder_decode(folder):
   got = source.get(np.array([0, 123, 299]))
   np.testing.assert_array_equal(got["image"], memory.images[[0, 123, 299]])
   np.testing.assert_array_equal(got["label"], memory.labels[[0, 123, 299]])
+  # Decoded by several threads, each filling its own rows: the same arrays in the same order.
+  picked = np.array([299, 5, 123, 0, 17, 42, 250])
+  source.eval_threads = 1
+  one = source.get(picked)
+  source.eval_threads = 3
+  three = source.get(picked)
+  np.testing.assert_array_equal(three["image"], one["image"])
+  np.testing.assert_array_equal(three["label"], memory.labels[picked])
+
+
+def test_eval_threads_come_from_the_streaming_keys(folder):
+  config = _data_config(folder)
+  config.stream_workers, config.stream_threads = 0, 1
+  assert data.build_source(config, "train").eval_threads == 1
+  config.stream_workers, config.stream_threads = 64, 4
+  assert data.build_source(config, "train").eval_threads == os.cpu_count()
+  source = data.build_source(config, "train")
+  with pytest.raises(ValueError, match="data.stream_threads = 0 must be an integer >= 1"):
+    type(source)(source.records, image_size=8, channels=3, eval_threads=0)
 
 
 # ------------------------------------------------------------------------- order and sharding

@@ -119,6 +119,19 @@ def test_streamed_images_are_read_one_batch_at_a_time():
   np.testing.assert_array_equal(picked.rows(1, 9), images[[0, 7]])
 
 
+def test_a_failed_read_ahead_is_raised_not_hung():
+  images = np.zeros((13, 4, 4, 3), np.uint8)
+
+  def read(positions):
+    if positions[0] >= 5:
+      raise OSError(f"cannot read image {positions[0]}")
+    return images[positions]
+
+  with pytest.raises(OSError, match="cannot read image 5"):
+    extract_features(_pool_and_project, {"w": np.eye(3, dtype=np.float32)},
+                     StreamedImages(13, read), batch_size=5)
+
+
 class _PoolDenseBN(nn.Module):
   bn_momentum: float = 0.9
   axis_name: str | None = None
