@@ -14,8 +14,11 @@ two 28x28x1 views each, so 512 views through encoder + projector + NT-Xent + opt
      jitted augmentation policy alone, giving augmentation's share of the step;
   3. ``HostLoader`` over the real train split plus ``to_global_array``: images/s the host
      delivers, and its ratio to what the train step consumes;
-  4. an equivalent PyTorch CPU step (same architecture, fed views), in the default and the
-     channels_last memory formats, skipped with a note when torch is not installed;
+  4. an equivalent PyTorch CPU step (same architecture, fed views, the config's optimiser:
+     LARS for the default job, written out in ``_torch_lars_class`` as ssljax's, since PyTorch
+     has none), in the default and the channels_last memory formats, plus channels_last with
+     plain SGD (PyTorch's cheapest step, which earlier versions of this script compared
+     against); skipped with a note when torch is not installed;
   5. with ``--sweep-flags``: the full step compiled under a list of XLA:CPU flag sets in one
      process and timed interleaved, then the fastest set again as in 1; with
      ``--breakdown``: forward only, forward + backward, with and without BatchNorm, the
@@ -658,6 +661,7 @@ def torch_calls(config, breakdown: bool) -> tuple[dict[str, Callable[[], Any]], 
 
   torch.set_num_threads(2)
   torch.manual_seed(0)
+  TorchLARS = _torch_lars_class()
   preset = PRESETS[config.model.encoder]
   if preset.block is not BasicBlock or not config.model.cifar_stem:
     return {}, {"skipped": "the PyTorch twin covers BasicBlock presets with the 3x3 stem only"}
@@ -731,16 +735,31 @@ def torch_calls(config, breakdown: bool) -> tuple[dict[str, Callable[[], Any]], 
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
     return F.cross_entropy(logits, targets)
 
+  o = config.optim
   results: dict[str, Any] = {"torch_version": torch.__version__, "threads":
                              torch.get_num_threads(), "rows": rows,
-                             "mkldnn": torch.backends.mkldnn.is_available()}
+                             "mkldnn": torch.backends.mkldnn.is_available(),
+                             "optimizer": o.name if o.name == "lars" else "sgd"}
+
+  def make_optimizer(model, name):
+    if name == "lars":
+      return TorchLARS(list(model.parameters()), lr=0.1, momentum=o.momentum,
+                       weight_decay=o.weight_decay, eta=o.lars_eta,
+                       exclude_bias_and_norm=o.lars_exclude_bias_and_norm)
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=o.momentum,
+                           weight_decay=o.weight_decay)
+
   calls: dict[str, Callable[[], Any]] = {}
-  for layout in ("default", "channels_last"):
+  # The config's optimiser in both layouts (LARS for the default job, as ssljax's step), and
+  # plain SGD in channels_last, the cheapest PyTorch step, as a lower bound on its time.
+  variants = [("default", results["optimizer"]), ("channels_last", results["optimizer"])]
+  if results["optimizer"] != "sgd":
+    variants.append(("channels_last", "sgd"))
+  for layout, optimizer_name in variants:
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     model = TorchSimCLR().to(memory_format=memory_format).train()
     results["param_count"] = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=config.optim.momentum,
-                                weight_decay=config.optim.weight_decay)
+    optimizer = make_optimizer(model, optimizer_name)
     # Both views of every image stacked [a; b] (compute does not depend on the pixel values).
     views = torch.rand(rows, channels, size, size).contiguous(memory_format=memory_format)
 
@@ -751,7 +770,10 @@ def torch_calls(config, breakdown: bool) -> tuple[dict[str, Callable[[], Any]], 
       optimizer.step()
       return loss.item()
 
-    calls[f"step_{layout}"] = step
+    suffix = "" if optimizer_name == results["optimizer"] else f"_{optimizer_name}"
+    calls[f"step_{layout}{suffix}"] = step
+    if suffix:
+      continue
     if breakdown:
       def forward(model=model, views=views):
         with torch.no_grad():
@@ -766,6 +788,41 @@ def torch_calls(config, breakdown: bool) -> tuple[dict[str, Callable[[], Any]], 
       calls[f"forward_{layout}"] = forward
       calls[f"forward_backward_{layout}"] = forward_backward
   return calls, results
+
+
+def _torch_lars_class():
+  """LARS as ssljax's ``optim.name = 'lars'`` (Barlow Twins / BYOL PyTorch code): for every
+  tensor of rank > 1 (all tensors unless ``exclude_bias_and_norm``) the update direction is
+  ``g + wd * theta`` scaled by ``eta * |theta| / |g + wd * theta|`` (1 where a norm is 0); other
+  tensors take ``g`` unscaled and undecayed; then heavy-ball momentum and the learning rate."""
+  import torch
+
+  class TorchLARS(torch.optim.Optimizer):
+    def __init__(self, params, *, lr, momentum, weight_decay, eta, exclude_bias_and_norm):
+      super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                    eta=eta, exclude=exclude_bias_and_norm))
+
+    @torch.no_grad()
+    def step(self):
+      for group in self.param_groups:
+        for p in group["params"]:
+          if p.grad is None:
+            continue
+          g = p.grad
+          if p.ndim > 1 or not group["exclude"]:
+            g = g.add(p, alpha=group["weight_decay"])
+            p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+            trust = torch.where((p_norm > 0) & (g_norm > 0), group["eta"] * p_norm / g_norm,
+                                torch.ones_like(p_norm))
+            g = g.mul(trust)
+          state = self.state[p]
+          if "momentum" not in state:
+            state["momentum"] = torch.clone(g)
+          else:
+            state["momentum"].mul_(group["momentum"]).add_(g)
+          p.add_(state["momentum"], alpha=-group["lr"])
+
+  return TorchLARS
 
 
 def torch_profile(step: Callable[[], Any], calls: int, top: int = 10) -> dict[str, float]:
@@ -900,7 +957,11 @@ def summarize_run(report: dict[str, Any], batch_size: int) -> dict[str, Any]:
   if "timings" in torch_result:
     t = {layout: images_per_s(torch_result, f"step_{layout}", batch_size)
          for layout in ("default", "channels_last")}
-    s["torch"] = {"step_images_per_s": t, "best_layout": max(t, key=t.get), "ratios": {}}
+    best = max(t, key=t.get)  # among the steps with the config's optimiser
+    if "step_channels_last_sgd" in torch_result["timings"]:
+      t["channels_last_sgd"] = images_per_s(torch_result, "step_channels_last_sgd", batch_size)
+    s["torch"] = {"step_images_per_s": t, "best_layout": best,
+                  "optimizer": torch_result.get("optimizer", "sgd"), "ratios": {}}
     for tag, run in jax_runs.items():
       s["torch"]["ratios"][tag] = {
           "a_full_step_vs_torch_no_aug": {k: run["full_step_images_per_s"] / v
@@ -969,8 +1030,11 @@ def print_report(report: dict[str, Any]) -> None:
     add("ssljax step, views given (no aug)", tag, result, "no_aug_step")
     add("augmentation alone (jitted policy)", tag, result, "augment")
   torch_result = report.get("torch", {})
-  for layout in ("default", "channels_last"):
-    add(f"torch step, no aug ({layout})", "-", torch_result, f"step_{layout}")
+  optimizer = torch_result.get("optimizer", "sgd")
+  for layout in ("default", "channels_last", "channels_last_sgd"):
+    if f"step_{layout}" in torch_result.get("timings", {}):
+      label = layout if layout.endswith("_sgd") else f"{layout}, {optimizer}"
+      add(f"torch step, no aug ({label})", "-", torch_result, f"step_{layout}")
   pipeline = report.get("pipeline", {})
   if "images_per_s" in pipeline:
     rows.append(("HostLoader + to_global_array (per batch)", "cli",
@@ -991,9 +1055,12 @@ def print_report(report: dict[str, Any]) -> None:
   if "torch" in s:
     for tag, r in s["torch"]["ratios"].items():
       a, b = r["a_full_step_vs_torch_no_aug"], r["b_no_aug_step_vs_torch_no_aug"]
-      print(f"ssljax ({tag}) / torch images/s: (a) full step vs torch no-aug "
-            f"{a['default']:.2f} default, {a['channels_last']:.2f} channels_last; "
-            f"(b) no-aug step vs torch no-aug {b['default']:.2f} / {b['channels_last']:.2f}")
+      sgd = (f"; against torch channels_last with SGD (a) {a['channels_last_sgd']:.2f}, "
+             f"(b) {b['channels_last_sgd']:.2f}" if "channels_last_sgd" in a else "")
+      print(f"ssljax ({tag}) / torch ({s['torch']['optimizer']}) images/s: (a) full step vs "
+            f"torch no-aug {a['default']:.2f} default, {a['channels_last']:.2f} channels_last; "
+            f"(b) no-aug step vs torch no-aug {b['default']:.2f} / {b['channels_last']:.2f}"
+            f"{sgd}")
     jax_params = report["jax"].get("cli", {}).get("param_count")
     print(f"architecture check: {jax_params} trainable parameters in ssljax, "
           f"{torch_result.get('param_count')} in the PyTorch twin")
