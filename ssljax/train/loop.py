@@ -444,13 +444,18 @@ def restore_latest(workdir: str, config: ml_collections.ConfigDict | None = None
 
   Raises:
     FileNotFoundError: the workdir has no checkpoint yet.
+    ConfigError: the method, its policy or optimiser refuses the config (e.g. an override
+      given to ``ssljax eval`` or ``export``); nothing was read or written.
   """
   config = config or load_workdir_config(workdir)
   mesh = _mesh(config)
   train_source = data.build_source(config.data, config.data.train_split)
   steps_per_epoch, total_steps = run_length(config, len(train_source))
-  method, init, _ = build_state_and_step(config, mesh, tuple(train_source.image_shape),
-                                         steps_per_epoch, total_steps, len(train_source))
+  try:  # the builders' own checks, as in `train`
+    method, init, _ = build_state_and_step(config, mesh, tuple(train_source.image_shape),
+                                           steps_per_epoch, total_steps, len(train_source))
+  except ValueError as e:
+    raise ConfigError(f"{e} (nothing was written)") from None
   directory = workdir_path(workdir) / "checkpoints"
   ckpt = (Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
           if directory.is_dir() else None)

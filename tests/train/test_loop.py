@@ -262,6 +262,21 @@ def test_cli_reports_a_method_builder_refusal_in_one_line(tmp_path):
   assert not workdir.exists()
 
 
+def test_eval_and_export_report_a_method_builder_refusal(tmp_path):
+  # The same refusal as an override to `ssljax eval` / `export`: a ConfigError (which the CLI
+  # prints as one line), raised before any checkpoint is read or file written.
+  from ssljax.export import export_encoder
+  from ssljax.train.validate import ConfigError
+  config = tiny_config(str(tmp_path))
+  config.method.simclr.positives = "bogus"
+  message = r"positives must be one of \('mean_log', 'log_sum'\), got 'bogus'.*nothing was"
+  with pytest.raises(ConfigError, match=message):
+    loop.evaluate_workdir(str(tmp_path / "w"), config)
+  with pytest.raises(ConfigError, match=message):
+    export_encoder(str(tmp_path / "w"), str(tmp_path / "out"), config)
+  assert not (tmp_path / "w").exists() and not (tmp_path / "out").exists()
+
+
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="not an ssljax workdir"):
     loop.evaluate_workdir(str(tmp_path))
