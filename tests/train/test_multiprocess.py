@@ -219,6 +219,36 @@ def test_moco_queue_two_processes_like_one_and_bit_exact_resume(tmp_path):
   _assert_bit_exact_resume(runs)
 
 
+@pytest.mark.slow
+def test_streamed_folder_two_processes_like_one_and_bit_exact_resume(tmp_path):
+  """The ImageNet path: each process streams its own rows of the global batch from a JPEG
+  folder (`folder_stream`, pre-crops drawn on the host); the hosts' rows must form the same
+  global batch as one process reads, and the loader's position must resume exactly."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 24), ("val", 8)):
+    for c in range(2):
+      directory = tmp_path / "data" / split / f"n{c:08d}"
+      directory.mkdir(parents=True)
+      for i in range(count):
+        pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(directory / f"{i}.JPEG", quality=90)
+  (tmp_path / "tiny").mkdir()
+  config = tiny_config(str(tmp_path / "tiny"), channels=3)
+  with config.unlocked():
+    config.data.update(dict(source="folder_stream", name="folder", data_dir=str(
+        tmp_path / "data"), test_split="val", num_classes=2, stream_workers=0,
+        stream_threads=1, precrop_scale=(0.3, 1.0)))
+    config.eval.linear_probe = False
+    config.eval.plots = False
+  runs = _train_three_ways(tmp_path, config)
+  for i in range(2):
+    with open(f"{runs['two']}.{i}.log", encoding="utf-8") as f:
+      assert "streaming folder_stream split 'train': 48 examples" in f.read()
+  _assert_same_training(runs)
+  _assert_bit_exact_resume(runs)
+
+
 def test_only_process_0_writes_metrics_and_results(runs):
   # Each step once in metrics.jsonl (two writers would double every record).
   with open(os.path.join(runs["two"], "metrics.jsonl"), encoding="utf-8") as f:
