@@ -13,12 +13,15 @@ The cases (synthetic uint8 images, the config's on-device augmentation inside th
                  BN, t = 0.1, LARS), 224 px, batch --r50-batch (default 256)
 
 Every case runs in bfloat16 compute (float32 parameters, optimiser state and loss reductions)
-unless ``--dtype float32``. For each case the script reports images per second, step time
-(median, min and max of the per-step time of ``--rounds`` rounds of ``--steps`` steps),
-compile time, peak device memory and model FLOPs utilisation: the step's FLOPs from XLA's
-cost analysis of the compiled step (augmentation and optimiser included, both small next to
-the network) over the device's published dense bf16 peak (``PEAK_BF16_TFLOPS``, matched on
-the device kind; ``--peak-tflops`` overrides, and a CPU has none, so MFU is left out there).
+unless ``--dtype float32``, on ONE device (the first; the PyTorch twin also uses one, so the
+numbers are per chip and the two sides do the same work). For each case the script reports
+images per second, step time (median, min and max of the per-step time of ``--rounds`` rounds
+of ``--steps`` steps), compile time, memory and model FLOPs utilisation: the step's FLOPs
+from XLA's cost model run on the step as lowered, before the backend compiles it
+(augmentation and optimiser included, both small next to the network; see `step_flops` for
+why not the compiled step's), over the device's published dense bf16 peak
+(``PEAK_BF16_TFLOPS``, matched on the device kind; ``--peak-tflops`` overrides, and a CPU has
+none, so MFU is left out there).
 
 PyTorch on the same device, same process, same rounds (``--torch``; torch >= 2.4, and
 torchvision for the DataLoader variant; not ssljax requirements: ``pip install torch
@@ -26,25 +29,34 @@ torchvision`` with the CUDA build that matches the machine, or ``pip install tor
 for a CPU build, whose PyPI torchvision does not load). The twin has the same network
 (torchvision's ResNet layout with the CIFAR stem where ssljax uses it), projector, NT-Xent
 loss and batch; its optimiser is SGD with momentum, because
-PyTorch has no LARS (LARS's per-layer norms cost little next to the network). Variants:
+PyTorch has no LARS (LARS's per-layer norms cost little next to the network). cuDNN picks its
+convolution algorithms by timing them (``torch.backends.cudnn.benchmark``), as XLA autotunes
+its own. Variants:
 
-  torch[eager]            float32, NCHW, eager, augmentation on the device
+  torch[eager]            float32 (cuDNN convolutions in TF32, PyTorch's default), NCHW,
+                          eager, augmentation on the device
   torch[bf16+cl]          bf16 autocast + channels_last, augmentation on the device
   torch[bf16+cl+compile]  the same with the loss and the augmentation under torch.compile
-  torch[dataloader]       bf16 + channels_last (+ compile with --torch all), augmentation by
-                          torchvision transforms in a CPU DataLoader (one worker per core,
-                          pinned memory): what a solo-learn or lightly user gets by default
+  torch[dataloader]       bf16 + channels_last, eager, augmentation by torchvision transforms
+                          in a CPU DataLoader (one worker per core, pinned memory): what a
+                          solo-learn or lightly user gets by default
 
-The device augmentation of the twin draws the same distribution as the config's policy
-(random resized crop by bilinear sampling, flip, colour jitter in HSV, grayscale, Gaussian
-blur) with the jitter in a fixed order rather than a random one. The DataLoader variant is
+The device augmentation of the twin draws the config's policy (torchvision's random resized
+crop sampling, flip, colour jitter in HSV, grayscale, Gaussian blur) with two differences: the
+jitter runs in a fixed order rather than a random one, and the crop is resized by bilinear
+``grid_sample`` without the antialiasing filter ssljax (and torchvision) apply when shrinking.
+The PyTorch variants are skipped when PyTorch sees no CUDA device but ssljax runs on an
+accelerator (a CPU twin would say nothing about the accelerator). The DataLoader variant is
 timed after the interleaved rounds, in rounds of its own: its worker processes keep producing
-batches while other variants run, so interleaving would credit it with work done off the
-clock. A variant that fails (e.g. torch.compile without a C++ compiler) is recorded with its
-error and the run goes on.
+batches while other variants run, so its iterator is restarted (the batches prepared off the
+clock are dropped) and run for twice its prefetch depth before the clock starts, and each of
+its rounds is a whole number of worker cycles (``--steps`` rounded up to a multiple of the
+worker count), since the workers deliver their batches in bursts. A variant that fails (e.g.
+torch.compile without a C++ compiler) is recorded with its error and the run goes on.
 
 The optimised HLO of each ssljax step is summarised in the JSON (``hlo_ops``: fusions, library
-calls, layout transposes and copies, host transfers inside the step, collectives), and
+calls, layout transposes and copies between kernels, host transfers inside the step,
+collectives), and
 ``--profile DIR`` writes a ``jax.profiler`` trace of a few steps per case for xprof or
 TensorBoard.
 
@@ -82,22 +94,28 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 # Dense bf16 peak TFLOP/s per chip from the vendors' data sheets (no sparsity), matched as a
-# lower-case substring of ``device.device_kind``; the first match wins.
+# lower-case substring of ``device.device_kind``; the first match wins, so a kind that contains
+# another's key ("h100 nvl" contains "h100", "l40s" contains "l4") must come before it.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("h100 pcie", 756.0),
-    ("h100", 989.4),   # SXM
-    ("h200", 989.4),
+    ("h100 nvl", 835.5),
+    ("h100", 989.4),   # SXM ("NVIDIA H100 80GB HBM3")
+    ("h200 nvl", 835.5),
     ("gh200", 989.4),
+    ("h200", 989.4),   # SXM
+    ("gb200", 2500.0),
     ("b200", 2250.0),
     ("a100", 312.0),
     ("l40s", 362.05),
+    ("l40", 181.05),
     ("l4", 121.0),
     ("a10g", 70.0),
     ("rtx 4090", 165.2),
-    ("tpu v6", 918.0),
-    ("tpu v5p", 459.0),
+    ("tpu v6", 918.0),  # v6e: "TPU v6 lite"
     ("tpu v5 lite", 197.0),
     ("tpu v5e", 197.0),
+    ("tpu v5p", 459.0),
+    ("tpu v5", 459.0),  # v5p's device kind is "TPU v5"
     ("tpu v4", 275.0),
 )
 
@@ -140,7 +158,8 @@ def image_shape(config) -> tuple[int, int, int]:
 
 
 class JaxCase:
-  """The compiled ssljax train step of one config on a synthetic uint8 batch."""
+  """The compiled ssljax train step of one config on a synthetic uint8 batch, on one device
+  (the first local one: the PyTorch twin runs on one device too)."""
 
   def __init__(self, config):
     import jax
@@ -153,9 +172,7 @@ class JaxCase:
 
     self.config = config
     batch = int(config.train.batch_size)
-    if batch % jax.device_count():
-      raise ValueError(f"batch {batch} is not divisible by the {jax.device_count()} devices")
-    mesh = make_mesh()
+    mesh = make_mesh(jax.local_devices()[:1])
     schedule = build_schedule(config.optim, global_batch=batch, total_steps=1000,
                               steps_per_epoch=100)
     tx = build_optimizer(config.optim, schedule)
@@ -173,9 +190,10 @@ class JaxCase:
     self.param_count = sum(int(leaf.size) for leaf in jax.tree.leaves(self.state.params))
     step = compile_train_step(make_per_device_step(method, tx, policy, schedule), mesh)
     start = time.perf_counter()
-    self.compiled = step.lower(self.state, self.images, self.index, self.label).compile()
+    lowered = step.lower(self.state, self.images, self.index, self.label)
+    self.compiled = lowered.compile()
     self.compile_s = time.perf_counter() - start
-    self.flops = _cost_flops(self.compiled)
+    self.flops, self.flops_source = step_flops(lowered, self.compiled)
     self.last_loss = None
 
   def run(self, steps: int) -> None:
@@ -188,39 +206,86 @@ class JaxCase:
     jax.block_until_ready((self.state, metrics))
 
 
-def _cost_flops(compiled) -> float | None:
-  """Total FLOPs of a compiled program from XLA's cost analysis (None when not reported)."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # some backends do not implement it
-    return None
+def _flops_of(cost) -> float | None:
+  """The 'flops' entry of a cost analysis (a dict, or a list of one in older jax)."""
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
-  if not cost or "flops" not in cost:
+  if not cost or "flops" not in cost or not float(cost["flops"]) > 0:
     return None
   return float(cost["flops"])
+
+
+def step_flops(lowered, compiled) -> tuple[float | None, str]:
+  """FLOPs of one step on one device, and where the count comes from.
+
+  XLA's generic cost model (``HloCostAnalysis``) run on the step as lowered, before the
+  backend compiles it: every convolution and dot is still an HLO op there, counted as
+  2 x multiply-adds (padding taps excluded). The analysis runs on the CPU client, because
+  ``Lowered.cost_analysis`` refuses backends loaded as PJRT plugins (the CUDA and TPU ones).
+  The compiled step's own cost analysis is only the fallback: on a GPU, XLA has by then
+  replaced the convolutions and matrix products by cuDNN / cuBLAS custom calls, which the
+  generic model counts as -1 FLOPs each (jax-ml/jax issues 17912 and 22249), so it would
+  leave out nearly all of the network's work and understate MFU many times over. The step is
+  a ``shard_map``, lowered and partitioned at per-device shapes, so both counts are per device.
+  """
+  try:
+    from jax.extend import backend as jax_backend
+    from jax._src.lib import _jax  # the function Lowered.cost_analysis calls, on the CPU client
+    module = lowered.compiler_ir("hlo").as_hlo_module()
+    flops = _flops_of(_jax.hlo_module_cost_analysis(jax_backend.get_backend("cpu"), module))
+    if flops:
+      return flops, "XLA cost model of the lowered (unoptimised) step, per device"
+  except Exception:  # a private API of this jax, or no CPU backend (JAX_PLATFORMS)
+    pass
+  try:
+    flops = _flops_of(compiled.cost_analysis())
+  except Exception:  # some backends do not implement it
+    flops = None
+  if flops:
+    return flops, ("XLA cost analysis of the compiled step, per device (on a GPU this leaves "
+                   "out the cuDNN/cuBLAS calls)")
+  return None, "not reported"
 
 
 def hlo_op_counts(compiled) -> dict[str, int]:
   """What the profile asks about, counted in the optimised HLO of the step.
 
-  ``transpose`` and ``copy`` are layout changes XLA kept (a copy is how a layout change
-  between fusions shows up after layout assignment); ``fusion`` the kernels; ``convolution``
-  and ``custom-call`` (cuDNN / cuBLAS on a GPU) the library calls; ``host`` the instructions
-  that talk to the host inside a step (send, recv, infeed, outfeed, host callbacks), which
-  should be 0; ``all-reduce`` and ``all-gather`` the collectives.
+  Counted between kernels, i.e. outside the bodies of fusions: ``transpose`` and ``copy``
+  are layout changes XLA kept as operations of their own (a copy is how a layout change
+  between fusions shows up after layout assignment); ``fusion`` the fused kernels;
+  ``custom-call`` (cuDNN / cuBLAS on a GPU) the library calls; ``all-reduce`` and
+  ``all-gather`` the collectives. ``convolution`` counts convolutions wherever they are
+  (the CPU and TPU backends put them inside fusions), ``host`` the instructions anywhere that
+  talk to the host inside a step (send, recv, infeed, outfeed, host callbacks), which should
+  be 0. ``transpose_in_fusions`` and ``copy_in_fusions`` count those ops inside fusion bodies,
+  where they are index arithmetic of a kernel rather than kernels.
   """
   import re
   counts = {op: 0 for op in ("fusion", "convolution", "custom-call", "transpose", "copy",
-                             "all-reduce", "all-gather", "host")}
-  for line in compiled.as_text().splitlines():
+                             "all-reduce", "all-gather", "host", "transpose_in_fusions",
+                             "copy_in_fusions")}
+  lines = compiled.as_text().splitlines()
+  fused = {m.group(1) for line in lines if " fusion(" in line
+           for m in [re.search(r"calls=%?([\w.\-]+)", line)] if m}
+  computation = None
+  for line in lines:
+    if line[:1] not in ("", " ") and line.rstrip().endswith("{"):  # a computation's header
+      words = line.split()
+      computation = (words[1] if words[0] == "ENTRY" else words[0]).lstrip("%")
+      continue
     match = re.search(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9-]*)\(", line)
     if not match:
       continue
     op = match.group(1)
+    inside = computation in fused
     if op in ("send", "recv", "infeed", "outfeed") or "host_callback" in line \
         or "xla_python_cpu_callback" in line or "xla_ffi_python" in line:
       counts["host"] += 1
+    elif op == "convolution":
+      counts["convolution"] += 1
+    elif inside:
+      if op in ("transpose", "copy"):
+        counts[f"{op}_in_fusions"] += 1
     elif op.startswith("all-reduce"):
       counts["all-reduce"] += 1
     elif op.startswith("all-gather"):
@@ -241,22 +306,30 @@ def profile_steps(case: "JaxCase", directory: str, steps: int) -> str:
 
 
 def jax_peak_memory_mib(case: JaxCase) -> tuple[float | None, str]:
-  """Peak device memory: the allocator's peak where the device reports one, else XLA's
-  static estimate of the step (arguments + outputs + temporaries - aliased)."""
-  import jax
-  stats = None
+  """XLA's estimate of the step's device memory (arguments + outputs + temporaries -
+  aliased), which belongs to this case alone."""
   try:
-    stats = jax.local_devices()[0].memory_stats()
+    m = case.compiled.memory_analysis()
   except Exception:
-    pass
-  if stats and "peak_bytes_in_use" in stats:
-    return stats["peak_bytes_in_use"] / 2 ** 20, "allocator peak (whole process, device 0)"
-  m = case.compiled.memory_analysis()
+    m = None
   if m is None:
     return None, "not reported"
   total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
            - m.alias_size_in_bytes)
-  return total / 2 ** 20, "XLA's estimate of the step (no allocator statistics here)"
+  return total / 2 ** 20, "XLA's estimate of the step"
+
+
+def jax_allocator_peak_mib() -> float | None:
+  """The allocator's peak on device 0 where it reports one. It cannot be reset, so after the
+  first case it is the peak of every case run so far in this process."""
+  import jax
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:
+    return None
+  if stats and "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2 ** 20
+  return None
 
 
 # ---------------------------------------------------------------------------- PyTorch
@@ -366,17 +439,39 @@ def _hsv_to_rgb(hue, sat, value):
   return value.unsqueeze(1) - value.unsqueeze(1) * sat.unsqueeze(1) * weight
 
 
+def torch_crop_sides(n: int, augment, device):
+  """Width and height ``[n]`` of torchvision's random-resized-crop boxes in a square image,
+  as fractions of its side: up to ten draws of an area fraction ``U(crop_scale)`` and an
+  aspect ``exp(U(log crop_ratio))``, the first box that fits, else the whole image with its
+  aspect clamped to ``crop_ratio`` (`ssljax.augment.ops.sample_crop_box`, without rounding to
+  whole pixels)."""
+  import math
+
+  import torch
+  tries = 10
+  low, high = augment.crop_scale
+  area = torch.rand(n, tries, device=device) * (high - low) + low
+  log_low, log_high = math.log(augment.crop_ratio[0]), math.log(augment.crop_ratio[1])
+  ratio = torch.exp(torch.rand(n, tries, device=device) * (log_high - log_low) + log_low)
+  w_all, h_all = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
+  fits = (w_all <= 1.0) & (h_all <= 1.0)
+  first = fits.float().argmax(1, keepdim=True)  # the first box that fits (0 if none)
+  found = fits.any(1)
+  fallback_w = min(1.0, max(augment.crop_ratio))
+  fallback_h = min(1.0, 1.0 / min(augment.crop_ratio))
+  return (torch.where(found, w_all.gather(1, first)[:, 0], fallback_w),
+          torch.where(found, h_all.gather(1, first)[:, 0], fallback_h))
+
+
 def torch_device_augment(images, config, generator=None):
   """One view per image of a uint8 NHWC batch on the device, as float32 NCHW normalised.
 
-  Random resized crop (area ``augment.crop_scale``, aspect ``augment.crop_ratio``) and flip
-  as one bilinear ``grid_sample`` per image; then, per image with probability
+  Random resized crop and flip as one bilinear ``grid_sample`` per image (no antialiasing);
+  the box is torchvision's (`torch_crop_sides`); then, per image with probability
   ``jitter_prob``, brightness, contrast, saturation and hue in that order; grayscale with
   ``grayscale_prob``; a Gaussian blur with ``blur_prob`` (sigma in ``blur_sigma``, taps over
   10% of the side); solarisation with ``solarize_prob``.
   """
-  import math
-
   import torch
   from torch.nn import functional as F
 
@@ -389,11 +484,7 @@ def torch_device_augment(images, config, generator=None):
   def u(lo=0.0, hi=1.0):
     return torch.rand(n, device=dev) * (hi - lo) + lo
 
-  area = u(*a.crop_scale)
-  log_ratio = u(math.log(a.crop_ratio[0]), math.log(a.crop_ratio[1]))
-  ratio = torch.exp(log_ratio)
-  w = torch.clamp(torch.sqrt(area * ratio), max=1.0)
-  h = torch.clamp(torch.sqrt(area / ratio), max=1.0)
+  w, h = torch_crop_sides(n, a, dev)
   cx = u() * (1 - w) * 2 - (1 - w)
   cy = u() * (1 - h) * 2 - (1 - h)
   flip = torch.where(u() < a.flip_prob, -1.0, 1.0)
@@ -456,6 +547,8 @@ class TorchCase:
     self.config = config
     self.device = torch_device()
     torch.manual_seed(0)
+    # cuDNN times its algorithms for these fixed shapes, as XLA autotunes its convolutions.
+    torch.backends.cudnn.benchmark = True
     bf16 = variant != "eager"
     self.channels_last = variant != "eager"
     self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None)
@@ -479,13 +572,21 @@ class TorchCase:
       augment = torch.compile(augment)
     self.loss_fn, self.augment = loss_fn, augment
     self.images = torch.from_numpy(np.asarray(images_uint8)).to(self.device)
-    self.loader = None
+    self.loader = self._dataloader = None
+    self.workers = 0
     if variant.startswith("dataloader"):
-      self.loader = iter(_dataloader(config, np.asarray(images_uint8), workers))
+      self._dataloader = _dataloader(config, np.asarray(images_uint8), workers)
+      self.workers = self._dataloader.num_workers
+      self.loader = iter(self._dataloader)
     self.last_loss = None
     start = time.perf_counter()
     self.run(2)  # warm-up: compiles where torch.compile is on, fills the loader's queue
     self.compile_s = time.perf_counter() - start
+
+  def restart_loader(self) -> None:
+    """Drops the batches the loader's workers prepared so far (e.g. while other variants
+    ran) and starts its iterator afresh, with the same worker processes."""
+    self.loader = iter(self._dataloader)
 
   def _views(self):
     import torch
@@ -601,16 +702,21 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
   result: dict[str, Any] = {"case": name, "config": CASES[name]["config"], "batch": batch,
                             "image_shape": list(image_shape(config)),
                             "encoder": config.model.encoder, "width": config.model.width,
-                            "compute_dtype": config.train.compute_dtype, "variants": {}}
+                            "compute_dtype": config.train.compute_dtype, "devices": 1,
+                            "variants": {}}
+  if torch_available():
+    import torch
+    if torch.cuda.is_available():  # this case's peak, not the largest of the cases so far
+      torch.cuda.reset_peak_memory_stats()
   jax_case = JaxCase(config)
-  device_kind = jax.devices()[0].device_kind
+  device_kind = jax.local_devices()[0].device_kind
   peak = args.peak_tflops or peak_tflops(device_kind)
   runners: dict[str, Callable[[int], None]] = {"ssljax": jax_case.run}
   jax_case.run(2)
   result["variants"]["ssljax"] = {
       "compile_s": jax_case.compile_s, "params": jax_case.param_count,
-      "step_flops": jax_case.flops, "peak_tflops_bf16": peak,
-      "hlo_ops": hlo_op_counts(jax_case.compiled)}
+      "step_flops": jax_case.flops, "step_flops_source": jax_case.flops_source,
+      "peak_tflops_bf16": peak, "hlo_ops": hlo_op_counts(jax_case.compiled)}
 
   torch_cases: dict[str, TorchCase] = {}
   later: dict[str, TorchCase] = {}
@@ -618,6 +724,9 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if not torch_available():
       result["torch_skipped"] = ("torch not installed: pip install torch torchvision "
                                  "(see this file's docstring)")
+    elif jax.default_backend() != "cpu" and torch_device().type == "cpu":
+      result["torch_skipped"] = (f"PyTorch sees no CUDA device while ssljax runs on "
+                                 f"{jax.default_backend()}: install the CUDA build of torch")
     else:
       rng = np.random.default_rng(1)
       images = rng.integers(0, 256, (batch, *image_shape(config)), np.uint8)
@@ -648,9 +757,14 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
         result["variants"][label]["error"] = f"{type(error).__name__}: {error}"
   for label, case in later.items():  # the DataLoader: its own back-to-back rounds
     per_step[label] = []
+    cycle = max(1, case.workers)  # the workers deliver a batch each, in bursts
+    steps = cycle * -(-args.steps // cycle)
+    result["variants"][label]["steps_per_round"] = steps
     try:
+      case.restart_loader()  # drop what the workers prepared while other variants ran
+      case.run(2 * cycle)  # fill the pipeline (prefetch_factor 2 per worker): steady state
       for _ in range(args.rounds):
-        per_step[label].append(_timed_round(case.run, args.steps))
+        per_step[label].append(_timed_round(case.run, steps))
     except Exception as error:
       result["variants"][label]["error"] = f"{type(error).__name__}: {error}"
   for label, times in per_step.items():
@@ -666,6 +780,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
       jax_row["mfu"] = jax_case.flops / (jax_row["step_ms_median"] / 1e3) / (peak * 1e12)
     memory, how = jax_peak_memory_mib(jax_case)
     jax_row["peak_memory_mib"], jax_row["peak_memory_source"] = memory, how
+    jax_row["allocator_peak_mib_process"] = jax_allocator_peak_mib()
     jax_row["final_loss"] = float(jax.device_get(jax_case.last_loss))
   for label, case in {**torch_cases, **later}.items():
     row = result["variants"][label]
@@ -683,7 +798,14 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     best = max(torch_rows, key=lambda k: torch_rows[k]["images_per_s"])
     result["best_torch"] = best
     result["ssljax_over_best_torch"] = jax_row["images_per_s"] / torch_rows[best]["images_per_s"]
-  del jax_case, torch_cases, later
+  del jax_case
+  torch_cases.clear()
+  later.clear()
+  case = None  # the last PyTorch variant's model and loader workers go with it
+  if torch_available():
+    import torch
+    if torch.cuda.is_available():  # hand PyTorch's cached blocks back before the next case
+      torch.cuda.empty_cache()
   return result
 
 
@@ -762,7 +884,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   report: dict[str, Any] = {"device": device_description(), "args": vars(args), "cases": [],
                             "peak_table_tflops_bf16": dict(PEAK_BF16_TFLOPS),
-                            "flops_source": "XLA cost analysis of the compiled ssljax step"}
+                            "flops_source": "per device, from XLA's cost model of the "
+                                            "ssljax step (see step_flops_source per case)"}
   for name in args.cases.split(","):
     print(f"case {name} ...", flush=True)
     report["cases"].append(run_case(name, args))

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -30,9 +31,14 @@ def bench():
 def test_peak_table_matches_device_kinds(bench):
   assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
   assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0  # not the SXM number
+  assert bench.peak_tflops("NVIDIA H100 NVL") == 835.5  # nor the NVL card's
   assert bench.peak_tflops("NVIDIA H200") == 989.4
+  assert bench.peak_tflops("NVIDIA H200 NVL") == 835.5
   assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+  assert bench.peak_tflops("NVIDIA L40S") == 362.05
+  assert bench.peak_tflops("NVIDIA L40") == 181.05  # not the L4's 121
   assert bench.peak_tflops("TPU v5 lite") == 197.0
+  assert bench.peak_tflops("TPU v5") == 459.0  # what jax calls a v5p
   assert bench.peak_tflops("TPU v4") == 275.0
   assert bench.peak_tflops("cpu") is None
 
@@ -56,6 +62,7 @@ def test_cases_are_the_issue_recipes(bench):
   assert r18.train.compute_dtype == r50.train.compute_dtype == "bfloat16"
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU report (no MFU)")
 def test_tiny_run_writes_a_consistent_report(bench, tmp_path, capsys):
   out = tmp_path / "accel.json"
   bench.main(["--tiny", "--cases", "r18_32_b1024", "--steps", "1", "--rounds", "2",
@@ -70,6 +77,7 @@ def test_tiny_run_writes_a_consistent_report(bench, tmp_path, capsys):
   assert row["step_ms_min"] <= row["step_ms_median"] <= row["step_ms_max"]
   assert row["step_flops"] > 0 and row["compile_s"] > 0 and math.isfinite(row["final_loss"])
   assert row["peak_memory_mib"] > 0
+  assert row["step_flops_source"].startswith("XLA cost model of the lowered")
   assert "mfu" not in row, "a CPU has no published bf16 peak, so no MFU"
   assert "r18_32_b1024" in table and "ssljax" in table
 
@@ -81,6 +89,35 @@ def test_mfu_uses_the_given_peak(bench, tmp_path):
   row = report["cases"][0]["variants"]["ssljax"]
   expected = row["step_flops"] / (row["step_ms_median"] / 1e3) / 1e12
   assert row["mfu"] == pytest.approx(expected)
+
+
+def test_step_flops_count_the_convolution_before_the_backend_rewrites_it(bench):
+  import jax
+  import jax.numpy as jnp
+  # A 3x3 'VALID' convolution, 2 x 6x6 outputs x 5 output channels x 3x3x4 taps, one
+  # multiply-add (2 FLOPs) each; nothing else in the program.
+  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  lowered = conv.lower(jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 5)))
+  flops, source = bench.step_flops(lowered, lowered.compile())
+  assert flops == 2 * (2 * 6 * 6 * 5) * (3 * 3 * 4)
+  assert source.startswith("XLA cost model of the lowered")
+
+  class NoLowering:  # e.g. a jax whose private cost-analysis entry point moved
+    def compiler_ir(self, dialect):
+      raise NotImplementedError
+
+  class LibraryCall:  # a GPU step's cost analysis: a cuDNN call counts -1 FLOPs
+    def cost_analysis(self):
+      return {"flops": -1.0}
+
+  class Compiled:
+    def cost_analysis(self):
+      return [{"flops": 1e9}]  # the list older jax returns
+
+  assert bench.step_flops(NoLowering(), LibraryCall()) == (None, "not reported")
+  flops, source = bench.step_flops(NoLowering(), Compiled())
+  assert flops == 1e9 and source.startswith("XLA cost analysis of the compiled step")
 
 
 def _ssljax_param_count(config):
@@ -124,6 +161,62 @@ def test_torch_device_augment_is_the_identity_without_randomness(bench):
   assert out.shape == (4, 3, 16, 16) and raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
 
 
+def test_torch_crop_boxes_are_torchvisions(bench):
+  torch = pytest.importorskip("torch")
+  import jax
+  from ssljax.augment import ops
+  a = bench.case_config("r18_32_b1024", bench.parse_args([])).augment  # RRC 0.08-1, 3/4-4/3
+  torch.manual_seed(0)
+  w, h = (t.numpy() for t in bench.torch_crop_sides(20000, a, torch.device("cpu")))
+  assert w.max() <= 1 and h.max() <= 1
+  side = 1000  # ssljax's own sampler on a large image, where rounding to pixels is negligible
+  _, _, hs, ws = jax.vmap(lambda k: ops.sample_crop_box(k, side, side, a.crop_scale,
+                                                        a.crop_ratio))(
+      jax.random.split(jax.random.key(0), 20000))
+  area = np.asarray(hs * ws) / side ** 2
+  # Ten draws, the first that fits: mean area 0.48, 0.53 if oversized boxes were clamped.
+  assert abs((w * h).mean() - area.mean()) < 0.015
+  assert abs(np.quantile(w * h, 0.9) - np.quantile(area, 0.9)) < 0.02
+  # No draw fits (a 2:1 box of >= 90% of the area): torchvision's fallback, the whole width.
+  a.crop_scale, a.crop_ratio = (0.9, 1.0), (2.0, 2.0)
+  w, h = bench.torch_crop_sides(100, a, torch.device("cpu"))
+  np.testing.assert_allclose(w.numpy(), 1.0)
+  np.testing.assert_allclose(h.numpy(), 0.5)
+
+
+def test_dataloader_rounds_drop_prefetched_batches_and_cover_whole_worker_cycles(
+    bench, monkeypatch, tmp_path):
+  torch = pytest.importorskip("torch")
+
+  class Views(torch.utils.data.Dataset):
+    def __len__(self):
+      return 10 ** 6
+
+    def __getitem__(self, i):
+      view = torch.zeros(3, 16, 16)
+      return view, view + i
+
+  def loader(config, images, workers):
+    return torch.utils.data.DataLoader(Views(), batch_size=int(config.train.batch_size),
+                                       num_workers=workers, persistent_workers=True,
+                                       prefetch_factor=2)
+
+  monkeypatch.setattr(bench, "_dataloader", loader)
+  monkeypatch.setattr(bench, "torch_variants", lambda choice: ["dataloader"])
+  report = bench.main(["--tiny", "--cases", "r18_32_b1024", "--steps", "3", "--rounds", "2",
+                       "--loader-workers", "2", "--json", str(tmp_path / "a.json")])
+  row = report["cases"][0]["variants"]["torch[dataloader]"]
+  assert "error" not in row, row
+  assert row["steps_per_round"] == 4 and row["rounds"] == 2  # 3 steps -> 2 cycles of 2
+  case = bench.TorchCase(bench.case_config("r18_32_b1024", bench.parse_args(["--tiny"])),
+                         "dataloader", np.zeros((16, 16, 16, 3), np.uint8), workers=2)
+  case.run(1)  # the warm-up took batches 0-1, this one 2; the workers ran ahead
+  case.restart_loader()
+  v1, v2 = next(case.loader)
+  # Items 0-15: a fresh epoch, not batch 3 (items 48-63), which was ready before the restart.
+  assert int((v2 - v1).min()) == 0
+
+
 def test_hlo_op_counts_find_transposes_and_host_callbacks(bench):
   import jax
   import jax.numpy as jnp
@@ -148,6 +241,27 @@ def test_hlo_op_counts_find_transposes_and_host_callbacks(bench):
   counts = bench.hlo_op_counts(Text())
   assert (counts["transpose"], counts["copy"], counts["fusion"], counts["all-reduce"],
           counts["custom-call"], counts["host"]) == (1, 1, 1, 1, 1, 1)
+
+  class Fused:  # a transpose and a convolution inside a fusion's body are not kernels
+    def as_text(self):
+      return "\n".join([
+          "HloModule jit_step, entry_computation_layout={(f32[8,16]{1,0})->f32[16,8]{1,0}}",
+          "",
+          "%fused_transpose.1 (param_0: f32[8,16]) -> f32[16,8] {",
+          "  %param_0 = f32[8,16]{1,0} parameter(0)",
+          "  %t.1 = f32[16,8]{1,0} transpose(f32[8,16]{1,0} %param_0), dimensions={1,0}",
+          "  ROOT %cv = f32[16,8]{1,0} convolution(f32[16,8]{1,0} %t.1, f32[1,1]{1,0} %k)",
+          "}",
+          "",
+          "ENTRY %main.9 (p: f32[8,16]) -> f32[16,8] {",
+          "  %p = f32[8,16]{1,0} parameter(0)",
+          "  ROOT %f.2 = f32[16,8]{1,0} fusion(f32[8,16]{1,0} %p), kind=kLoop, "
+          "calls=%fused_transpose.1",
+          "}"])
+
+  counts = bench.hlo_op_counts(Fused())
+  assert (counts["fusion"], counts["transpose"], counts["transpose_in_fusions"],
+          counts["convolution"]) == (1, 0, 1, 1)
 
 
 def test_profile_writes_a_trace(bench, tmp_path):
