@@ -183,6 +183,11 @@ def load_encoder(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     raise ExportError(f"{os.fspath(path / ENCODER_JSON)} has format {spec['format']}; this "
                       f"ssljax reads format {FORMAT} and older: upgrade ssljax")
   config = config_from_json(_read(path, CONFIG_JSON).decode("utf-8"))
+  # The dtype the evaluation computed in, as encoder.json records it: config.json may say
+  # 'auto', which would resolve on this host's backend instead (float32 on a CPU for an
+  # encoder evaluated in bf16 on a GPU).
+  if spec.get("compute_dtype"):
+    config.train.compute_dtype = spec["compute_dtype"]
   # The training-set size sizes NPID's memory bank, which its builder checks; the encoder
   # itself depends on neither it nor the schedule.
   run = dataclasses.replace(RunInfo.nominal(config), num_examples=spec.get("num_examples"))

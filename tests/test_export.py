@@ -161,6 +161,39 @@ def test_load_encoder_rebuilds_the_encoder_each_method_evaluates(tmp_path, metho
                              built.encoder.apply(evaluated, images, train=False), rtol=1e-6)
 
 
+def test_load_encoder_computes_in_the_dtype_the_evaluation_used(tmp_path, monkeypatch):
+  """config.json keeps train.compute_dtype = 'auto'; an encoder evaluated in bf16 on a GPU
+  is rebuilt in bf16 on a CPU too, as encoder.json records it, not in the CPU's float32."""
+  import flax.serialization
+  import jax.numpy as jnp
+
+  from ssljax.config import config_to_json
+  from ssljax.methods import RunInfo, build_method
+
+  config = tiny_config(str(tmp_path))
+  config.train.compute_dtype = "auto"
+  out = tmp_path / "export"
+  out.mkdir()
+  with monkeypatch.context() as gpu:  # the export is written where the run evaluated: a GPU
+    gpu.setattr(jax, "default_backend", lambda: "gpu")
+    built = build_method(config, run=RunInfo(steps_per_epoch=2, total_steps=6))
+    spec = export.encoder_spec(config, built.encoder, feature_dim=0, step=0,
+                               precise_bn_images=0)
+  assert built.encoder.dtype == jnp.bfloat16 and spec["compute_dtype"] == "bfloat16"
+  params, method_state = built.init(jax.random.key(1),
+                                    [jnp.zeros((4, 16, 16, 1))] * built.num_views)
+  evaluated = jax.tree.map(np.asarray, built.eval_variables(params, method_state))
+  (out / "variables.msgpack").write_bytes(flax.serialization.msgpack_serialize(evaluated))
+  (out / "config.json").write_text(config_to_json(config), encoding="utf-8")
+  (out / "encoder.json").write_text(json.dumps(spec), encoding="utf-8")
+
+  module, variables = ssljax.load_encoder(out)  # on this CPU, where 'auto' means float32
+  assert module.dtype == jnp.bfloat16
+  images = np.random.default_rng(0).uniform(size=(2, 16, 16, 1)).astype(np.float32)
+  np.testing.assert_array_equal(module.apply(variables, images, train=False),
+                                built.encoder.apply(evaluated, images, train=False))
+
+
 def test_load_encoder_names_what_is_wrong(tmp_path):
   with pytest.raises(export.ExportError, match="not an encoder export.*ssljax export"):
     ssljax.load_encoder(tmp_path)
