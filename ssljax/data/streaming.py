@@ -519,7 +519,9 @@ def _eval_threads(data: ml_collections.ConfigDict) -> int:
   """Threads decoding evaluation views: as many as training's workers x threads decode with
   (evaluation runs while those sit idle), at most one per core."""
   workers = max(1, int(data.get("stream_workers", 0)))
-  return max(1, min(workers * int(data.get("stream_threads", 1)), os.cpu_count() or 1))
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+           else os.cpu_count() or 1)  # the cores this process may use (containers, taskset)
+  return max(1, min(workers * int(data.get("stream_threads", 1)), cores))
 
 
 def build_streaming_source(data: ml_collections.ConfigDict, split: str) -> StreamingSource:

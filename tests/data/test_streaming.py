@@ -125,7 +125,7 @@ def test_eval_threads_come_from_the_streaming_keys(folder):
   config.stream_workers, config.stream_threads = 0, 1
   assert data.build_source(config, "train").eval_threads == 1
   config.stream_workers, config.stream_threads = 64, 4
-  assert data.build_source(config, "train").eval_threads == os.cpu_count()
+  assert data.build_source(config, "train").eval_threads == len(os.sched_getaffinity(0))
   source = data.build_source(config, "train")
   with pytest.raises(ValueError, match="data.stream_threads = 0 must be an integer >= 1"):
     type(source)(source.records, image_size=8, channels=3, eval_threads=0)
