@@ -6,26 +6,20 @@ the script runs end to end where there is no accelerator, that what it reports i
 installed, that its twin is the same network as ssljax's and augments like the policy.
 """
 
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-_BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "accel_step.py")
+from tests.util import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("accel_step", _BENCH)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["accel_step"] = module
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("accel_step")
 
 
 def test_peak_table_matches_device_kinds(bench):
@@ -66,7 +60,7 @@ def test_cases_are_the_issue_recipes(bench):
 def test_tiny_run_writes_a_consistent_report(bench, tmp_path, capsys):
   out = tmp_path / "accel.json"
   bench.main(["--tiny", "--cases", "r18_32_b1024", "--steps", "1", "--rounds", "2",
-              "--torch", "none", "--json", str(out)])
+              "--torch", "none", "--profile", str(tmp_path / "trace"), "--json", str(out)])
   table = capsys.readouterr().out
   report = json.loads(out.read_text())
   assert report["device"]["backend"] == "cpu"
@@ -80,6 +74,11 @@ def test_tiny_run_writes_a_consistent_report(bench, tmp_path, capsys):
   assert row["step_flops_source"].startswith("XLA cost model of the lowered")
   assert "mfu" not in row, "a CPU has no published bf16 peak, so no MFU"
   assert "r18_32_b1024" in table and "ssljax" in table
+  # --profile: a jax.profiler trace of the case, and a step without host transfers.
+  files = [f for _, _, names in os.walk(row["trace_dir"]) for f in names]
+  assert any(f.endswith(".xplane.pb") for f in files), files
+  assert row["hlo_ops"]["host"] == 0 and row["hlo_ops"]["convolution"] + \
+      row["hlo_ops"]["fusion"] + row["hlo_ops"]["custom-call"] > 0
 
 
 def test_mfu_uses_the_given_peak(bench, tmp_path):
@@ -262,14 +261,3 @@ def test_hlo_op_counts_find_transposes_and_host_callbacks(bench):
   counts = bench.hlo_op_counts(Fused())
   assert (counts["fusion"], counts["transpose"], counts["transpose_in_fusions"],
           counts["convolution"]) == (1, 0, 1, 1)
-
-
-def test_profile_writes_a_trace(bench, tmp_path):
-  report = bench.main(["--tiny", "--cases", "r18_32_b1024", "--steps", "1", "--rounds", "1",
-                       "--torch", "none", "--profile", str(tmp_path / "trace"),
-                       "--json", str(tmp_path / "a.json")])
-  row = report["cases"][0]["variants"]["ssljax"]
-  files = [f for _, _, names in os.walk(row["trace_dir"]) for f in names]
-  assert any(f.endswith(".xplane.pb") for f in files), files
-  assert row["hlo_ops"]["host"] == 0 and row["hlo_ops"]["convolution"] + \
-      row["hlo_ops"]["fusion"] + row["hlo_ops"]["custom-call"] > 0

@@ -1,9 +1,5 @@
 """benchmarks/cpu_step.py: its PyTorch twin's LARS is ssljax's LARS (the timing is not tested)."""
 
-import importlib.util
-import os
-import sys
-
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -11,17 +7,12 @@ import pytest
 
 from ssljax.config import default_config
 from ssljax.train.optim import build_optimizer
-
-_BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cpu_step.py")
+from tests.util import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("cpu_step", _BENCH)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["cpu_step"] = module
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("cpu_step")
 
 
 def test_torch_lars_takes_ssljax_lars_steps(bench):

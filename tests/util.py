@@ -15,6 +15,20 @@ from ssljax.config import default_config, lock
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_benchmark(name: str):
+  """The module benchmarks/<name>.py (not a package), registered in ``sys.modules`` as `name`
+  so that what it pickles or imports by name resolves."""
+  import importlib.util
+  import sys
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "benchmarks", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
 def readme_text() -> str:
   """The repository's README.md."""
   with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
