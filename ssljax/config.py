@@ -416,7 +416,9 @@ def set_cpu_job(c: ml_collections.ConfigDict) -> None:
   resnet_small on 2 CPU cores, and the wide representation lifted kNN accuracy at equal epochs,
   see the README's recipe notes); ``train.batch_size = 256``, ``train.epochs = 12.0``,
   ``train.log_every_steps = 50``, ``train.checkpoint_every_steps = 500`` and
-  ``train.eval_every_steps = 234`` (one epoch of Fashion-MNIST's 60,000 images).
+  ``train.eval_every_steps = 234`` (one epoch of Fashion-MNIST's 60,000 images), and
+  ``train.compute_dtype = 'float32'``: these jobs' accuracies were measured in float32, so they
+  stay float32 on a GPU too, where the default 'auto' would compute in bf16.
   """
   c.model.encoder = "resnet_tiny"
   c.model.expand_features = 512
@@ -425,6 +427,7 @@ def set_cpu_job(c: ml_collections.ConfigDict) -> None:
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 500
   c.train.eval_every_steps = 234
+  c.train.compute_dtype = "float32"
 
 
 IMAGE_FOLDER = "folder"  # The config argument of the image-folder preset (``FILE:folder``).

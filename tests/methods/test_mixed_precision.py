@@ -80,3 +80,8 @@ def test_every_accelerator_recipe_computes_in_bf16_on_a_gpu(monkeypatch):
       assert resolve_compute_dtype(config.train.compute_dtype) == "bfloat16", (name, dataset)
       checked += 1
   assert checked >= 20
+  # The embedded default job (README command 1) and the other CPU-sized Fashion-MNIST jobs keep
+  # the float32 their accuracies were measured in, on any backend.
+  for name in configs.names():
+    config = load_config(name)
+    assert resolve_compute_dtype(config.train.compute_dtype) == "float32", name
