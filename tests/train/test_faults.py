@@ -192,11 +192,24 @@ def test_checkpoint_of_another_shape_is_a_mismatch_not_damage(trained, tmp_path)
   assert sorted(Checkpointer(str(copy)).all_steps()) == [3, 6]  # nothing set aside
 
 
-def _largest_state_file(workdir, step: int) -> str:
+def _state_data_files(workdir, step: int) -> list[str]:
+  """The data files the step's process wrote (`state/ocdbt.process_*/d/`), which hold the
+  arrays; the merged B-tree under `state/d/` is left intact, so the damage is to the arrays.
+  Which of these files hold live data and which only superseded B-tree nodes differs from run
+  to run (the writer threads' timing decides), so the damage goes to all of them: damaging the
+  largest one alone hit an unread file on CI."""
   files = [os.path.join(root, name)
            for root, _, names in os.walk(os.path.join(workdir, "checkpoints", str(step), "state"))
-           for name in names if os.sep + "d" + os.sep in os.path.join(root, name) + os.sep]
-  return max(files, key=os.path.getsize)
+           for name in names
+           if os.path.basename(root) == "d" and
+           os.path.basename(os.path.dirname(root)).startswith("ocdbt.process_")]
+  assert files, f"no OCDBT process data files under step {step}"
+  return files
+
+
+def _damage_all(damage, files) -> None:
+  for path in files:
+    damage(path)
 
 
 def _truncate(path: str) -> None:
@@ -228,9 +241,9 @@ def _data_file(workdir, step: int) -> str:
 
 
 @pytest.mark.parametrize("damage, reason", [
-    (lambda w: _truncate(_largest_state_file(w, 6)), "it cannot be read"),
+    (lambda w: _damage_all(_truncate, _state_data_files(w, 6)), "it cannot be read"),
     # Reads fail (a broken compressed chunk) or return garbage that the checksums catch.
-    (lambda w: _flip(_largest_state_file(w, 6)), "is damaged: "),
+    (lambda w: _damage_all(_flip, _state_data_files(w, 6)), "is damaged: "),
     (lambda w: _garble_one_array(_data_file(w, 6)),
      "arrays differ from the checksums written with it"),
 ], ids=["truncated", "bit_flipped", "wrong_values"])
@@ -252,8 +265,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(trained, tmp_p
 def test_no_intact_checkpoint_says_so(trained, tmp_path):
   config, workdir, _ = trained
   copy = _copy(workdir, tmp_path)
-  _truncate(_largest_state_file(copy, 6))
-  _flip(_largest_state_file(copy, 3))
+  _damage_all(_truncate, _state_data_files(copy, 6))
+  _damage_all(_flip, _state_data_files(copy, 3))
   with pytest.raises(NoIntactCheckpointError, match=r"(?s)no intact checkpoint.*step 6: .*"
                      r"step 3: "):
     loop.restore_latest(str(copy), config)
