@@ -114,7 +114,8 @@ def uota_second_moment(delta: jnp.ndarray, *, eps: float = 1e-8,
 
 
 def uota_view_weights(z: jnp.ndarray, *, temperature: float = 350.0, num_global_views: int = 2,
-                      eps: float = 1e-8, axis_name: str | None = None) -> jnp.ndarray:
+                      eps: float = 1e-8, max_condition: float | None = 1e5,
+                      axis_name: str | None = None, return_ridge: bool = False):
   """UOTA's closed-form view weights (official ``_get_sample_weight``), float32 ``[V, n]``.
 
   Args:
@@ -123,19 +124,36 @@ def uota_view_weights(z: jnp.ndarray, *, temperature: float = 350.0, num_global_
     temperature: tau > 0 of ``u = delta^T Sigma^{-1} delta / tau`` (official 350 at d = 128).
     num_global_views: G, the views whose mean is the image's centre (official 2).
     eps: ridge added to the second moment (official 1e-8).
+    max_condition: the largest condition number of ``Sigma`` solved as it is (None: always,
+      the official behaviour). The official code inverts Sigma in float32; when training
+      collapses the embeddings onto a few directions (BYOL with tiny crops on Fashion-MNIST
+      does: 200 of 256 eigenvalues below 1e-7, condition ~1e8), a float32 Cholesky factor of
+      ``Sigma + 1e-8 I`` comes out NaN or finite depending on the last bit of the input, and
+      the distances in the near-empty directions are rounding noise. So when the factor is
+      not finite or its pivots say ``cond(Sigma) > max_condition`` (``(max L_kk / min
+      L_kk)^2``, a lower bound of the condition number), the ridge is raised to
+      ``eps + tr(Sigma) / max_condition``, which bounds the condition number by
+      ``max_condition + 1``: a shrinkage estimate of Sigma, no longer the official one. The
+      raise is reported by `return_ridge` (and logged by the UOTA add-on as ``uota_ridge``).
+      At the official 1e5 a well-spread batch (all eigenvalues within 1e5 of each other) gets
+      the official weights unchanged.
     axis_name: the data axis: Sigma and the softmax span the global batch.
+    return_ridge: also return the ridge used, a float32 scalar (``eps`` unless raised).
 
   Returns:
-    float32 ``[V, n]`` weights under stop-gradient with mean 1 over the global batch.
+    float32 ``[V, n]`` weights under stop-gradient with mean 1 over the global batch (and the
+    ridge with `return_ridge`).
 
   Raises:
     ValueError: fewer views than `num_global_views`; or a second moment that is singular up
       to the ridge: the deviations span at most ``(V - 1) N`` dimensions (each image's global
       deviations sum to zero), so with ``d > (V - 1) N`` and ``eps < 1e-4`` the inverse would
-      be ill-conditioned.
+      be ill-conditioned; or ``max_condition <= 1``.
   """
   chex.assert_rank(z, 3)
   _check_temperature(temperature)
+  if max_condition is not None and not max_condition > 1:
+    raise ValueError(f"uota: max_condition must be > 1 or None, got {max_condition}")
   num_views, n, dim = z.shape
   rank_bound = (num_views - 1) * _global_count(n, axis_name)
   if dim > rank_bound and eps < 1e-4:
@@ -152,10 +170,24 @@ def uota_view_weights(z: jnp.ndarray, *, temperature: float = 350.0, num_global_
   # CPU than forming Sigma^{-1} with cho_solve, in a side-by-side micro-benchmark at V n = 1536,
   # d = 128).
   factor = jnp.linalg.cholesky(sigma)
+  ridge = jnp.asarray(eps, jnp.float32)
+  if max_condition is not None:
+    # Sigma is the same on every device (psum'ed), so every device takes the same branch.
+    pivots = jnp.diagonal(factor)
+    solvable = jnp.all(jnp.isfinite(factor)) & (
+        (jnp.max(pivots) / jnp.min(pivots)) ** 2 <= max_condition)
+    raised = eps + (jnp.trace(sigma) - dim * eps) / max_condition
+
+    def shrunk(_):
+      return (jnp.linalg.cholesky(sigma + (raised - eps) * jnp.eye(dim, dtype=jnp.float32)),
+              raised.astype(jnp.float32))
+
+    factor, ridge = jax.lax.cond(solvable, lambda _: (factor, ridge), shrunk, None)
   flat = delta.reshape(-1, dim)
   whitened = jax.scipy.linalg.solve_triangular(factor, flat.T, lower=True)
   u = jnp.sum(whitened ** 2, axis=0).reshape(num_views, n)
-  return _softmax_weights(u / temperature, axis_name)
+  w = _softmax_weights(u / temperature, axis_name)
+  return (w, jax.lax.stop_gradient(ridge)) if return_ridge else w
 
 
 def precision_from_cholesky(log_diag: jnp.ndarray, lower: jnp.ndarray) -> jnp.ndarray:

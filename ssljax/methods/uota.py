@@ -43,10 +43,12 @@ option (``ssljax.train.optim``), set to the same fraction in the faithful config
 Metrics: ``uota_active``, the weights' ``uota_w_min/max/std``, the mean weight of the global
 views (``uota_w_global``), of the other views (``uota_w_local``, 0 with no local views) and of
 each view ``v`` (``uota_w_view<v>``: with ``augment.num_ood_crops`` the last views are the
-out-of-distribution ones); learned mode also ``uota_nll``.
+out-of-distribution ones); the closed form also ``uota_ridge``, the ridge its second moment
+got (``eps`` unless Sigma was too ill-conditioned for float32 and it was raised, see
+``uota_view_weights``' ``max_condition``); learned mode also ``uota_nll``.
 
-Config: ``method.uota.{mode, temperature, num_global_views, eps, start_fraction, embedding,
-optimizer, learning_rate, lr_scale, ridge, init_scale}``.
+Config: ``method.uota.{mode, temperature, num_global_views, eps, max_condition, start_fraction,
+embedding, optimizer, learning_rate, lr_scale, ridge, init_scale}``.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ def default_section() -> ml_collections.ConfigDict:
   s.temperature = 350.0  # tau of u = delta^T P delta / tau; official 350 at d = 128 (~ d).
   s.num_global_views = 2  # The image's centre is the mean of these first views.
   s.eps = 1e-8  # Ridge on the closed form's second moment.
+  # Above this condition number of Sigma the ridge is raised to eps + tr(Sigma) / max_condition
+  # (float32 cannot solve it as it is; logged as uota_ridge). None: never (official).
+  s.max_condition = 1e5
   s.start_fraction = 0.5  # Weights apply from this fraction of the run on (official 0.5).
   s.embedding = "projection"  # The base method's embedding the weights are computed from.
   # Learned mode: the view model's parameter group and its initial scale (P = I / scale^2).
@@ -101,6 +106,8 @@ def _check(hp: ml_collections.ConfigDict, method: Method) -> None:
     raise ValueError(f"method.uota.learning_rate must be > 0 or None, got {hp.learning_rate}")
   if not hp.get("ridge", 0.0) >= 0:
     raise ValueError(f"method.uota.ridge must be >= 0, got {hp.ridge}")
+  if hp.get("max_condition") is not None and not hp.max_condition > 1:
+    raise ValueError(f"method.uota.max_condition must be > 1 or None, got {hp.max_condition}")
   if not hp.init_scale > 0:
     raise ValueError(f"method.uota.init_scale must be > 0, got {hp.init_scale}")
   if method.num_views < hp.num_global_views:
@@ -127,10 +134,14 @@ def with_uota(method: Method, hp: ml_collections.ConfigDict, run: RunInfo, *,
 
   def weights(params, method_state, outputs, batch, *, step, axis_name):
     del method_state, batch
-    w = view_weights(hp, params, outputs, axis_name=axis_name, method_name=method.name)
+    w, ridge = view_weights(hp, params, outputs, axis_name=axis_name, method_name=method.name,
+                            return_ridge=True)
     active = jnp.asarray(step) >= start_step
     applied = jnp.where(active, w, jnp.ones_like(w))
-    return applied, _weight_metrics(w, active, hp.num_global_views, axis_name)
+    metrics = _weight_metrics(w, active, hp.num_global_views, axis_name)
+    if ridge is not None:
+      metrics["uota_ridge"] = ridge
+    return applied, metrics
 
   base = method
   if learned:
@@ -178,19 +189,24 @@ def _embeddings(hp: ml_collections.ConfigDict, outputs, method_name: str) -> jax
 
 
 def view_weights(hp: ml_collections.ConfigDict, params, outputs, *,
-                 axis_name: str | None = None, method_name: str = "the method") -> jax.Array:
+                 axis_name: str | None = None, method_name: str = "the method",
+                 return_ridge: bool = False):
   """UOTA's weights ``[V, n]`` of a forward pass's `outputs` (before the switch-on gate).
 
-  Closed form from the batch, or, in learned mode, from ``params['uota']``.
+  Closed form from the batch, or, in learned mode, from ``params['uota']``. With
+  `return_ridge`, also the closed form's ridge (raised above ``eps`` when Sigma is too
+  ill-conditioned for float32, `uota_view_weights`), None in learned mode.
   """
   z = _embeddings(hp, outputs, method_name)
   if hp.mode == "learned":
     entry = params["uota"]
     precision = precision_from_cholesky(entry["log_diag"], entry["lower"])
-    return uota_precision_weights(uota_deviations(z, num_global_views=hp.num_global_views),
-                                  precision, temperature=hp.temperature, axis_name=axis_name)
+    w = uota_precision_weights(uota_deviations(z, num_global_views=hp.num_global_views),
+                               precision, temperature=hp.temperature, axis_name=axis_name)
+    return (w, None) if return_ridge else w
   return uota_view_weights(z, temperature=hp.temperature, num_global_views=hp.num_global_views,
-                           eps=hp.eps, axis_name=axis_name)
+                           eps=hp.eps, max_condition=hp.get("max_condition", 1e5),
+                           axis_name=axis_name, return_ridge=return_ridge)
 
 
 def _embedding_dim(method: Method, views, name: str) -> int:

@@ -117,6 +117,9 @@ def test_swav_weights_the_predicted_side_from_the_switch_on(built):
   np.testing.assert_allclose(metrics["uota_w_global"], jnp.mean(w[:2]), rtol=1e-5)
   np.testing.assert_allclose(metrics["uota_w_local"], jnp.mean(w[2:]), rtol=1e-5)
   np.testing.assert_allclose(metrics["unweighted_loss"], base_value, rtol=1e-6)
+  _, ridge = uota_view_weights(jnp.stack(outputs.embeddings["projection"]),
+                               temperature=config.method.uota.temperature, return_ridge=True)
+  np.testing.assert_allclose(metrics["uota_ridge"], ridge, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["simclr", "byol"])
@@ -142,6 +145,18 @@ def test_barlow_twins_is_refused(tmp_path):
   with pytest.raises(ValueError, match="add-on 'uota' weights per-\\(view, image\\) loss terms, "
                                        "but the objective of 'barlow_twins' does not "
                                        "decompose"):
+    build_method(config, run=_RUN)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("max_condition", 0.5, "method.uota.max_condition must be > 1 or None, got 0.5"),
+    ("temperature", -1.0, "method.uota.temperature must be > 0, got -1.0"),
+    ("mode", "online", "method.uota.mode must be one of"),
+])
+def test_invalid_settings_are_named(tmp_path, key, value, message):
+  config = _config(str(tmp_path), "swav")
+  config.method.uota[key] = value
+  with pytest.raises(ValueError, match=message):
     build_method(config, run=_RUN)
 
 
