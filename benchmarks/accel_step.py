@@ -28,8 +28,9 @@ torchvision for the DataLoader variant; not ssljax requirements: ``pip install t
 torchvision`` with the CUDA build that matches the machine, or ``pip install torch==2.13.0``
 for a CPU build, whose PyPI torchvision does not load). The twin has the same network
 (torchvision's ResNet layout with the CIFAR stem where ssljax uses it), projector, NT-Xent
-loss and batch; its optimiser is SGD with momentum, because
-PyTorch has no LARS (LARS's per-layer norms cost little next to the network). cuDNN picks its
+loss and batch; its optimiser is SGD with momentum (fused into one kernel on CUDA), because
+PyTorch has no LARS (LARS's per-layer norms cost little next to the network). The DataLoader's
+workers start by forkserver, not fork, since JAX's threads are running by then. cuDNN picks its
 convolution algorithms by timing them (``torch.backends.cudnn.benchmark``), as XLA autotunes
 its own. Variants:
 
@@ -37,6 +38,7 @@ its own. Variants:
                           eager, augmentation on the device
   torch[bf16+cl]          bf16 autocast + channels_last, augmentation on the device
   torch[bf16+cl+compile]  the same with the loss and the augmentation under torch.compile
+                          (--torch-compile-mode, default 'default')
   torch[dataloader]       bf16 + channels_last, eager, augmentation by torchvision transforms
                           in a CPU DataLoader (one worker per core, pinned memory): what a
                           solo-learn or lightly user gets by default
@@ -539,7 +541,8 @@ def torch_device_augment(images, config, generator=None):
 class TorchCase:
   """One PyTorch variant of a case: model, optimiser and a zero-argument ``run(steps)``."""
 
-  def __init__(self, config, variant: str, images_uint8, *, workers: int | None = None):
+  def __init__(self, config, variant: str, images_uint8, *, workers: int | None = None,
+               compile_mode: str = "default"):
     import numpy as np
     import torch
 
@@ -557,8 +560,10 @@ class TorchCase:
       model = model.to(memory_format=torch.channels_last)
     self.model = model
     o = config.optim
+    # The fused (single-kernel) SGD on CUDA: PyTorch's fastest optimiser step there.
     self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
-                                     weight_decay=float(o.weight_decay))
+                                     weight_decay=float(o.weight_decay),
+                                     fused=self.device.type == "cuda")
     temperature = float(config.method.simclr.temperature)
 
     def loss_fn(v1, v2):
@@ -568,8 +573,8 @@ class TorchCase:
     augment = lambda images: torch_device_augment(images, config)
     self.compiled = variant.endswith("compile")
     if self.compiled:
-      loss_fn = torch.compile(loss_fn)
-      augment = torch.compile(augment)
+      loss_fn = torch.compile(loss_fn, mode=compile_mode)
+      augment = torch.compile(augment, mode=compile_mode)
     self.loss_fn, self.augment = loss_fn, augment
     self.images = torch.from_numpy(np.asarray(images_uint8)).to(self.device)
     self.loader = self._dataloader = None
@@ -658,10 +663,13 @@ def _dataloader(config, images, workers: int | None):
   batch = int(config.train.batch_size)
   workers = os.cpu_count() if workers is None else workers
   dataset = _TwoViews(images, v2.Compose(steps), length=batch * 100000)
+  # forkserver, not fork: JAX has started its threads by now, and a forked child inherits
+  # their locks mid-state (Python warns that this can deadlock).
   return torch.utils.data.DataLoader(
       dataset, batch_size=batch, shuffle=False, num_workers=workers, drop_last=True,
       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-      prefetch_factor=2 if workers > 0 else None)
+      prefetch_factor=2 if workers > 0 else None,
+      multiprocessing_context="forkserver" if workers > 0 else None)
 
 
 def torch_peak_memory_mib() -> float | None:
@@ -733,13 +741,16 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
       for variant in torch_variants(args.torch):
         label = f"torch[{variant}]"
         try:
-          case = TorchCase(config, variant, images, workers=args.loader_workers)
+          case = TorchCase(config, variant, images, workers=args.loader_workers,
+                           compile_mode=args.torch_compile_mode)
         except Exception as error:  # recorded, the run goes on
           result["variants"][label] = {"error": f"{type(error).__name__}: {error}",
                                        "traceback": traceback.format_exc(limit=3)}
           continue
         (later if case.loader is not None else torch_cases)[label] = case
         result["variants"][label] = {"compile_s": case.compile_s}
+        if case.compiled:
+          result["variants"][label]["torch_compile_mode"] = args.torch_compile_mode
         runners_target = runners if case.loader is None else None
         if runners_target is not None:
           runners[label] = case.run
@@ -865,6 +876,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--torch", default="all", choices=("all", "gpu_aug", "none"))
   parser.add_argument("--loader-workers", type=int, default=None,
                       help="DataLoader workers (default: one per core)")
+  parser.add_argument("--torch-compile-mode", default="default",
+                      choices=("default", "reduce-overhead", "max-autotune",
+                               "max-autotune-no-cudagraphs"),
+                      help="torch.compile's mode for the compiled variant (max-autotune tunes "
+                      "kernels for minutes per case; default keeps the run short)")
   parser.add_argument("--peak-tflops", type=float, default=None,
                       help="the device's dense bf16 peak, where the built-in table lacks it")
   parser.add_argument("--profile", default=None, metavar="DIR",

@@ -183,22 +183,28 @@ def test_torch_crop_boxes_are_torchvisions(bench):
   np.testing.assert_allclose(h.numpy(), 0.5)
 
 
+class _NumberedViews:
+  """Item i is a pair of views that differ by i. At module level, so that the DataLoader's
+  forkserver workers can unpickle it."""
+
+  def __len__(self):
+    return 10 ** 6
+
+  def __getitem__(self, i):
+    import torch
+    view = torch.zeros(3, 16, 16)
+    return view, view + i
+
+
 def test_dataloader_rounds_drop_prefetched_batches_and_cover_whole_worker_cycles(
     bench, monkeypatch, tmp_path):
   torch = pytest.importorskip("torch")
 
-  class Views(torch.utils.data.Dataset):
-    def __len__(self):
-      return 10 ** 6
-
-    def __getitem__(self, i):
-      view = torch.zeros(3, 16, 16)
-      return view, view + i
-
   def loader(config, images, workers):
-    return torch.utils.data.DataLoader(Views(), batch_size=int(config.train.batch_size),
+    # The benchmark's own start method: forkserver (a fork of this JAX process may deadlock).
+    return torch.utils.data.DataLoader(_NumberedViews(), batch_size=int(config.train.batch_size),
                                        num_workers=workers, persistent_workers=True,
-                                       prefetch_factor=2)
+                                       prefetch_factor=2, multiprocessing_context="forkserver")
 
   monkeypatch.setattr(bench, "_dataloader", loader)
   monkeypatch.setattr(bench, "torch_variants", lambda choice: ["dataloader"])
