@@ -79,8 +79,10 @@ def default_section() -> ml_collections.ConfigDict:
   s.temperature = 350.0  # tau of u = delta^T P delta / tau; official 350 at d = 128 (~ d).
   s.num_global_views = 2  # The image's centre is the mean of these first views.
   s.eps = 1e-8  # Ridge on the closed form's second moment.
-  # Above this condition number of Sigma the ridge is raised to eps + tr(Sigma) / max_condition
-  # (float32 cannot solve it as it is; logged as uota_ridge). None: never (official).
+  # Above this (estimated) condition number of Sigma the ridge is raised to eps + tr(M) /
+  # max_condition, M the deviations' second moment: float32 cannot solve Sigma as it is
+  # (uota_view_weights; logged as uota_ridge). None or inf (=inf on the command line): never,
+  # the official behaviour.
   s.max_condition = 1e5
   s.start_fraction = 0.5  # Weights apply from this fraction of the run on (official 0.5).
   s.embedding = "projection"  # The base method's embedding the weights are computed from.

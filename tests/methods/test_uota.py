@@ -1,6 +1,7 @@
 """The UOTA add-on on SwAV (multi-crop), SimCLR and BYOL: weights on the predicted side, the
 switch-on, the learned view model in its own parameter group, 8 devices against 1, resume."""
 
+import copy
 import functools
 
 import jax
@@ -117,9 +118,18 @@ def test_swav_weights_the_predicted_side_from_the_switch_on(built):
   np.testing.assert_allclose(metrics["uota_w_global"], jnp.mean(w[:2]), rtol=1e-5)
   np.testing.assert_allclose(metrics["uota_w_local"], jnp.mean(w[2:]), rtol=1e-5)
   np.testing.assert_allclose(metrics["unweighted_loss"], base_value, rtol=1e-6)
-  _, ridge = uota_view_weights(jnp.stack(outputs.embeddings["projection"]),
-                               temperature=config.method.uota.temperature, return_ridge=True)
-  np.testing.assert_allclose(metrics["uota_ridge"], ridge, rtol=1e-6)
+  # The closed form's ridge: the official 1e-8 on this well-spread batch; raised when
+  # method.uota.max_condition is below the batch's condition number (here ~2-30).
+  assert float(metrics["uota_ridge"]) == np.float32(1e-8)
+  strict = copy.deepcopy(config)  # the fixture's config is shared
+  strict.method.uota.max_condition = 1.5
+  raised_method = build_method(strict, run=_RUN)
+  _, (raised, _) = _loss(raised_method, params, state, views, step=5)
+  z = np.asarray(jnp.stack(outputs.embeddings["projection"]), np.float64)
+  z = z / np.linalg.norm(z, axis=-1, keepdims=True)
+  delta = (z - z[:2].mean(axis=0)).reshape(-1, z.shape[-1])
+  np.testing.assert_allclose(raised["uota_ridge"],
+                             1e-8 + np.trace(delta.T @ delta) / delta.shape[0] / 1.5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["simclr", "byol"])
@@ -185,6 +195,7 @@ def test_learned_mode_keeps_the_view_model_in_params_with_its_own_group(built):
                           ridge=hp.ridge)
   np.testing.assert_allclose(metrics["uota_nll"], nll, rtol=1e-5)
   np.testing.assert_allclose(value, reduce_terms(terms, w) + nll, rtol=1e-5)
+  assert "uota_ridge" not in metrics  # the closed form's ridge; the learned mode has none
   # params['uota'] is trained by the likelihood alone (the weights are constants for the
   # loss they weight, or the SSL loss would teach the model to down-weight hard views): its
   # gradient is the NLL's, against finite differences of the NLL on these deviations.
