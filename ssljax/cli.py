@@ -451,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
       results = {"step": spec["step"], "feature_dim": spec["feature_dim"]}
     else:
       results = loop.evaluate_workdir(fv.workdir, fv.config)
-  except (ConfigError, CheckpointMismatchError, NoIntactCheckpointError, WorkdirError) as e:
+  except (ConfigError, CheckpointMismatchError, NoIntactCheckpointError, WorkdirError,
+          loop.DataSourceError) as e:
     raise SystemExit(f"ssljax {command}: {e}") from None
   except CheckpointSaveError as e:
     _exit_now(f"ssljax {command}: {e}", EXIT_CHECKPOINT_NOT_WRITTEN)

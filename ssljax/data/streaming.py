@@ -66,6 +66,7 @@ import numpy as np
 
 from ssljax.data.sources import (IMAGE_EXTENSIONS, _read_examples, _unprepared_data_source,
                                  list_image_folder, resize_centre_crop)
+from ssljax.train.paths import BucketPathError, check_bucket, is_local
 
 log = logging.getLogger(__name__)
 
@@ -450,6 +451,11 @@ class StreamingLoader:
 def _tfds_records(data: ml_collections.ConfigDict, split: str) -> TfdsRecords:
   import tensorflow_datasets as tfds  # Lazy: heavy import.
 
+  # A bucket data_dir: TFDS reads the dataset's metadata through epath (gcsfs or TensorFlow),
+  # and array_record >= 0.8.6 opens gs:// shards itself (older releases cannot:
+  # google/array_record#120). Checked first, so a missing package is named, not a listing error.
+  if data.data_dir:
+    check_bucket(data.data_dir, "data.data_dir")
   builder = tfds.builder(data.name, data_dir=data.data_dir or None)
   if builder.is_prepared():
     random_access = {f.value for f in tfds.core.FileFormat.with_random_access()}
@@ -498,6 +504,12 @@ def _folder_records(data: ml_collections.ConfigDict, split: str) -> FolderRecord
   folder = os.path.join(data.data_dir, split)
   layout = ("lay the images out as DIR/<split>/<class>/<image> (ImageNet's train layout: "
             "DIR/train/<wnid>/*.JPEG) and pass --config.data.data_dir=DIR")
+  if data.data_dir and not is_local(data.data_dir):
+    raise BucketPathError(f"data.source='folder_stream' reads image files from a local (or "
+                     f"mounted) directory, not {data.data_dir!r}: mount the bucket on every "
+                     f"host (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) and pass the "
+                     f"mount point, or store the dataset as TFDS ArrayRecord and use "
+                     f"data.source='tfds_stream', which reads gs:// directly.")
   if not data.data_dir or not os.path.isdir(data.data_dir):
     raise FileNotFoundError(f"data.source='folder_stream': data.data_dir = {data.data_dir!r} "
                             f"is not a directory on this host; {layout}.")
@@ -537,6 +549,7 @@ def build_streaming_source(data: ml_collections.ConfigDict, split: str) -> Strea
 
   Raises:
     FileNotFoundError: the data directory or split is missing on this host (naming the fix).
+    BucketPathError: a bucket data_dir without its filesystem package, or for folder_stream.
     ValueError: a bad split, pre-crop range or class count.
     RuntimeError: a TFDS dataset stored without random access (tfrecord).
   """

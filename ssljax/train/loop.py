@@ -46,12 +46,24 @@ from ssljax.parallel import (DATA_AXIS, check_batch_divisible, data_sharded, mak
 from ssljax.train.checkpoint import Checkpointer
 from ssljax.train.metrics import FINAL_EVALUATION_KEYS, MetricWriter
 from ssljax.train.optim import build_optimizer, build_schedule
-from ssljax.train.paths import workdir_path
+from ssljax.train.paths import BucketPathError, workdir_path
 from ssljax.train.step import (TrainState, compile_train_step, init_train_state,
                                make_per_device_step)
 from ssljax.train.validate import ConfigError, check_resume_compatible, validate_config
 
 log = logging.getLogger(__name__)
+
+
+class DataSourceError(FileNotFoundError):
+  """The run's data cannot be found or reached (a missing dataset, split or data directory,
+  a bucket without its filesystem package); the message names the fix."""
+
+
+def _build_source(config: ml_collections.ConfigDict, split: str):
+  try:
+    return data.build_source(config.data, split)
+  except (FileNotFoundError, BucketPathError) as e:
+    raise DataSourceError(str(e)) from None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -202,6 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     CheckpointMismatchError, NoIntactCheckpointError: see `Checkpointer`.
     CheckpointSaveError: a checkpoint could not be written (training stopped).
     WorkdirError: a bucket workdir (gs://) without its filesystem package.
+    DataSourceError: the training data cannot be found or reached.
   """
   check_method_sections(config)
   workdir_path(workdir)  # a gs:// workdir without gcsfs fails here, before any work
@@ -226,7 +239,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
            jax.process_index(), jax.local_device_count())
 
   # ------------------------------------------------------------------ input
-  train_source = data.build_source(config.data, config.data.train_split)
+  train_source = _build_source(config, config.data.train_split)
   steps_per_epoch, total_steps = run_length(config, len(train_source))
   image_shape = tuple(train_source.image_shape)
 
@@ -449,7 +462,7 @@ def restore_latest(workdir: str, config: ml_collections.ConfigDict | None = None
   """
   config = config or load_workdir_config(workdir)
   mesh = _mesh(config)
-  train_source = data.build_source(config.data, config.data.train_split)
+  train_source = _build_source(config, config.data.train_split)
   steps_per_epoch, total_steps = run_length(config, len(train_source))
   try:  # the builders' own checks, as in `train`
     method, init, _ = build_state_and_step(config, mesh, tuple(train_source.image_shape),

@@ -22,7 +22,12 @@ from etils import epath
 _PACKAGES = {"gs": ("gcsfs", "tensorflow"), "s3": ("s3fs", "tensorflow")}
 
 
-class WorkdirError(ValueError):
+class BucketPathError(ValueError):
+  """A bucket path (``gs://``) that cannot be used here: an unknown scheme, or its
+  filesystem package is missing."""
+
+
+class WorkdirError(BucketPathError):
   """The workdir cannot be used (e.g. a bucket path without its filesystem package)."""
 
 
@@ -36,22 +41,31 @@ def is_local(path: str | os.PathLike) -> bool:
   return scheme(path) is None
 
 
+def check_bucket(path: str | os.PathLike, what: str,
+                 error: type[BucketPathError] = BucketPathError) -> None:
+  """Raises `error` if bucket `path` has a scheme epath does not know or its filesystem
+  package is missing; `what` names the setting in the message (e.g. ``--workdir``)."""
+  kind = scheme(path)
+  if kind is None:
+    return
+  if kind not in _PACKAGES:
+    raise error(f"{what} {os.fspath(path)!r}: unsupported scheme {kind}://; use a local "
+                f"directory or {', '.join(s + '://' for s in _PACKAGES)}")
+  if not any(importlib.util.find_spec(p) is not None for p in _PACKAGES[kind]):
+    raise error(f"{what} {os.fspath(path)!r} needs the {kind}:// filesystem package: pip "
+                f"install {_PACKAGES[kind][0]} (or install {_PACKAGES[kind][1]}, whose "
+                f"tf.io.gfile epath also uses)")
+
+
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
   """`workdir` as an `epath.Path`: absolute if local, checked for its package if a bucket.
 
   Raises:
     WorkdirError: a scheme epath does not know, or its filesystem package is missing.
   """
-  kind = scheme(workdir)
-  if kind is None:
+  if is_local(workdir):
     return epath.Path(os.path.abspath(os.fspath(workdir)))
-  if kind not in _PACKAGES:
-    raise WorkdirError(f"--workdir {os.fspath(workdir)!r}: unsupported scheme {kind}://; use a "
-                       f"local directory or {', '.join(s + '://' for s in _PACKAGES)}")
-  if not any(importlib.util.find_spec(p) is not None for p in _PACKAGES[kind]):
-    raise WorkdirError(f"--workdir {os.fspath(workdir)!r} needs the {kind}:// filesystem "
-                       f"package: pip install {_PACKAGES[kind][0]} (or install "
-                       f"{_PACKAGES[kind][1]}, whose tf.io.gfile epath also uses)")
+  check_bucket(workdir, "--workdir", WorkdirError)
   return epath.Path(os.fspath(workdir))
 
 

@@ -219,6 +219,23 @@ def test_unprepared_tfds_dataset_names_the_fix(tmp_path):
     data.build_source(c.data, "train")
 
 
+def test_a_bucket_data_dir_without_its_filesystem_package_names_it(tmp_path, monkeypatch):
+  from ssljax.train import paths
+  monkeypatch.setattr(paths.importlib.util, "find_spec", lambda name: None)
+  c = default_config()
+  c.data.update(dict(source="tfds_stream", name="imagenet2012", data_dir="gs://bucket/tfds",
+                     image_size=8, channels=3, num_classes=1000))
+  with pytest.raises(paths.BucketPathError, match=r"data\.data_dir 'gs://bucket/tfds' needs the "
+                     r"gs:// filesystem package: pip install gcsfs"):
+    data.build_source(c.data, "train")
+
+
+def test_a_folder_stream_from_a_bucket_says_to_mount_it(folder):
+  with pytest.raises(ValueError, match=r"local \(or mounted\) directory, not 'gs://b/imagenet'.*"
+                     r"gcsfuse.*data\.source='tfds_stream'"):
+    data.build_source(_data_config(folder, data_dir="gs://b/imagenet"), "train")
+
+
 # ------------------------------------------------------------------------- wiring, bad input
 
 

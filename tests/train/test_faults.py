@@ -103,6 +103,26 @@ def test_cli_reports_every_invalid_key_without_a_traceback(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.data.source=fashion_mnist_idx", "--config.data.data_dir={missing}"],
+     r"(?s)ssljax train: Fashion-MNIST IDX files not found in .*apt-get install"),
+    (["--config.data.source=folder_stream", "--config.data.data_dir=gs://bucket/images"],
+     r"ssljax train: data\.source='folder_stream' reads image files from a local \(or "
+     r"mounted\) directory.*gcsfuse"),
+], ids=["missing_dataset", "folder_stream_bucket"])
+def test_cli_reports_unreachable_data_in_one_line_and_writes_nothing(tmp_path, overrides,
+                                                                     message):
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  config_path = tmp_path / "tiny.py"
+  config_path.write_text(CONFIG_FILE.format(root=ROOT, data_dir=str(data_dir)))
+  overrides = [o.format(missing=tmp_path / "nowhere") for o in overrides]
+  with pytest.raises(SystemExit, match=message):
+    cli.main(["ssljax", "train", "--config", str(config_path), "--workdir",
+              str(tmp_path / "run"), *overrides])
+  assert not (tmp_path / "run").exists()
+
+
 def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
   path = tmp_path / "metrics.jsonl"
   lines = [{"step": 2, "train/loss": 1.0}, {"step": 4, "train/loss": 0.9},
