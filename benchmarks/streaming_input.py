@@ -65,7 +65,7 @@ def write_jpegs(root: str, count: int, classes: int = 4) -> None:
   open(marker, "w").close()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--images", type=int, default=512)
   parser.add_argument("--data", default="/tmp/ssljax_streaming_jpegs")
@@ -76,7 +76,7 @@ def main() -> None:
   parser.add_argument("--eval-threads", default="2",
                       help="comma-separated thread counts for the evaluation views (and 1)")
   parser.add_argument("--out", default="benchmarks/results/streaming_input.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   from ssljax import data
   from ssljax.config import default_config
@@ -132,11 +132,13 @@ def main() -> None:
       "what": "folder_stream host input: read + JPEG decode + whole-image pre-crop, bilinear "
               "resize to 224 x 224 x 3 uint8 (320 x 256 JPEGs, quality 90)",
       "command": "python benchmarks/streaming_input.py " + " ".join(
-          f"--{k}={v}" for k, v in vars(args).items()),
+          f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()),
       "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                   "load_average_before": load_before, "load_average_after": os.getloadavg(),
-                  "note": "shared machine: training runs were going in the background, so "
-                          "these are lower bounds for the same cores idle"},
+                  "note": ("other jobs shared the cores (1-minute load >= 0.5 before the run): "
+                           "the numbers are lower bounds for the same cores idle"
+                           if load_before[0] >= 0.5 else
+                           "quiet machine (1-minute load < 0.5 before the run)")},
       "date": time.strftime("%Y-%m-%d"),
       "rows": rows,
   }
@@ -145,6 +147,7 @@ def main() -> None:
     json.dump(result, f, indent=2)
     f.write("\n")
   print(f"wrote {args.out}")
+  return result
 
 
 if __name__ == "__main__":
