@@ -506,10 +506,11 @@ def _folder_records(data: ml_collections.ConfigDict, split: str) -> FolderRecord
             "DIR/train/<wnid>/*.JPEG) and pass --config.data.data_dir=DIR")
   if data.data_dir and not is_local(data.data_dir):
     raise BucketPathError(f"data.source='folder_stream' reads image files from a local (or "
-                     f"mounted) directory, not {data.data_dir!r}: mount the bucket on every "
-                     f"host (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) and pass the "
-                     f"mount point, or store the dataset as TFDS ArrayRecord and use "
-                     f"data.source='tfds_stream', which reads gs:// directly.")
+                          f"mounted) directory, not {data.data_dir!r}: mount the bucket on "
+                          f"every host (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) "
+                          f"and pass the mount point, or store the dataset as TFDS "
+                          f"ArrayRecord and use data.source='tfds_stream', whose data_dir may "
+                          f"be a gs:// path.")
   if not data.data_dir or not os.path.isdir(data.data_dir):
     raise FileNotFoundError(f"data.source='folder_stream': data.data_dir = {data.data_dir!r} "
                             f"is not a directory on this host; {layout}.")

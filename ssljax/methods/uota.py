@@ -108,7 +108,7 @@ def _check(hp: ml_collections.ConfigDict, method: Method) -> None:
     raise ValueError(f"method.uota.learning_rate must be > 0 or None, got {hp.learning_rate}")
   if not hp.get("ridge", 0.0) >= 0:
     raise ValueError(f"method.uota.ridge must be >= 0, got {hp.ridge}")
-  if hp.get("max_condition") is not None and not hp.max_condition > 1:
+  if hp.max_condition is not None and not hp.max_condition > 1:
     raise ValueError(f"method.uota.max_condition must be > 1 or None, got {hp.max_condition}")
   if not hp.init_scale > 0:
     raise ValueError(f"method.uota.init_scale must be > 0, got {hp.init_scale}")
@@ -207,7 +207,7 @@ def view_weights(hp: ml_collections.ConfigDict, params, outputs, *,
                                precision, temperature=hp.temperature, axis_name=axis_name)
     return (w, None) if return_ridge else w
   return uota_view_weights(z, temperature=hp.temperature, num_global_views=hp.num_global_views,
-                           eps=hp.eps, max_condition=hp.get("max_condition", 1e5),
+                           eps=hp.eps, max_condition=hp.max_condition,
                            axis_name=axis_name, return_ridge=return_ridge)
 
 
