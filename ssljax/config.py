@@ -236,6 +236,25 @@ def default_config(method: str = "simclr",
   c.eval.mlp_probe_epochs = 30
   c.eval.mlp_probe_lrs = (0.01, 0.1)  # Grid: lrs x weight decays (on weight matrices only).
   c.eval.mlp_probe_weight_decays = (1e-5, 1e-4)
+  # True: also the papers' linear evaluation (ssljax.eval.linear_eval): a linear layer trained
+  # on the frozen encoder over augmented views (random resized crop + flip) of the whole train
+  # split, tested on centre crops of the whole test split; reported as linear_eval/*. Defaults:
+  # SwAV's eval_linear.py (UOTA); MoCo's main_lincls.py (CLD) is _lr=30, _weight_decay=0,
+  # _schedule='steps'. Checkpointed under <workdir>/linear_eval/ and resumed from there.
+  c.eval.linear_eval = False
+  c.eval.linear_eval_epochs = 100.0
+  c.eval.linear_eval_batch_size = 256
+  c.eval.linear_eval_lr = 0.3  # per 256 images, scaled linearly with the batch
+  c.eval.linear_eval_momentum = 0.9
+  c.eval.linear_eval_nesterov = False
+  c.eval.linear_eval_weight_decay = 1e-6  # on the weights and the bias, as PyTorch's SGD
+  c.eval.linear_eval_schedule = "cosine"  # 'cosine' to 0, or 'steps': x0.1 at each milestone
+  c.eval.linear_eval_milestones = (60.0, 80.0)  # epochs (schedule 'steps')
+  c.eval.linear_eval_crop_scale = (0.08, 1.0)  # area fractions of the random resized crop
+  # Streamed test images: shorter side resized to data.image_size / this, then the centre
+  # data.image_size square (0.875: ImageNet's Resize(256) + CenterCrop(224)).
+  c.eval.linear_eval_test_crop = 0.875
+  c.eval.linear_eval_checkpoint_every_steps = 1000
   c.eval.plots = True
   return c
 

@@ -32,7 +32,8 @@ SMALL_CROP_SIZE = 16
 BATCH = 16
 STEPS = 2
 CAP = 64  # the widest head, the longest queue, the most negatives
-EVAL_TRAIN, EVAL_TEST = 32, 16  # the streamed evaluation subsets (of 48 mocked images each)
+EVAL_TRAIN, EVAL_TEST = 32, 16
+LINEAR_EVAL_STEPS = 2  # the streamed evaluation subsets (of 48 mocked images each)
 
 
 def _imagenet_configs() -> list[str]:
@@ -87,6 +88,8 @@ def _shrunk(config: ml_collections.ConfigDict, data_dir: str) -> ml_collections.
   c.eval.monitor_train_examples = EVAL_TRAIN
   c.eval.monitor_test_examples = EVAL_TEST
   c.eval.probe_epochs = 2
+  c.eval.linear_eval_batch_size = BATCH
+  c.eval.linear_eval_epochs = LINEAR_EVAL_STEPS / (NUM_EXAMPLES // BATCH)
   for section in (c.method.name, *c.method.addons):
     hp = c.method[section]
     for key, value in hp.items():
@@ -109,6 +112,9 @@ def test_every_method_has_an_imagenet_recipe_on_the_stream():
     assert (c.data.source, c.data.name, c.data.image_size) == ("tfds_stream", "imagenet2012",
                                                                224), name
     assert c.data.precrop_scale == (1.0, 1.0), name  # the device crop keeps its meaning
+    assert c.eval.linear_eval, name  # the papers' protocol, on the whole splits
+    assert c.eval.linear_eval_lr == (30.0 if name in ("moco", "moco_cld", "npid",
+                                                      "npid_cld") else 0.3), name
 
 
 @pytest.mark.parametrize("name", [
@@ -117,8 +123,14 @@ def test_every_method_has_an_imagenet_recipe_on_the_stream():
 def test_imagenet_recipe_trains_on_mocked_imagenet_stream(name, mock_imagenet, tmp_path):
   recipe = load_config(configs.resolve(f"{name}:imagenet"))
   c = _shrunk(recipe, mock_imagenet)
+  c.eval.linear_eval = name == "swav"  # one recipe runs it (a compile each)
   workdir = str(tmp_path / name)
   results = loop.train(c, workdir)
+  if name == "swav":  # the papers' protocol: whole train split for its steps, whole test split
+    assert results["linear_eval/steps"] == LINEAR_EVAL_STEPS
+    assert results["linear_eval/test_examples"] == NUM_EXAMPLES
+    assert 0.0 <= results["linear_eval/top1"] <= results["linear_eval/top5"] <= 1.0
+    assert "test: shorter side 37, centre 32 crop" in results["linear_eval/protocol"]
 
   assert results["steps"] == STEPS
   # Evaluated on the stream: the recipe's subsets shrunk to 32 train / 16 test images.

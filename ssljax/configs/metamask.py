@@ -148,4 +148,7 @@ def _imagenet(c):
   c.train.checkpoint_every_steps = 2500
   c.eval.batch_size = 1024
   c.eval.monitor_train_examples = 50000
+  # The papers' linear evaluation on the whole splits (ssljax.eval.linear_eval), with its
+  # default settings (SwAV's eval_linear.py: 100 epochs, lr 0.3 cosine, weight decay 1e-6).
+  c.eval.linear_eval = True
   c.eval.monitor_test_examples = 10000

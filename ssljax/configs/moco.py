@@ -231,4 +231,10 @@ def _imagenet(c):
   c.train.checkpoint_every_steps = 2500
   c.eval.batch_size = 1024
   c.eval.monitor_train_examples = 50000
+  # The papers' linear evaluation on the whole splits (ssljax.eval.linear_eval), with MoCo's
+  # main_lincls.py settings: lr 30 at batch 256, x0.1 at epochs 60 and 80, no weight decay.
+  c.eval.linear_eval = True
+  c.eval.linear_eval_lr = 30.0
+  c.eval.linear_eval_weight_decay = 0.0
+  c.eval.linear_eval_schedule = "steps"
   c.eval.monitor_test_examples = 10000

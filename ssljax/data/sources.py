@@ -505,17 +505,23 @@ def _decode_image_unchecked(path: str, image_size: int | None, channels: int) ->
     return resize_centre_crop(img, image_size, channels)
 
 
-def resize_centre_crop(img: Any, image_size: int | None, channels: int) -> np.ndarray:
+def resize_centre_crop(img: Any, image_size: int | None, channels: int, *,
+                       resize_side: int | None = None) -> np.ndarray:
   """A PIL image as uint8 ``[s, s, channels]``: shorter side resized (bilinear) to
-  ``s = image_size``, then the centre square; converted only when `image_size` is None."""
+  `resize_side` (default ``s = image_size``), then the centre ``s`` x ``s`` square (ImageNet's
+  evaluation views are ``resize_side = 256`` for ``s = 224``); converted only when
+  `image_size` is None."""
   from PIL import Image
 
   img = img.convert("L" if channels == 1 else "RGB")
   if image_size is not None:
+    side = image_size if resize_side is None else resize_side
+    if side < image_size:
+      raise ValueError(f"resize_side {side} is below the crop size {image_size}")
     width, height = img.size
-    scale = image_size / min(width, height)
-    new_w = max(image_size, round(width * scale))
-    new_h = max(image_size, round(height * scale))
+    scale = side / min(width, height)
+    new_w = max(side, round(width * scale))
+    new_h = max(side, round(height * scale))
     if (new_w, new_h) != (width, height):
       img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
     left, top = (new_w - image_size) // 2, (new_h - image_size) // 2

@@ -263,8 +263,10 @@ class StreamingSource:
       labels[row] = label
     return images, labels
 
-  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Evaluation views: shorter side resized to ``image_size``, centre-cropped.
+  def get(self, indices: np.ndarray, *, resize_side: int | None = None
+          ) -> dict[str, np.ndarray]:
+    """Evaluation views: shorter side resized to `resize_side` (default ``image_size``), then
+    the centre ``image_size`` square.
 
     Returns:
       ``{'image': uint8 [B, S, S, C], 'label': int32 [B]}`` in the order given.
@@ -275,7 +277,8 @@ class StreamingSource:
 
     def decode(rows: range) -> None:
       for row, (image, label) in zip(rows, self.records.read([indices[r] for r in rows])):
-        images[row] = resize_centre_crop(image, self.image_size, self.channels)
+        images[row] = resize_centre_crop(image, self.image_size, self.channels,
+                                         resize_side=resize_side)
         labels[row] = label
 
     threads = min(self.eval_threads, len(indices))

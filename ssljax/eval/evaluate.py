@@ -48,6 +48,7 @@ from ssljax import data
 from ssljax.eval import results as results_file
 from ssljax.eval.features import Images, StreamedImages, extract_features
 from ssljax.eval.knn import knn_accuracy
+from ssljax.eval.linear_eval import linear_eval
 from ssljax.eval.linear_probe import linear_probe
 from ssljax.eval.mlp_probe import mlp_probe
 from ssljax.eval.plots import plot_training_curves
@@ -262,7 +263,7 @@ def knn_monitor(config: ml_collections.ConfigDict, method: Method, mesh, *,
 
 
 def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mesh, *,
-                   train_source=None) -> dict[str, Any]:
+                   train_source=None, workdir: str | None = None) -> dict[str, Any]:
   """kNN (and, if ``eval.linear_probe`` / ``eval.mlp_probe``, the probes) of the state's encoder.
 
   When `skip_reason` finds a reason (``eval.enabled`` False, unlabelled data, an image folder
@@ -273,6 +274,9 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
   kNN monitor's subsets (``eval.monitor_train_examples`` train, ``eval.monitor_test_examples``
   test images; the same draws), read one ``eval.batch_size`` batch at a time; the results then
   also hold ``eval/train_examples`` and ``eval/test_examples``, and ``knn/protocol`` names them.
+  With ``eval.linear_eval`` the papers' linear evaluation (`ssljax.eval.linear_eval`) follows,
+  on the whole splits (streamed or not) with the same encoder variables, checkpointed under
+  `workdir` when one is given.
   """
   ec = config.eval
   train = train_source or data.build_source(config.data, config.data.train_split)
@@ -281,6 +285,7 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
     log.warning("evaluation skipped: %s", reason)
     return {"eval/skipped": reason}
   streamed = isinstance(train, data.StreamingSource)
+  whole_train, whole_test = train, test
   if streamed:
     train = _subset(train, ec.monitor_train_examples, config.seed)
     test = _subset(test, ec.monitor_test_examples, config.seed + 1)
@@ -327,6 +332,10 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
     results["mlp_probe/best_lr"] = probe["best_lr"]
     results["mlp_probe/best_weight_decay"] = probe["best_weight_decay"]
     log.info("MLP probe top-1 %.4f", probe["test_top1"])
+  if ec.linear_eval:
+    results.update(linear_eval(config, _encode_fn(method), variables, mesh,
+                               train_source=whole_train, test_source=whole_test,
+                               workdir=workdir, encoder_step=int(state.step)))
   return results
 
 

@@ -273,7 +273,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   pretrain_seconds = time.time() - started
 
   # ------------------------------------------------------------------ evaluators
-  results = evaluate.evaluate_state(config, method, state, mesh, train_source=train_source)
+  results = evaluate.evaluate_state(config, method, state, mesh, train_source=train_source,
+                                    workdir=workdir)
   results.update({"steps": int(state.step), "epochs": int(state.step) / steps_per_epoch,
                   "pretrain_seconds_this_session": pretrain_seconds,
                   "total_seconds_this_session": time.time() - started})
@@ -486,7 +487,7 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
   """Restores the latest checkpoint of `workdir` and evaluates it (``ssljax eval``)."""
   run = restore_latest(workdir, config)
   results = evaluate.evaluate_state(run.config, run.method, run.state, run.mesh,
-                                    train_source=run.train_source)
+                                    train_source=run.train_source, workdir=workdir)
   results.update({"steps": run.step, "epochs": run.step / run.steps_per_epoch})
   results.update(evaluate.addon_reports(run.config, run.method, run.state, workdir,
                                         train_source=run.train_source))
