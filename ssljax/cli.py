@@ -429,10 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ssljax: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
   set_cpu_defaults()
-  fv = _parse(rest, command)
-  logging.basicConfig(level=getattr(logging, fv.log_level.upper(), logging.INFO),
+  # Before the flags are parsed: reading a workdir's config (eval, export) can log through the
+  # root logger, which would otherwise install a WARNING-level handler first and silence every
+  # INFO line of the run (the level flag is read ahead for this; _parse checks it).
+  level = (_peek_flag(rest, "log_level") or "INFO").upper()
+  logging.basicConfig(level=getattr(logging, level, logging.INFO),
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  fv = _parse(rest, command)
   _start_distributed(fv, command)
   from ssljax.train import loop  # deferred: keeps `ssljax --help` fast
   from ssljax.train.checkpoint import (CheckpointMismatchError, CheckpointSaveError,

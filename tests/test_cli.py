@@ -114,3 +114,24 @@ def test_importing_the_cli_loads_no_blas_before_the_defaults_are_set():
           "print(sorted(m for m in ('numpy', 'scipy', 'jax') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+def test_info_lines_show_even_when_reading_the_workdir_logs_first(tmp_path):
+  # `ssljax eval` reads the workdir's config while parsing its flags; a root-logger call there
+  # used to install a WARNING handler first and hide every INFO line of a long evaluation.
+  code = ("import logging, sys\n"
+          "from ssljax import cli\n"
+          "def parse(argv, command):\n"
+          "  logging.warning('reading the workdir')\n"
+          "  logging.getLogger('ssljax.eval').info('evaluation step 1')\n"
+          "  sys.exit(3)\n"
+          "cli._parse = parse\n"
+          "cli.main(['ssljax', 'eval', '--workdir', 'w'])\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+  assert result.returncode == 3, result.stderr
+  assert "INFO ssljax.eval: evaluation step 1" in result.stderr
+  quiet = subprocess.run([sys.executable, "-c", code.replace("'w']", "'w', '--log_level',"
+                                                                      " 'WARNING']")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+  assert "reading the workdir" in quiet.stderr and "evaluation step 1" not in quiet.stderr
