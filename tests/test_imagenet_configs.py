@@ -147,6 +147,8 @@ def test_imagenet_recipe_trains_on_mocked_imagenet_stream(name, mock_imagenet, t
   losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
   assert sorted(losses) == list(range(1, STEPS + 1)), losses
   assert all(math.isfinite(v) for v in losses.values()), losses
+  final = [r for r in records if r["step"] == STEPS and "linear_eval/top1" in r]
+  assert len(final) == (name == "swav"), final  # with the final kNN in metrics.jsonl
 
 
 def test_shrinking_keeps_source_method_and_policy(mock_imagenet):

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 # Keys of the records the final evaluation writes at the last step (ssljax.train.loop.train).
 FINAL_EVALUATION_KEYS = frozenset({"knn/top1", "knn/top5", "linear_probe/top1",
-                                   "mlp_probe/top1"})
+                                   "mlp_probe/top1", "linear_eval/top1", "linear_eval/top5"})
 
 import jax
 import numpy as np
