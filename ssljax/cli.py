@@ -29,7 +29,9 @@ the latest checkpoint with the config saved in the workdir (``--config.eval.*`` 
 apply).
 
 Exit codes: 0 done; 1 an invalid config, a config that cannot resume the workdir's checkpoint,
-no intact checkpoint, or another error (a message, no traceback, for the first three); 74 a
+no intact checkpoint, an evaluation that failed after the others were written (the linear
+evaluation's non-finite loss), or another error (a message, no traceback, for the first
+four); 74 a
 checkpoint could not be written (EX_IOERR: full disk, unwritable directory; earlier
 checkpoints are kept and rerunning the command resumes from the latest); 69 the processes of
 a multi-host run did not all connect within ``--distributed_timeout``; 143 stopped by SIGTERM
@@ -72,9 +74,10 @@ config keys:
 _EXIT_CODES = """\
 exit codes:
   0 done; 1 an invalid config, a config that cannot resume the workdir's checkpoint, no intact
-  checkpoint, or another error; 74 a checkpoint could not be written (rerunning resumes from
-  the latest); 69 the processes of a multi-host run did not all connect within
-  --distributed_timeout; 143 stopped by SIGTERM after checkpointing (rerunning resumes)."""
+  checkpoint, an evaluation that failed after the others were written, or another error; 74 a
+  checkpoint could not be written (rerunning resumes from the latest); 69 the processes of a
+  multi-host run did not all connect within --distributed_timeout; 143 stopped by SIGTERM after
+  checkpointing (rerunning resumes)."""
 
 _DISTRIBUTED_HELP = """\
 multi-host (TPU pods, GPU clusters, several processes on one machine):
@@ -462,7 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     _exit_now(f"ssljax {command}: {e}", EXIT_CHECKPOINT_NOT_WRITTEN)
   summary = {k: v for k, v in results.items() if isinstance(v, (int, float))}
   print(json.dumps(summary, indent=2, sort_keys=True))
-  return 0
+  failed = {k: v for k, v in results.items() if k.endswith("/error")}
+  for key, message in sorted(failed.items()):  # the other results are written already
+    print(f"ssljax {command}: {key.split('/')[0]} failed: {message}", file=sys.stderr)
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

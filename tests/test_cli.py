@@ -135,3 +135,19 @@ def test_info_lines_show_even_when_reading_the_workdir_logs_first(tmp_path):
                                                                       " 'WARNING']")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
   assert "reading the workdir" in quiet.stderr and "evaluation step 1" not in quiet.stderr
+
+
+def test_a_failed_evaluation_after_the_others_exits_1_naming_it(monkeypatch, tmp_path, capsys):
+  from ssljax.train import loop
+  monkeypatch.setattr(cli, "_parse", lambda argv, command: type(
+      "Flags", (), {"log_level": "INFO", "config": None, "workdir": str(tmp_path),
+                    "distributed": False, "coordinator_address": None,
+                    "num_processes": None, "process_id": None,
+                    "distributed_timeout": None, "local_device_ids": None})())
+  monkeypatch.setattr(cli, "_start_distributed", lambda fv, command: None)
+  monkeypatch.setattr(loop, "evaluate_workdir", lambda workdir, config: {
+      "knn/top1": 0.5, "linear_eval/error": "the loss is not finite by step 8"})
+  assert cli.main(["ssljax", "eval", "--workdir", str(tmp_path)]) == 1
+  captured = capsys.readouterr()
+  assert '"knn/top1": 0.5' in captured.out
+  assert "ssljax eval: linear_eval failed: the loss is not finite by step 8" in captured.err

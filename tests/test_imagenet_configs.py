@@ -32,8 +32,8 @@ SMALL_CROP_SIZE = 16
 BATCH = 16
 STEPS = 2
 CAP = 64  # the widest head, the longest queue, the most negatives
-EVAL_TRAIN, EVAL_TEST = 32, 16
-LINEAR_EVAL_STEPS = 2  # the streamed evaluation subsets (of 48 mocked images each)
+EVAL_TRAIN, EVAL_TEST = 32, 16  # the streamed evaluation subsets (of 48 mocked images each)
+LINEAR_EVAL_STEPS = 2
 
 
 def _imagenet_configs() -> list[str]:
@@ -131,6 +131,10 @@ def test_imagenet_recipe_trains_on_mocked_imagenet_stream(name, mock_imagenet, t
     assert results["linear_eval/test_examples"] == NUM_EXAMPLES
     assert 0.0 <= results["linear_eval/top1"] <= results["linear_eval/top5"] <= 1.0
     assert "test: shorter side 37, centre 32 crop" in results["linear_eval/protocol"]
+    # `ssljax eval` finds the classifier `train` left (same settings, same encoder variables).
+    again = loop.evaluate_workdir(workdir)
+    assert again["linear_eval/top1"] == results["linear_eval/top1"]
+    assert len(os.listdir(os.path.join(workdir, "linear_eval"))) == 1
 
   assert results["steps"] == STEPS
   # Evaluated on the stream: the recipe's subsets shrunk to 32 train / 16 test images.

@@ -48,7 +48,7 @@ from ssljax import data
 from ssljax.eval import results as results_file
 from ssljax.eval.features import Images, StreamedImages, extract_features
 from ssljax.eval.knn import knn_accuracy
-from ssljax.eval.linear_eval import linear_eval
+from ssljax.eval.linear_eval import LinearEvalSettings, linear_eval
 from ssljax.eval.linear_probe import linear_probe
 from ssljax.eval.mlp_probe import mlp_probe
 from ssljax.eval.plots import plot_training_curves
@@ -276,9 +276,17 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
   also hold ``eval/train_examples`` and ``eval/test_examples``, and ``knn/protocol`` names them.
   With ``eval.linear_eval`` the papers' linear evaluation (`ssljax.eval.linear_eval`) follows,
   on the whole splits (streamed or not) with the same encoder variables, checkpointed under
-  `workdir` when one is given.
+  `workdir` when one is given; its settings are checked first (`ConfigError`), and a failure
+  while it runs (a non-finite loss) is logged and returned as ``linear_eval/error`` beside the
+  other results, which the CLI then reports with exit code 1.
   """
   ec = config.eval
+  if ec.linear_eval:  # before any work: a setting that cannot run is a config error
+    from ssljax.train.validate import ConfigError
+    try:
+      LinearEvalSettings.from_config(ec).check(mesh.size)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   train = train_source or data.build_source(config.data, config.data.train_split)
   test, reason = _test_split(config, train)
   if reason is not None:
@@ -333,9 +341,14 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
     results["mlp_probe/best_weight_decay"] = probe["best_weight_decay"]
     log.info("MLP probe top-1 %.4f", probe["test_top1"])
   if ec.linear_eval:
-    results.update(linear_eval(config, _encode_fn(method), variables, mesh,
-                               train_source=whole_train, test_source=whole_test,
-                               workdir=workdir, encoder_step=int(state.step)))
+    try:
+      results.update(linear_eval(config, _encode_fn(method), variables, mesh,
+                                 train_source=whole_train, test_source=whole_test,
+                                 workdir=workdir, encoder_step=int(state.step)))
+    except (FloatingPointError, ValueError) as e:
+      # The kNN and probe results above are still written; the caller reports the failure.
+      log.error("linear evaluation failed: %s", e)
+      results["linear_eval/error"] = str(e)
   return results
 
 

@@ -13,7 +13,11 @@ step on the softmax cross-entropy. The defaults are SwAV's ``eval_linear.py`` (u
 0, momentum 0.9, weight decay 1e-6. MoCo's ``main_lincls.py`` (used by CLD) is
 ``--config.eval.linear_eval_lr=30 --config.eval.linear_eval_weight_decay=0
 --config.eval.linear_eval_schedule=steps`` (x0.1 at epochs 60 and 80). The learning rate is
-given for batch 256 and scaled linearly with ``eval.linear_eval_batch_size``.
+given for batch 256 and scaled linearly with ``eval.linear_eval_batch_size``; the cosine decays
+every step, where SwAV's ``CosineAnnealingLR`` steps once per epoch (a difference of one epoch's
+worth of decay at most). On ImageNet the evaluation costs about ``eval.linear_eval_epochs``
+forward passes of the encoder over the train split (100 epochs of inference, roughly a third of
+as many training epochs).
 
 Where the views come from:
   * an in-memory split (Fashion-MNIST, CIFAR): the crop and flip run on the device inside the
@@ -108,9 +112,13 @@ class LinearEvalSettings:
       raise ValueError(f"eval.linear_eval_schedule = {self.schedule!r} is not one of "
                        f"{SCHEDULES}: 'cosine' decays to 0 (SwAV), 'steps' multiplies by 0.1 "
                        f"at each of eval.linear_eval_milestones (MoCo)")
-    if self.schedule == "steps" and list(self.milestones) != sorted(self.milestones):
-      raise ValueError(f"eval.linear_eval_milestones = {self.milestones} must be increasing "
-                       f"epochs, e.g. {key}milestones=\"(60, 80)\"")
+    if self.nesterov and not self.momentum:
+      raise ValueError("eval.linear_eval_nesterov = True needs eval.linear_eval_momentum > 0 "
+                       "(as PyTorch's SGD); e.g. --config.eval.linear_eval_momentum=0.9")
+    if self.schedule == "steps" and any(b <= a for a, b in zip(self.milestones,
+                                                              self.milestones[1:])):
+      raise ValueError(f"eval.linear_eval_milestones = {self.milestones} must be strictly "
+                       f"increasing epochs, e.g. {key}milestones=\"(60, 80)\"")
     low, high = (self.crop_scale + (0.0, 0.0))[:2]
     if len(self.crop_scale) != 2 or not 0 < low <= high <= 1:
       raise ValueError(f"eval.linear_eval_crop_scale = {self.crop_scale} must be (min, max) "
@@ -140,7 +148,10 @@ def lr_schedule(settings: LinearEvalSettings, steps_per_epoch: int,
   peak = settings.lr * settings.batch_size / 256.0
   if settings.schedule == "cosine":
     return optax.cosine_decay_schedule(peak, max(total_steps, 1))
-  boundaries = {int(round(m * steps_per_epoch)): 0.1 for m in settings.milestones}
+  boundaries: dict[int, float] = {}
+  for m in settings.milestones:  # milestones that round to one step multiply, as MultiStepLR's
+    step = int(round(m * steps_per_epoch))
+    boundaries[step] = boundaries.get(step, 1.0) * 0.1
   return optax.piecewise_constant_schedule(peak, boundaries)
 
 
@@ -177,6 +188,9 @@ def make_train_step(encode: Callable[[Any, jax.Array], jax.Array],
                     crop_scale: tuple[float, float], mesh=None) -> Callable[..., Any]:
   """``(head, opt_state, variables, images, labels, step) -> (head, opt_state, loss)``, jitted.
 
+  The loss is the batch's cross-entropy before the update, or NaN when the updated head is not
+  finite, so one check of the loss catches both.
+
   `encode` is the encoder's inference apply ``(variables, float images) -> [B, D]``; the views'
   keys are ``fold_in(PRNGKey(seed), step)`` split over the global batch, so a step's views do
   not depend on how the batch is sharded.
@@ -189,7 +203,9 @@ def make_train_step(encode: Callable[[Any, jax.Array], jax.Array],
     features = jax.lax.stop_gradient(encode(variables, views)).astype(jnp.float32)
     loss, grads = jax.value_and_grad(_cross_entropy)(head, features, labels)
     updates, opt_state = tx.update(grads, opt_state, head)
-    return optax.apply_updates(head, updates), opt_state, loss
+    head = optax.apply_updates(head, updates)
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(head)]))
+    return head, opt_state, jnp.where(finite, loss, jnp.nan)
 
   if mesh is None:
     return jax.jit(step_fn)
@@ -198,9 +214,25 @@ def make_train_step(encode: Callable[[Any, jax.Array], jax.Array],
                  out_shardings=(rep, rep, rep))
 
 
-def _fingerprint(settings: LinearEvalSettings, encoder_step: int, seed: int,
-                 extra: dict[str, Any]) -> str:
-  text = json.dumps({"settings": dataclasses.asdict(settings), "seed": seed, **extra},
+def _fingerprint(settings: LinearEvalSettings, encoder_step: int, config,
+                 variables: Any, num_train: int) -> str:
+  """``step<encoder step>-<hash>`` of everything that changes the trained head, and nothing
+  else: the training settings (not the checkpoint cadence or the test crop), the seed, the data
+  that feed the training views (not where they are stored or how many threads decode them),
+  the train split's size and every array of the encoder variables (so re-estimated BatchNorm
+  statistics, or another checkpoint, start their own directory)."""
+  from ssljax.train.checkpoint import state_checksums
+
+  train = dataclasses.asdict(settings)
+  for key in ("checkpoint_every_steps", "test_crop"):
+    del train[key]
+  if settings.schedule == "cosine":
+    del train["milestones"]
+  dc = config.data
+  data_keys = {k: dc.get(k) for k in ("source", "name", "train_split", "image_size", "channels",
+                                        "num_classes", "precrop_ratio")}
+  text = json.dumps({"settings": train, "seed": config.seed, "data": data_keys,
+                     "num_train": num_train, "encoder": state_checksums(variables)},
                     sort_keys=True, default=str)
   digest = hashlib.sha256(text.encode()).hexdigest()[:10]
   return f"step{encoder_step}-{digest}"
@@ -309,12 +341,16 @@ def linear_eval(config: ml_collections.ConfigDict, encode: Callable[[Any, jax.Ar
 
   ckpt, start_step, logged_loss = None, 0, float("nan")
   if workdir is not None:
-    name = _fingerprint(settings, encoder_step, config.seed,
-                        {"data": config.data.to_dict(), "classes": num_classes})
+    name = _fingerprint(settings, encoder_step, config, variables, len(train_source))
     ckpt = Checkpointer(f"{str(workdir).rstrip('/')}/linear_eval/{name}", max_to_keep=1)
     restored = ckpt.restore_latest_intact({"head": head, "opt_state": opt_state})
     if restored is not None:
       start_step, tree, meta = restored
+      if meta.get("total_steps") != total_steps:
+        ckpt.close()
+        raise ValueError(f"the linear-evaluation checkpoint in {ckpt.directory} was written "
+                         f"for {meta.get('total_steps')} steps, this evaluation has "
+                         f"{total_steps}; move that directory aside to start again")
       head, opt_state = tree["head"], tree["opt_state"]
       logged_loss = float(meta.get("train_loss", float("nan")))
       log.info("linear evaluation: resumed from its checkpoint of step %d of %d in %s",
@@ -342,10 +378,14 @@ def linear_eval(config: ml_collections.ConfigDict, encode: Callable[[Any, jax.Ar
             logged_loss = float(np.mean([float(v) for v in losses]))
             losses.clear()
             if not math.isfinite(logged_loss):
-              kept = (f"; its checkpoints in {ckpt.directory} are kept" if ckpt else "")
+              saved = ckpt.all_steps() if ckpt is not None else []
+              kept = (f"; its last finite checkpoint, step {saved[-1]} in {ckpt.directory}, "
+                      f"is kept (a rerun with these settings resumes there and meets the same "
+                      f"loss)" if saved else "")
               raise FloatingPointError(
-                  f"linear evaluation: the loss is {logged_loss} by step {done}{kept}. Lower "
-                  f"--config.eval.linear_eval_lr (now {settings.lr:g} per 256 images).")
+                  f"linear evaluation: the loss or the classifier is not finite by step "
+                  f"{done}{kept}. Lower --config.eval.linear_eval_lr (now {settings.lr:g} per "
+                  f"256 images), which starts a new evaluation.")
             log.info("linear evaluation step %d/%d: loss %.4f", done, total_steps, logged_loss)
             if ckpt is not None and (done % settings.checkpoint_every_steps == 0
                                      or done == total_steps):
@@ -354,14 +394,23 @@ def linear_eval(config: ml_collections.ConfigDict, encode: Callable[[Any, jax.Ar
                          "train_loss": logged_loss})
       finally:
         loader.close()
-  finally:
-    if ckpt is not None:
-      ckpt.wait()
-      ckpt.close()
+  except BaseException:
+    if ckpt is not None:  # its own error must not hide the one being raised
+      try:
+        ckpt.wait()
+        ckpt.close()
+      except Exception as e:  # noqa: BLE001
+        log.warning("linear evaluation: closing its checkpointer failed too: %s", e)
+    raise
+  if ckpt is not None:
+    ckpt.wait()
+    ckpt.close()
 
   test_images, test_labels = _test_images(test_source, height, settings.test_crop)
   batch = max(config.eval.batch_size - config.eval.batch_size % mesh.size, mesh.size)
   features = extract_features(encode, variables, test_images, batch_size=batch, mesh=mesh)
+  if (test_labels < 0).any():
+    raise ValueError(f"linear evaluation: {(test_labels < 0).sum()} test images have no label")
   top1, top5 = _topk(features, test_labels, jax.device_get(head))
   protocol = settings.describe()
   if streamed:

@@ -55,7 +55,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   ``data.channels`` 1 or 3, ``data.num_classes`` an integer >= 0 (0 is left only by the image
   folder preset: `ssljax.data.folder.resolve_config` fills these in first); ``data.mean`` and
   ``data.std`` one value per channel (``data.channels``), the standard deviations finite and
-  > 0.
+  > 0; with ``eval.linear_eval``, the ``eval.linear_eval_*`` settings
+  (`ssljax.eval.linear_eval.LinearEvalSettings.check`), so that a typo fails before pretraining
+  rather than after it.
   """
   problems = []
 
@@ -107,6 +109,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     elif key == "data.std" and min(values) <= 0:
       problems.append(f"data.std = {value!r} must be > 0 for every channel (images are "
                       f"divided by it)")
+  if _get(config, "eval.linear_eval"):
+    from ssljax.eval.linear_eval import LinearEvalSettings  # deferred: imports jax
+    try:  # the device count is checked again on the run's mesh
+      LinearEvalSettings.from_config(config.eval).check(num_devices=1)
+    except (ValueError, TypeError, AttributeError) as e:
+      problems.append(str(e))
   if problems:
     raise ConfigError("invalid config (nothing was written):\n  " + "\n  ".join(problems))
 

@@ -54,14 +54,15 @@ def _config(directory: str, **eval_overrides):
   return c
 
 
-def test_a_step_is_pytorch_sgd_with_nesterov_and_decay_on_the_cross_entropy():
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_a_step_is_pytorch_sgd_with_momentum_and_decay_on_the_cross_entropy(nesterov):
   rng = np.random.default_rng(0)
   # Left-right symmetric images and a full-image crop: the views are the images themselves.
   half = rng.integers(0, 256, (8, 4, 2, 1), dtype=np.uint8)
   images = np.concatenate([half, half[:, :, ::-1]], axis=2)
   labels = rng.integers(0, 3, 8).astype(np.int32)
   variables = {"w": rng.normal(size=(1, 2)).astype(np.float32)}
-  s = _settings(lr=0.4, batch_size=8, crop_scale=(1.0, 1.0))
+  s = _settings(lr=0.4, batch_size=8, crop_scale=(1.0, 1.0), nesterov=nesterov)
   schedule = le.lr_schedule(s, steps_per_epoch=10, total_steps=3)
   tx = le._optimizer(s, schedule)
   step = le.make_train_step(_project, tx, seed=0, crop_on_device=True, crop_scale=(1.0, 1.0))
@@ -85,7 +86,7 @@ def test_a_step_is_pytorch_sgd_with_nesterov_and_decay_on_the_cross_entropy():
     for param, grad, buf in ((w, grads[0], buf_w), (b, grads[1], buf_b)):
       buf *= 0.9
       buf += grad
-      new.append(param - lr * (grad + 0.9 * buf))  # nesterov
+      new.append(param - lr * ((grad + 0.9 * buf) if nesterov else buf))
     w, b = new
     np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(head["kernel"]), w, rtol=1e-4, atol=1e-7)
@@ -190,10 +191,46 @@ def test_it_learns_and_resumes_bit_exactly(tmp_path, monkeypatch):
   # Rerunning a finished evaluation trains nothing and reports the same numbers.
   assert le.linear_eval(c, _project, variables, mesh, workdir=str(tmp_path / "a"),
                         **kwargs) == whole
-  # Other settings get their own directory.
+  # The checkpoint cadence and the test crop do not change the head: same directory.
+  c.eval.linear_eval_checkpoint_every_steps, c.eval.linear_eval_test_crop = 6, 0.5
+  assert le.linear_eval(c, _project, variables, mesh, workdir=str(tmp_path / "a"),
+                        **kwargs) == whole
+  assert len(os.listdir(tmp_path / "a" / "linear_eval")) == 1
+  # Other training settings, or other encoder variables (e.g. BN statistics), start their own.
   c.eval.linear_eval_lr = 0.25
   le.linear_eval(c, _project, variables, mesh, workdir=str(tmp_path / "a"), **kwargs)
-  assert len(os.listdir(tmp_path / "a" / "linear_eval")) == 2
+  other = {"w": np.full((1, 1), 0.5, np.float32)}
+  le.linear_eval(c, _project, other, mesh, workdir=str(tmp_path / "a"), **kwargs)
+  assert len(os.listdir(tmp_path / "a" / "linear_eval")) == 3
+
+
+def test_a_non_finite_step_keeps_the_last_finite_checkpoint(tmp_path):
+  from ssljax.data.pipeline import global_batch_indices
+  from ssljax.data.sources import ArraySource
+
+  c = _config(str(tmp_path / "data"))
+  train, test = data.build_source(c.data, "train"), data.build_source(c.data, "test")
+  # 70 images in batches of 16: each epoch drops 6, so an image dropped in epoch 0 first
+  # appears in epoch 1 (steps 4-7), after the checkpoint of step 4. Made black, it makes the
+  # stand-in encoder below divide by zero: that batch's loss, and the head after it, are NaN.
+  images = np.concatenate([train.images, train.images[:6]]).clip(1, 255)
+  labels = np.concatenate([train.labels, train.labels[:6]])
+  dropped = np.random.default_rng((c.seed + 3, 0)).permutation(70)[64:]
+  epoch1 = np.concatenate([global_batch_indices(70, 16, c.seed + 3, s) for s in range(4, 8)])
+  black = int(np.intersect1d(dropped, epoch1)[0])
+  assert black not in np.concatenate([global_batch_indices(70, 16, c.seed + 3, s)
+                                      for s in range(4)])
+  images[black] = 0
+  poisoned = ArraySource(images, labels)
+  encode = lambda v, x: x.reshape(x.shape[0], -1) / x.sum((1, 2, 3))[:, None]
+  with pytest.raises(FloatingPointError) as error:
+    le.linear_eval(c, encode, {}, _mesh(1), train_source=poisoned, test_source=test,
+                   workdir=str(tmp_path / "w"))
+  assert "not finite by step 8" in str(error.value)
+  assert "last finite checkpoint, step 4" in str(error.value)
+  assert "Lower --config.eval.linear_eval_lr" in str(error.value)
+  [run] = os.listdir(tmp_path / "w" / "linear_eval")
+  assert Checkpointer(str(tmp_path / "w" / "linear_eval" / run)).all_steps() == [4]
 
 
 def test_a_non_finite_loss_stops_with_the_fix(tmp_path):
@@ -211,6 +248,9 @@ def test_a_non_finite_loss_stops_with_the_fix(tmp_path):
     ({"test_crop": 1.5}, "must lie in \\(0, 1\\]"),
     ({"schedule": "steps", "milestones": (8.0, 6.0)}, "increasing"),
     ({"epochs": 0.0}, "must be > 0"),
+    ({"lr": 0.0}, "_lr = 0.0 must be > 0"),
+    ({"nesterov": True, "momentum": 0.0}, "needs eval.linear_eval_momentum > 0"),
+    ({"schedule": "steps", "milestones": (6.0, 6.0)}, "strictly increasing"),
 ])
 def test_settings_that_cannot_run_are_named(overrides, message):
   with pytest.raises(ValueError, match=message):
@@ -235,3 +275,15 @@ def test_streamed_test_views_are_resized_then_centre_cropped(tmp_path):
     np.testing.assert_array_equal(got[i], expected)
     assert not np.array_equal(expected, resize_centre_crop(Image.open(path), 16, 3))
   np.testing.assert_array_equal(labels, [0, 1])
+
+
+def test_a_bad_setting_fails_before_pretraining():
+  from ssljax.train.validate import ConfigError, validate_config
+
+  c = default_config("simclr")
+  c.eval.linear_eval_schedule = "linear"
+  validate_config(c)  # off: not checked
+  c.eval.linear_eval = True
+  with pytest.raises(ConfigError,
+                     match="(?s)nothing was written.*linear_eval_schedule = 'linear'"):
+    validate_config(c)
