@@ -1,0 +1,315 @@
+"""Two rewrites of the default encoder's hot spots on the CPU, timed against what ssljax runs.
+
+Run from the repository root:
+
+  python benchmarks/cpu_alternatives.py [--batch 512] [--size 20] [--rounds 30]
+      [--out benchmarks/results/cpu_alternatives.json]
+
+Issue 21 asks the default job's step to match PyTorch's best layout on the 2-core CPU;
+``benchmarks/cpu_step.py --breakdown`` shows BatchNorm at ~20% of the encoder's forward +
+backward and convolutions plus layout transposes as the largest parts. This script measures
+two candidate rewrites, each side by side with the current code in one process (calls
+interleaved, medians over ``--rounds``), under the XLA flags ``ssljax train`` sets on CPU:
+
+  1. BatchNorm with a hand-written backward (``jax.custom_vjp``: ``dx = scale * rstd * (g -
+     mean(g) - xhat * mean(g * xhat))``), same variables and forward arithmetic as
+     ``flax.linen.BatchNorm``, in the default encoder (``resnet_tiny`` + the 512-wide 1x1
+     expansion) on ``--batch`` views of ``--size`` px: forward + backward of a squared-error
+     loss on the features, and the largest relative difference of every gradient from Flax's;
+  2. convolution as im2col (``k * k`` shifted strided slices concatenated on the channel axis,
+     then one matrix product) against ``lax.conv_general_dilated``, forward + backward of
+     each of the encoder's convolution shapes, summed.
+
+It prints a table and writes the numbers, the device and the flags to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+DEFAULT_OUT = os.path.join("benchmarks", "results", "cpu_alternatives.json")
+
+
+# ------------------------------------------------------------------ BatchNorm, custom backward
+
+
+def _batch_moments(x32, axes, axis_name):
+  mean = x32.mean(axes)
+  mean2 = (x32 * x32).mean(axes)
+  if axis_name is not None:
+    from jax import lax
+    mean, mean2 = lax.pmean((mean, mean2), axis_name)
+  import jax.numpy as jnp
+  return mean, jnp.maximum(0.0, mean2 - mean * mean)  # Flax's fast variance
+
+
+def _make_bn_train() -> Callable[..., Any]:
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+
+  def forward(x, scale, bias, eps, axis_name):
+    axes = tuple(range(x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    mean, var = _batch_moments(x32, axes, axis_name)
+    rstd = lax.rsqrt(var + eps)
+    return ((x32 - mean) * (scale * rstd) + bias).astype(x.dtype), (x, mean, rstd, scale)
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+  def bn_train(x, scale, bias, eps, axis_name):
+    return forward(x, scale, bias, eps, axis_name)[0]
+
+  def backward(eps, axis_name, residuals, dy):
+    del eps
+    x, mean, rstd, scale = residuals
+    axes = tuple(range(x.ndim - 1))
+    g = dy.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    dbias, dscale = g.sum(axes), (g * xhat).sum(axes)
+    count = x.size // x.shape[-1]
+    mean_g, mean_gx = dbias / count, dscale / count
+    if axis_name is not None:
+      mean_g, mean_gx = lax.pmean((mean_g, mean_gx), axis_name)
+    dx = (scale * rstd) * (g - mean_g - xhat * mean_gx)
+    return dx.astype(x.dtype), dscale, dbias
+
+  bn_train.defvjp(forward, backward)
+  return bn_train
+
+
+def custom_vjp_batchnorm() -> type:
+  """A ``flax.linen.BatchNorm`` stand-in (same fields used by ssljax, same variables)."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from jax import lax
+
+  bn_train = _make_bn_train()
+
+  class CustomVjpBatchNorm(nn.Module):
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    axis_name: str | None = None
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Callable[..., Any] = nn.initializers.ones
+    bias_init: Callable[..., Any] = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None):
+      use_running = nn.merge_param("use_running_average", self.use_running_average,
+                                   use_running_average)
+      features = x.shape[-1]
+      ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+      ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+      scale = (self.param("scale", self.scale_init, (features,), jnp.float32)
+               if self.use_scale else jnp.ones((features,), jnp.float32))
+      bias = (self.param("bias", self.bias_init, (features,), jnp.float32)
+              if self.use_bias else jnp.zeros((features,), jnp.float32))
+      dtype = self.dtype or x.dtype
+      if use_running:
+        rstd = lax.rsqrt(ra_var.value + self.epsilon)
+        return ((x.astype(jnp.float32) - ra_mean.value) * (scale * rstd) + bias).astype(dtype)
+      y = bn_train(x, scale, bias, self.epsilon, self.axis_name)
+      if not self.is_initializing():
+        mean, var = _batch_moments(lax.stop_gradient(x).astype(jnp.float32),
+                                   tuple(range(x.ndim - 1)), self.axis_name)
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+      return y.astype(dtype)
+
+  return CustomVjpBatchNorm
+
+
+def _encoder_grad_fns(batch: int, size: int):
+  """{'flax': fn, 'custom_vjp': fn} of the default encoder's loss and gradient, and inputs."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from ssljax.models import resnet
+
+  preset = resnet.PRESETS["resnet_tiny"]
+  x = jnp.asarray(np.random.default_rng(0).random((batch, size, size, 1), np.float32))
+  flax_bn = nn.BatchNorm
+  out = {}
+  for name, bn in (("flax", flax_bn), ("custom_vjp", custom_vjp_batchnorm())):
+    encoder = resnet.ResNet(stage_sizes=preset.stage_sizes, stage_widths=preset.stage_widths,
+                            block=preset.block, stem_width=preset.stem_width,
+                            stem_stride=preset.stem_stride, expand_features=512)
+
+    def loss(params, stats, encoder=encoder):
+      features, updates = encoder.apply({"params": params, "batch_stats": stats}, x,
+                                        train=True, mutable=["batch_stats"])
+      return jnp.mean(jnp.square(features - 0.3)), updates
+
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    nn.BatchNorm = bn  # ResNet builds its norm from flax.linen.BatchNorm when traced
+    try:
+      variables = encoder.init(jax.random.key(0), x[:2], train=False)
+      first = fn(variables["params"], variables["batch_stats"])  # traced and compiled here
+      jax.block_until_ready(first)
+    finally:
+      nn.BatchNorm = flax_bn
+    out[name] = (fn, variables, first)
+  return out
+
+
+# ------------------------------------------------------------------ im2col convolution
+
+
+def conv_im2col(x, kernel, stride: int, padding):
+  """``[N, H, W, Ci] * [kh, kw, Ci, Co]``: shifted strided slices, concatenated, one dot."""
+  import jax.numpy as jnp
+
+  kh, kw, ci, co = kernel.shape
+  x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  n, h, w, _ = x.shape
+  oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
+  cols = [x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+          for i in range(kh) for j in range(kw)]
+  patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
+  return (patches.reshape(-1, kh * kw * ci) @ kernel.reshape(-1, co)).reshape(n, oh, ow, co)
+
+
+def conv_xla(x, kernel, stride: int, padding):
+  from jax import lax
+  return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def encoder_conv_shapes(batch: int, size: int) -> list[tuple[tuple[int, ...], tuple[int, ...],
+                                                                 int]]:
+  """(input, kernel, stride) of every convolution of resnet_tiny + the 1x1 expansion."""
+  s1 = (size + 1) // 2          # stem, stride 2
+  s2, s3 = (s1 + 1) // 2, ((s1 + 1) // 2 + 1) // 2
+  return [((batch, size, size, 1), (3, 3, 1, 16), 2),
+          ((batch, s1, s1, 16), (3, 3, 16, 16), 1), ((batch, s1, s1, 16), (3, 3, 16, 16), 1),
+          ((batch, s1, s1, 16), (3, 3, 16, 32), 2), ((batch, s2, s2, 32), (3, 3, 32, 32), 1),
+          ((batch, s1, s1, 16), (1, 1, 16, 32), 2),
+          ((batch, s2, s2, 32), (3, 3, 32, 64), 2), ((batch, s3, s3, 64), (3, 3, 64, 64), 1),
+          ((batch, s2, s2, 32), (1, 1, 32, 64), 2), ((batch, s3, s3, 64), (1, 1, 64, 512), 1)]
+
+
+# ------------------------------------------------------------------ timing
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+  import jax
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def run(batch: int, size: int, rounds: int) -> dict[str, Any]:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  results: dict[str, Any] = {}
+  fns = _encoder_grad_fns(batch, size)
+  (_, _, (loss_a, grads_a)), (_, _, (loss_b, grads_b)) = fns["flax"], fns["custom_vjp"]
+  rel = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30)),
+                     grads_a, grads_b)
+  stats = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), loss_a[1], loss_b[1])
+  times = _interleaved({name: functools.partial(fn, v["params"], v["batch_stats"])
+                        for name, (fn, v, _) in fns.items()}, rounds)
+  medians = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+  results["batchnorm"] = {
+      "median_ms": medians, "min_ms": {n: float(np.min(t)) * 1e3 for n, t in times.items()},
+      "custom_vjp_over_flax": medians["custom_vjp"] / medians["flax"],
+      "loss_difference": abs(float(loss_a[0]) - float(loss_b[0])),
+      "max_relative_gradient_difference": max(jax.tree.leaves(rel)),
+      "max_running_stat_difference": max(jax.tree.leaves(stats))}
+
+  rng = np.random.default_rng(1)
+  per_layer, totals = [], {"xla": 0.0, "im2col": 0.0}
+  for x_shape, k_shape, stride in encoder_conv_shapes(batch, size):
+    x = jnp.asarray(rng.random(x_shape, np.float32))
+    kernel = jnp.asarray(rng.normal(size=k_shape).astype(np.float32) * 0.1)
+    pad = [(k_shape[0] // 2,) * 2, (k_shape[1] // 2,) * 2]
+    grads = {}
+    for name, conv in (("xla", conv_xla), ("im2col", conv_im2col)):
+      g = jax.jit(jax.grad(lambda a, b, conv=conv: jnp.sum(conv(a, b, stride, pad) ** 2),
+                           argnums=(0, 1)))
+      jax.block_until_ready(g(x, kernel))
+      grads[name] = functools.partial(g, x, kernel)
+    diff = float(jnp.max(jnp.abs(conv_xla(x, kernel, stride, pad)
+                                 - conv_im2col(x, kernel, stride, pad))))
+    times = _interleaved(grads, rounds)
+    row = {"input": list(x_shape), "kernel": list(k_shape), "stride": stride,
+           "max_output_difference": diff,
+           **{f"{n}_ms": float(np.median(t)) * 1e3 for n, t in times.items()}}
+    per_layer.append(row)
+    for name in totals:
+      totals[name] += row[f"{name}_ms"]
+  results["convolution"] = {"layers": per_layer, "total_ms": totals,
+                            "im2col_over_xla": totals["im2col"] / totals["xla"]}
+  return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--batch", type=int, default=512, help="views per call (default job: 512)")
+  parser.add_argument("--size", type=int, default=20, help="view side in px (default job: 20)")
+  parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds")
+  parser.add_argument("--out", default=DEFAULT_OUT, help="JSON file to write")
+  args = parser.parse_args(argv)
+
+  from ssljax.cli import CPU_XLA_FLAGS
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_XLA_FLAGS}".strip()
+  import jax
+
+  load = os.getloadavg()
+  started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  results = run(args.batch, args.size, args.rounds)
+  report = {
+      "command": "python benchmarks/cpu_alternatives.py " + " ".join(
+          f"--{k} {v}" for k, v in (("batch", args.batch), ("size", args.size),
+                                   ("rounds", args.rounds), ("out", args.out))),
+      "device": {"processor": platform.processor(), "cpu_count": os.cpu_count(),
+                 "backend": jax.default_backend(), "jax": jax.__version__,
+                 "python": platform.python_version(), "date": started,
+                 "load_average_at_start": list(load),
+                 "load_average_at_end": list(os.getloadavg())},
+      "xla_flags": os.environ["XLA_FLAGS"], "batch": args.batch, "size": args.size,
+      "rounds": args.rounds, **results}
+  bn, conv = results["batchnorm"], results["convolution"]
+  print(f"default encoder, {args.batch} views of {args.size} px, {args.rounds} interleaved "
+        f"rounds, XLA_FLAGS={report['xla_flags']!r}, load {load[0]:.2f}")
+  print(f"{'what':<44} {'current ms':>10} {'rewrite ms':>10} {'ratio':>6}")
+  print(f"{'BatchNorm: encoder forward + backward':<44} {bn['median_ms']['flax']:>10.1f} "
+        f"{bn['median_ms']['custom_vjp']:>10.1f} {bn['custom_vjp_over_flax']:>6.3f}")
+  print(f"{'im2col: 10 convolutions fwd + bwd, summed':<44} {conv['total_ms']['xla']:>10.1f} "
+        f"{conv['total_ms']['im2col']:>10.1f} {conv['im2col_over_xla']:>6.3f}")
+  print(f"custom-vjp BN: largest relative gradient difference "
+        f"{bn['max_relative_gradient_difference']:.2e}, running statistics "
+        f"{bn['max_running_stat_difference']:.2e}")
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+    print(f"wrote {args.out}")
+  return report
+
+
+if __name__ == "__main__":
+  main()
