@@ -28,7 +28,8 @@ and decodes every batch of the subset and receives all features. Nothing decoded
 every monitor call decodes its subsets again (monitor sparingly: ``train.eval_every_steps``
 is 0 in the ImageNet recipes, which evaluate once at the end). The precise-BN images are then
 drawn from the train subset, as the monitor draws them. A size of 0 (a whole split) on a stream
-is not evaluated: `skip_reason` records ``eval/skipped`` naming the two keys to set.
+gets no kNN or probes: `skip_reason` records ``eval/skipped`` naming the two keys to set (only
+``eval.linear_eval``, which reads whole splits a batch at a time, still runs then).
 """
 
 from __future__ import annotations
@@ -278,7 +279,9 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
   on the whole splits (streamed or not) with the same encoder variables, checkpointed under
   `workdir` when one is given; its settings are checked first (`ConfigError`), and a failure
   while it runs (a non-finite loss) is logged and returned as ``linear_eval/error`` beside the
-  other results, which the CLI then reports with exit code 1.
+  other results, which the CLI then reports with exit code 1. On a stream asked for whole
+  splits (a monitor size of 0) only the linear evaluation runs, and
+  ``eval/knn_and_probes_skipped`` says why the others did not.
   """
   ec = config.eval
   if ec.linear_eval:  # before any work: a setting that cannot run is a config error
@@ -288,6 +291,9 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
     except ValueError as e:
       raise ConfigError(str(e)) from None
   train = train_source or data.build_source(config.data, config.data.train_split)
+  if (ec.linear_eval and isinstance(train, data.StreamingSource)
+      and min(ec.monitor_train_examples, ec.monitor_test_examples) <= 0):
+    return _linear_eval_only(config, method, state, mesh, train, workdir)
   test, reason = _test_split(config, train)
   if reason is not None:
     log.warning("evaluation skipped: %s", reason)
@@ -341,14 +347,41 @@ def evaluate_state(config: ml_collections.ConfigDict, method: Method, state, mes
     results["mlp_probe/best_weight_decay"] = probe["best_weight_decay"]
     log.info("MLP probe top-1 %.4f", probe["test_top1"])
   if ec.linear_eval:
-    try:
-      results.update(linear_eval(config, _encode_fn(method), variables, mesh,
-                                 train_source=whole_train, test_source=whole_test,
-                                 workdir=workdir, encoder_step=int(state.step)))
-    except (FloatingPointError, ValueError) as e:
-      # The kNN and probe results above are still written; the caller reports the failure.
-      log.error("linear evaluation failed: %s", e)
-      results["linear_eval/error"] = str(e)
+    results.update(_run_linear_eval(config, method, state, mesh, variables, whole_train,
+                                    whole_test, workdir))
+  return results
+
+
+def _run_linear_eval(config, method: Method, state, mesh, variables, train, test,
+                     workdir: str | None) -> dict[str, Any]:
+  """`linear_eval`'s results, or ``{'linear_eval/error': message}`` when it fails while it
+  runs (the other results computed before it are still written; the CLI reports it)."""
+  try:
+    return linear_eval(config, _encode_fn(method), variables, mesh, train_source=train,
+                       test_source=test, workdir=workdir, encoder_step=int(state.step))
+  except (FloatingPointError, ValueError) as e:
+    log.error("linear evaluation failed: %s", e)
+    return {"linear_eval/error": str(e)}
+
+
+def _linear_eval_only(config, method: Method, state, mesh, train: data.StreamingSource,
+                      workdir: str | None) -> dict[str, Any]:
+  """A stream asked for whole splits: no kNN or probes (they need subsets of a stream), but
+  the linear evaluation, which reads a batch at a time anyway, runs on the whole splits."""
+  subsets = ml_collections.ConfigDict(config.to_dict())
+  subsets.eval.monitor_train_examples = subsets.eval.monitor_test_examples = 1
+  test, reason = _test_split(subsets, train)  # every other reason to skip still applies
+  if reason is not None:
+    log.warning("evaluation skipped: %s", reason)
+    return {"eval/skipped": reason}
+  knn_reason = skip_reason(config, train)
+  log.warning("kNN and probes skipped: %s; the linear evaluation runs on the whole splits",
+              knn_reason)
+  variables, _ = encoder_variables_and_bn_images(
+      config, method, state, mesh, _subset(train, 0, config.seed).images)
+  results: dict[str, Any] = {"eval/knn_and_probes_skipped": knn_reason}
+  results.update(_run_linear_eval(config, method, state, mesh, variables, train, test,
+                                  workdir))
   return results
 
 

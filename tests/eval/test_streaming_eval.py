@@ -6,6 +6,7 @@ whole-split request on a stream is skipped with the keys to set."""
 from __future__ import annotations
 
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -166,6 +167,31 @@ def test_a_whole_split_on_a_stream_is_skipped_naming_the_keys(folder, key):
   assert evaluate.knn_monitor(c, None, None, train_source=source) is None
   c.eval.update({key: 5})
   assert evaluate.skip_reason(c, source) is None
+
+
+def test_a_whole_split_on_a_stream_still_gets_the_linear_evaluation(folder, tmp_path):
+  import types
+
+  from jax.sharding import Mesh
+
+  c = _config(folder, monitor_train_examples=0, linear_eval=True, linear_eval_batch_size=8,
+              linear_eval_epochs=0.5)  # 32 // 8 = 4 steps per epoch: 2 steps
+  module = _PoolDenseBN()
+  variables = module.init(jax.random.key(0), jnp.zeros((2, SIZE, SIZE, 3)), train=False)
+  method = types.SimpleNamespace(encoder=module, eval_variables=lambda params, ms: variables)
+  state = types.SimpleNamespace(params=None, method_state=None, step=5)
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  source = data.build_source(c.data, "train")
+  results = evaluate.evaluate_state(c, method, state, mesh, train_source=source,
+                                    workdir=str(tmp_path))
+  assert "eval/skipped" not in results and "knn/top1" not in results
+  assert "'folder_stream' streams its images" in results["eval/knn_and_probes_skipped"]
+  assert results["linear_eval/steps"] == 2
+  assert results["linear_eval/test_examples"] == 2 * TEST_PER_CLASS  # the whole test split
+  assert os.listdir(tmp_path / "linear_eval")[0].startswith("step5-")
+  c.eval.enabled = False  # every other reason to skip still skips everything
+  assert evaluate.evaluate_state(c, method, state, mesh, train_source=source) == {
+      "eval/skipped": "eval.enabled is False"}
 
 
 def test_training_on_a_stream_writes_knn_monitor_and_probe(folder, tmp_path):
