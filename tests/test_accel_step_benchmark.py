@@ -196,6 +196,7 @@ class _NumberedViews:
     return view, view + i
 
 
+@pytest.mark.slow  # ~20 s of forkserver workers for benchmark-only code: suite time
 def test_dataloader_rounds_drop_prefetched_batches_and_cover_whole_worker_cycles(
     bench, monkeypatch, tmp_path):
   torch = pytest.importorskip("torch")

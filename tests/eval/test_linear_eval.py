@@ -128,6 +128,10 @@ def test_the_schedules():
       [30.0, 30.0, 3.0, 3.0, 0.3, 0.3])
 
 
+class _Preempted(Exception):
+  pass
+
+
 def _interrupt_after(batches: int, monkeypatch):
   """Makes the next linear_eval's loader fail after `batches` batches (a preemption)."""
   real = le._train_loader
@@ -140,7 +144,7 @@ def _interrupt_after(batches: int, monkeypatch):
 
       def __next__(self):
         if Failing.served == batches:
-          raise KeyboardInterrupt("preempted")
+          raise _Preempted("preempted")
         Failing.served += 1
         return next(inner)
 
@@ -168,7 +172,7 @@ def test_it_learns_and_resumes_bit_exactly(tmp_path, monkeypatch):
   assert "random resized crops (area 0.08-1)" in whole["linear_eval/protocol"]
 
   _interrupt_after(10, monkeypatch)  # checkpoints at 4 and 8, then the interruption
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(_Preempted):
     le.linear_eval(c, _project, variables, mesh, workdir=str(tmp_path / "b"), **kwargs)
   [run] = os.listdir(tmp_path / "b" / "linear_eval")
   assert run.startswith("step7-")
