@@ -132,8 +132,8 @@ def test_swav_weights_the_predicted_side_from_the_switch_on(built):
                              1e-8 + np.trace(delta.T @ delta) / delta.shape[0] / 1.5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["simclr", "byol"])
-def test_any_multi_view_loss_is_weighted_through_its_terms(built, name):
+@pytest.mark.parametrize("name", ["simclr", pytest.param("byol", marks=pytest.mark.slow)])
+def test_any_multi_view_loss_is_weighted_through_its_terms(built, name):  # byol: -m slow (time)
   config, method, base, params, state = built(name)
   views = _views(num_small=2)
   value, _ = _loss(method, params, state, views, step=7)
