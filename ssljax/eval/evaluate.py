@@ -99,14 +99,16 @@ class _StreamedSplit:
   have been extracted.
   """
 
-  def __init__(self, source: data.StreamingSource, indices: np.ndarray):
+  def __init__(self, source: data.StreamingSource, indices: np.ndarray, *,
+               resize_side: int | None = None):
     self.indices = indices
+    self._resize_side = resize_side
     self.labels = np.full((len(indices),), -1, np.int32)
     self._source = source
     self.images = StreamedImages(len(indices), self._read)
 
   def _read(self, positions: np.ndarray) -> np.ndarray:
-    examples = self._source.get(self.indices[positions])
+    examples = self._source.get(self.indices[positions], resize_side=self._resize_side)
     self.labels[positions] = examples["label"]
     return examples["image"]
 

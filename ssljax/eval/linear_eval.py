@@ -58,7 +58,7 @@ from jax.sharding import PartitionSpec as P
 
 from ssljax import data
 from ssljax.augment import ops
-from ssljax.eval.features import StreamedImages, extract_features
+from ssljax.eval.features import extract_features
 
 log = logging.getLogger(__name__)
 
@@ -254,18 +254,15 @@ def _topk(features: np.ndarray, labels: np.ndarray, head: dict[str, np.ndarray],
 
 
 def _test_images(test_source, image_size: int, test_crop: float):
-  """(images, labels array filled as they are read) of the whole test split."""
+  """(images, labels) of the whole test split; a stream's labels fill in as its images are read
+  (`ssljax.eval.evaluate._StreamedSplit`, with the resize before the centre crop)."""
   if not isinstance(test_source, data.StreamingSource):
     return test_source.images, np.asarray(test_source.labels)
-  labels = np.full((len(test_source),), -1, np.int32)
-  resize_side = int(round(image_size / test_crop))
+  from ssljax.eval.evaluate import _StreamedSplit  # deferred: evaluate imports this module
 
-  def read(positions: np.ndarray) -> np.ndarray:
-    examples = test_source.get(positions, resize_side=resize_side)
-    labels[positions] = examples["label"]
-    return examples["image"]
-
-  return StreamedImages(len(test_source), read), labels
+  split = _StreamedSplit(test_source, np.arange(len(test_source)),
+                         resize_side=int(round(image_size / test_crop)))
+  return split.images, split.labels
 
 
 def _train_loader(train_source, settings: LinearEvalSettings, config, start_step: int,
@@ -407,8 +404,9 @@ def linear_eval(config: ml_collections.ConfigDict, encode: Callable[[Any, jax.Ar
     ckpt.close()
 
   test_images, test_labels = _test_images(test_source, height, settings.test_crop)
-  batch = max(config.eval.batch_size - config.eval.batch_size % mesh.size, mesh.size)
-  features = extract_features(encode, variables, test_images, batch_size=batch, mesh=mesh)
+  from ssljax.eval.evaluate import eval_batch_size  # deferred: evaluate imports this module
+  features = extract_features(encode, variables, test_images,
+                              batch_size=eval_batch_size(config, mesh), mesh=mesh)
   if (test_labels < 0).any():
     raise ValueError(f"linear evaluation: {(test_labels < 0).sum()} test images have no label")
   top1, top5 = _topk(features, test_labels, jax.device_get(head))
