@@ -20,6 +20,27 @@ if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# Several tests compile the same programs (a resumed run re-jits its step; most files train the
+# same tiny configs). One persistent compilation cache for the whole test run turns those
+# recompiles into cache hits: made by the first process that loads this file (pytest-xdist's
+# controller, or pytest itself without -n), which removes it at exit, and passed through the
+# environment to the xdist workers and to the subprocesses tests start (a CLI run compiles what
+# an in-process run of the same config compiled). A size limit switches on JAX's file lock, so
+# that concurrent writers never leave a half-written entry for a reader; it needs `filelock`,
+# without which entries are written unlocked (a torn read is a warning and a recompile).
+_CACHE_ENV = "SSLJAX_TEST_JAX_CACHE"
+if not os.environ.get(_CACHE_ENV):
+  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="ssljax-test-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ[_CACHE_ENV], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_ENV]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+try:
+  import filelock  # noqa: F401
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(32 << 30)
+except ImportError:
+  pass
+
 import jax  # noqa: E402  (after the flag on purpose)
 import pytest  # noqa: E402
 
@@ -28,13 +49,6 @@ import pytest  # noqa: E402
 # ssljax draws its training randomness per example, so the non-partitionable form is used here.
 jax.config.update("jax_threefry_partitionable", False)
 
-# Several tests compile the same programs (e.g. a resumed run re-jits its step). A persistent
-# compilation cache private to this test session turns those recompiles into cache hits.
-_CACHE_DIR = tempfile.mkdtemp(prefix="ssljax-test-jax-cache-")
-jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
