@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ssljax import data
 from ssljax.eval import results as results_file
@@ -96,7 +97,8 @@ class _StreamedSplit:
 
   ``images`` is `StreamedImages` over the examples; ``labels`` is filled in as their images are
   read (a label costs the record read anyway), so it is complete once features of every image
-  have been extracted.
+  have been extracted. Where the processes of a multi-process mesh each read only their own rows,
+  `extract_features` then calls `_gather_labels`, which completes every process's labels.
   """
 
   def __init__(self, source: data.StreamingSource, indices: np.ndarray, *,
@@ -105,12 +107,18 @@ class _StreamedSplit:
     self._resize_side = resize_side
     self.labels = np.full((len(indices),), -1, np.int32)
     self._source = source
-    self.images = StreamedImages(len(indices), self._read)
+    self.images = StreamedImages(len(indices), self._read, self._gather_labels)
 
   def _read(self, positions: np.ndarray) -> np.ndarray:
     examples = self._source.get(self.indices[positions], resize_side=self._resize_side)
     self.labels[positions] = examples["label"]
     return examples["image"]
+
+  def _gather_labels(self) -> None:
+    """Every process's labels, in place (a collective): a row not read here is -1 and was read
+    by exactly one other process, so the maximum over processes is its label."""
+    gathered = multihost_utils.process_allgather(self.labels)
+    self.labels[:] = np.asarray(gathered).reshape(-1, len(self.labels)).max(axis=0)
 
 
 def _subset(source, count: int, seed: int) -> _Split | _StreamedSplit:

@@ -15,8 +15,10 @@ own devices, and receives all features back (an all-gather over processes).
 
 Images too many to hold (a streaming source's ImageNet split) come as `StreamedImages`: a
 count and a function that reads the images at given positions. Extraction then reads one batch
-at a time, so the host holds one batch of images and the [N, D] features, never the N images;
-every process reads every batch, as every process passes the whole array otherwise.
+at a time, so the host holds one batch of images and the [N, D] features, never the N images.
+On a mesh that spans several processes, each process reads (decodes) only the rows of the batch
+that its own devices hold, so a pod's hosts share the decoding of an evaluation split instead
+of each decoding all of it; the features are all-gathered as for an array.
 
 The compiled function is cached per ``(apply_fn, mesh)``: a training run's periodic kNN
 monitor, which passes the same ``apply_fn`` each time, compiles once rather than at every call.
@@ -49,10 +51,15 @@ class StreamedImages:
     count: how many images there are (``len``).
     read: ``read(positions)`` -> uint8 ``[len(positions), H, W, C]``, the images at those
       positions in ``[0, count)``, in the order given (all of one shape).
+    sync: optional collective, called on every process after `extract_features` over a mesh
+      that spans several processes, where each process read only its own devices' rows; it
+      completes what `read` records per row on the side (a streamed split's labels) with the
+      other processes' rows.
   """
 
   count: int
   read: Callable[[np.ndarray], np.ndarray]
+  sync: Callable[[], None] | None = None
 
   def __len__(self) -> int:
     return self.count
@@ -68,7 +75,7 @@ class StreamedImages:
     """The images at an array of `positions`, still read on demand (as ``array[positions]``
     selects rows of an in-memory split)."""
     positions = np.asarray(positions)
-    return StreamedImages(len(positions), lambda p: self.read(positions[p]))
+    return StreamedImages(len(positions), lambda p: self.read(positions[p]), self.sync)
 
 
 Images = np.ndarray | StreamedImages
@@ -89,6 +96,49 @@ def _batch_shardings(mesh: Mesh | None) -> tuple[Any, Any]:
     raise ValueError(f"extract_features needs a mesh with the single axis 'data', got axes "
                      f"{tuple(mesh.axis_names)}")
   return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
+class _LocalRows:
+  """Reads only this process's rows of each batch of `StreamedImages` on a multi-process mesh.
+
+  ``P('data')`` gives each device a contiguous block of a batch's rows; this process reads the
+  blocks of its own devices (padding rows past the end are zeros) and assembles the global
+  batch from them, which holds the same values as ``device_put`` of the whole batch would.
+  """
+
+  def __init__(self, images: StreamedImages, batch_size: int, sharding: NamedSharding):
+    self.images, self.batch_size, self.sharding = images, batch_size, sharding
+    blocks = sorted((index[0].indices(batch_size)[:2], device) for device, index in
+                    sharding.addressable_devices_indices_map((batch_size,)).items())
+    self.blocks = [(start, stop, device) for (start, stop), device in blocks]
+    self.rows = np.concatenate([np.arange(start, stop) for start, stop, _ in self.blocks])
+    self.image_shape: tuple[int, ...] | None = None
+
+  def read(self, start: int) -> np.ndarray:
+    """This process's rows of the batch at `start`, in `self.rows` order (zeros past the end)."""
+    positions = start + self.rows
+    real = positions[positions < len(self.images)]
+    if len(real):
+      local = self.images.read(real)
+      chex.assert_rank(local, 4)
+      chex.assert_type(local, np.uint8)
+      self.image_shape = local.shape[1:]
+    else:
+      if self.image_shape is None:  # only padding here, in the only batch: learn the shape
+        self.image_shape = self.images.read(np.zeros((1,), np.int64)).shape[1:]
+      local = np.zeros((0, *self.image_shape), np.uint8)
+    if len(real) < len(positions):
+      padding = np.zeros((len(positions) - len(real), *local.shape[1:]), np.uint8)
+      local = np.concatenate([local, padding])
+    return local
+
+  def global_batch(self, local: np.ndarray) -> jax.Array:
+    arrays, offset = [], 0
+    for start, stop, device in self.blocks:
+      arrays.append(jax.device_put(local[offset:offset + stop - start], device))
+      offset += stop - start
+    return jax.make_array_from_single_device_arrays(
+        (self.batch_size, *local.shape[1:]), self.sharding, arrays)
 
 
 def _to_host(features: jax.Array) -> np.ndarray:
@@ -166,11 +216,23 @@ def extract_features(apply_fn: ApplyFn, variables: Any, images: Images, *,
 
   results: list[np.ndarray] = []
   pending: jax.Array | None = None
+  streamed = isinstance(images, StreamedImages)
   # Streamed images are read one batch ahead in a background thread, so that the host's
   # decoding of batch i + 1 overlaps the device's work on batch i.
-  reader = (concurrent.futures.ThreadPoolExecutor(1) if isinstance(images, StreamedImages)
-            else None)
-  read = lambda start: image_rows(images, start, start + batch_size)
+  reader = concurrent.futures.ThreadPoolExecutor(1) if streamed else None
+  local_rows = (_LocalRows(images, batch_size, batch_sharding)
+                if streamed and mesh is not None and mesh.is_multi_process else None)
+  if local_rows is not None:
+    read = local_rows.read
+    to_device = local_rows.global_batch
+  else:
+    def read(start: int) -> np.ndarray:  # the whole batch, zero-padded past the end
+      batch = image_rows(images, start, start + batch_size)
+      if batch.shape[0] < batch_size:
+        padding = np.zeros((batch_size - batch.shape[0], *batch.shape[1:]), np.uint8)
+        batch = np.concatenate([batch, padding])
+      return batch
+    to_device = lambda batch: jax.device_put(batch, batch_sharding)
   try:
     ahead = reader.submit(read, 0) if reader else None
     for start in range(0, num_images, batch_size):
@@ -180,10 +242,7 @@ def extract_features(apply_fn: ApplyFn, variables: Any, images: Images, *,
           ahead = reader.submit(read, start + batch_size)
       else:
         batch = read(start)
-      if batch.shape[0] < batch_size:
-        padding = np.zeros((batch_size - batch.shape[0], *batch.shape[1:]), np.uint8)
-        batch = np.concatenate([batch, padding])
-      out = compiled(variables, jax.device_put(batch, batch_sharding))
+      out = compiled(variables, to_device(batch))
       if pending is not None:
         results.append(_to_host(pending))
       pending = out
@@ -191,4 +250,6 @@ def extract_features(apply_fn: ApplyFn, variables: Any, images: Images, *,
   finally:
     if reader:
       reader.shutdown(cancel_futures=True)
+  if local_rows is not None and images.sync is not None:
+    images.sync()
   return np.concatenate(results)[:num_images]

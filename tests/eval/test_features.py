@@ -137,10 +137,39 @@ _TWO_PROCESS_WORKER = textwrap.dedent("""
     features = extract_features(apply_fn, w, images, batch_size=8, mesh=mesh)
     expected = (images / 255.0).mean(axis=(1, 2)) @ w
     np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+
+    # A streamed split: each process decodes only its devices' rows (rows 0-3 of a batch of 8
+    # on process 0's two devices, 4-7 on process 1's), and both end with every label. With 18
+    # images, process 1 holds only padding in the last batch.
+    from ssljax.eval.evaluate import _StreamedSplit
+
+    class Source:
+      def __init__(self):
+        self.read = []
+      def get(self, indices, resize_side=None):
+        self.read.extend(int(i) for i in indices)
+        return {"image": images[indices], "label": 100 + np.asarray(indices)}
+
+    source = Source()
+    split = _StreamedSplit(source, np.arange(18))
+    features = extract_features(apply_fn, w, split.images, batch_size=8, mesh=mesh)
+    np.testing.assert_allclose(features, expected[:18], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(split.labels, 100 + np.arange(18))
+    process = jax.process_index()
+    mine = [i for i in range(18) if (i % 8) // 4 == process]
+    assert sorted(source.read) == mine, (process, source.read)
+
+    # Three images: process 1's rows are all padding, so it reads one image for the shape.
+    source = Source()
+    split = _StreamedSplit(source, np.arange(3))
+    features = extract_features(apply_fn, w, split.images, batch_size=8, mesh=mesh)
+    np.testing.assert_allclose(features, expected[:3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(split.labels, [100, 101, 102])
+    assert sorted(source.read) == ([0, 1, 2] if process == 0 else [0]), (process, source.read)
 """)
 
 
-def test_two_processes_each_receive_all_features():
+def test_two_processes_each_receive_all_features_and_read_only_their_rows():
   with socket.socket() as s:
     s.bind(("localhost", 0))
     address = f"localhost:{s.getsockname()[1]}"
