@@ -98,7 +98,7 @@ def _batch_shardings(mesh: Mesh | None) -> tuple[Any, Any]:
   return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
 
-class _LocalRows:
+class LocalRows:
   """Reads only this process's rows of each batch of `StreamedImages` on a multi-process mesh.
 
   ``P('data')`` gives each device a contiguous block of a batch's rows; this process reads the
@@ -220,7 +220,7 @@ def extract_features(apply_fn: ApplyFn, variables: Any, images: Images, *,
   # Streamed images are read one batch ahead in a background thread, so that the host's
   # decoding of batch i + 1 overlaps the device's work on batch i.
   reader = concurrent.futures.ThreadPoolExecutor(1) if streamed else None
-  local_rows = (_LocalRows(images, batch_size, batch_sharding)
+  local_rows = (LocalRows(images, batch_size, batch_sharding)
                 if streamed and mesh is not None and mesh.is_multi_process else None)
   if local_rows is not None:
     read = local_rows.read

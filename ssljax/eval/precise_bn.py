@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ssljax.eval.features import Images, StreamedImages, image_rows
+from ssljax.eval.features import Images, LocalRows, StreamedImages, image_rows
 
 
 def _build_statistics_fn(module: nn.Module, mesh: Mesh | None) -> Callable[..., Any]:
@@ -65,7 +65,9 @@ def precise_batch_stats(module: nn.Module, variables: Any, images: Images, *,
       or `StreamedImages` of N images, read one batch at a time.
     batch_size: images per batch; BatchNorm statistics are computed over each whole batch
       (over every device of `mesh`) and averaged over the ``N // batch_size`` full batches.
-    mesh: optional ``Mesh`` with the one axis ``'data'``; each batch is split over it.
+    mesh: optional ``Mesh`` with the one axis ``'data'``; each batch is split over it. On a
+      mesh that spans several processes, each process reads only its own devices' rows of
+      `StreamedImages` (all must call this with the same arguments).
 
   Returns:
     A copy of `variables` whose ``batch_stats`` leaves are the averaged batch statistics.
@@ -92,14 +94,19 @@ def precise_batch_stats(module: nn.Module, variables: Any, images: Images, *,
     raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices")
   compiled = _compiled_statistics(recalibrating, mesh)
   if mesh is None:
-    put = jnp.asarray
+    batch_at = lambda start: jnp.asarray(image_rows(images, start, start + batch_size))
   else:
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     variables = jax.device_put(variables, replicated)
-    put = lambda batch: jax.device_put(batch, split)
+    if isinstance(images, StreamedImages) and mesh.is_multi_process:
+      local = LocalRows(images, batch_size, split)  # each process decodes its devices' rows
+      batch_at = lambda start: local.global_batch(local.read(start))
+    else:
+      batch_at = lambda start: jax.device_put(image_rows(images, start, start + batch_size),
+                                              split)
   num_batches = len(images) // batch_size
   total = None
   for i in range(num_batches):
-    stats = compiled(variables, put(image_rows(images, i * batch_size, (i + 1) * batch_size)))
+    stats = compiled(variables, batch_at(i * batch_size))
     total = stats if total is None else jax.tree.map(jnp.add, total, stats)
   return {**variables, "batch_stats": jax.tree.map(lambda t: t / num_batches, total)}

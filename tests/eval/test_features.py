@@ -166,6 +166,27 @@ _TWO_PROCESS_WORKER = textwrap.dedent("""
     np.testing.assert_allclose(features, expected[:3], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(split.labels, [100, 101, 102])
     assert sorted(source.read) == ([0, 1, 2] if process == 0 else [0]), (process, source.read)
+
+    # Precise BN over a stream reads the same way and gives the in-memory array's statistics.
+    import flax.linen as nn
+    from ssljax.eval.precise_bn import precise_batch_stats
+
+    class Pooled(nn.Module):
+      bn_momentum: float = 0.9
+      axis_name: str | None = None
+      @nn.compact
+      def __call__(self, x, train=False):
+        return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                            axis_name=self.axis_name)(x.mean(axis=(1, 2)))
+
+    module = Pooled()
+    variables = module.init(jax.random.PRNGKey(0), images[:1] / 255.0)
+    source = Source()
+    split = _StreamedSplit(source, np.arange(21))
+    streamed = precise_batch_stats(module, variables, split.images, batch_size=8, mesh=mesh)
+    in_memory = precise_batch_stats(module, variables, images, batch_size=8, mesh=mesh)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), streamed, in_memory)
+    assert sorted(source.read) == [i for i in range(16) if (i % 8) // 4 == process]
 """)
 
 
