@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -55,10 +56,10 @@ def readme_command(command: str, *, section: str | None = None,
   return shlex.split(found[0])
 
 
-def write_tiny_dataset(directory: str, *, num_train: int = 64, num_test: int = 32,
-                       size: int = 16, channels: int = 1, num_classes: int = 4,
-                       seed: int = 0) -> tuple[str, str]:
-  """Writes train/test .npz files of class-dependent blobs; returns their paths."""
+def tiny_dataset(*, num_train: int = 64, num_test: int = 32, size: int = 16,
+                 channels: int = 1, num_classes: int = 4,
+                 seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """``{'train': (images, labels), 'test': ...}``: uint8 images of class-dependent blobs."""
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[:size, :size]
 
@@ -72,13 +73,68 @@ def write_tiny_dataset(directory: str, *, num_train: int = 64, num_test: int = 3
       images[i] = np.clip(noisy, 0, 255).astype(np.uint8)
     return images, labels
 
+  return {split: make(n) for split, n in (("train", num_train), ("test", num_test))}
+
+
+def write_tiny_dataset(directory: str, **dataset_kwargs) -> tuple[str, str]:
+  """Writes the `tiny_dataset` splits as train/test .npz files; returns their paths."""
   paths = []
-  for split, n in (("train", num_train), ("test", num_test)):
-    images, labels = make(n)
+  for split, (images, labels) in tiny_dataset(**dataset_kwargs).items():
     path = os.path.join(directory, f"{split}.npz")
     np.savez(path, images=images, labels=labels)
     paths.append(path)
   return paths[0], paths[1]
+
+
+TINY_TFDS_NAME = "ssljax_tiny_blobs"
+
+
+@functools.cache
+def tiny_tfds_builder() -> type:
+  """The TFDS builder of `tiny_dataset` (default arguments) as `TINY_TFDS_NAME`, registered on
+  the first call (TFDS is imported only then). Its examples are PNG bytes, so TFDS prepares it
+  as ArrayRecord without TensorFlow."""
+  import io
+
+  import tensorflow_datasets as tfds
+  from PIL import Image
+
+  def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+  class SsljaxTinyBlobs(tfds.core.GeneratorBasedBuilder):
+    # A top-level module name makes TFDS skip its package-resource lookup of the builder's
+    # code path, which needs the `importlib_resources` backport.
+    __module__ = "ssljax_tfds_test"
+    name = TINY_TFDS_NAME
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(16, 16, 1)),
+          "label": tfds.features.ClassLabel(num_classes=4)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._generate_examples(images, labels)
+              for split, (images, labels) in tiny_dataset().items()}
+
+    def _generate_examples(self, images, labels):
+      for i, (image, label) in enumerate(zip(images, labels)):
+        yield i, {"image": png(image), "label": int(label)}
+
+  return SsljaxTinyBlobs
+
+
+def write_tiny_tfds(data_dir: str) -> str:
+  """Prepares `tiny_tfds_builder`'s dataset as ArrayRecord in `data_dir`; returns its name."""
+  import tensorflow_datasets as tfds
+
+  tfds.disable_progress_bar()
+  tiny_tfds_builder()(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  return TINY_TFDS_NAME
 
 
 def tiny_config(directory: str, method: str = "simclr", addons: Sequence[str] = (),

@@ -1,18 +1,23 @@
-"""A ``gs://`` workdir end to end against a local Cloud Storage emulator (issue 20).
+"""A ``gs://`` workdir and a ``gs://`` TFDS data_dir end to end against a local Cloud Storage
+emulator (issue 20).
 
 `ssljax.train.loop.train` runs in a subprocess with ``--workdir gs://...`` pointed at the
 pip-installable ``gcp-storage-emulator``: orbax writes and restores the checkpoints through
 TensorStore's GCS driver (``TENSORSTORE_GCS_HTTP_URL``), and config.json, metrics.jsonl,
 results.json, the plot and the linear evaluation's checkpoints go through etils.epath and
-gcsfs (``STORAGE_EMULATOR_HOST``). The run trains, stops, resumes from its bucket checkpoint
-and finishes; the test then reads the bucket back. Skipped where gcsfs or the emulator is not
-installed (both are in the ``test`` extra).
+gcsfs (``STORAGE_EMULATOR_HOST``). Its data is a TFDS dataset prepared as ArrayRecord and
+copied into the same bucket, streamed (``data.source='tfds_stream'``) as on a pod: TFDS reads
+the metadata through gcsfs, and array_record opens the shards with its own Cloud Storage
+client (``CLOUD_STORAGE_EMULATOR_ENDPOINT``). The run trains, stops, resumes from its bucket
+checkpoint and finishes; the test then reads the bucket back. Skipped where gcsfs or the
+emulator is not installed (both are in the ``test`` extra).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -20,6 +25,8 @@ import urllib.parse
 import urllib.request
 
 import pytest
+
+from tests.util import write_tiny_tfds
 
 pytest.importorskip("gcsfs")
 pytest.importorskip("gcp_storage_emulator")
@@ -32,10 +39,14 @@ import json, logging, sys
 logging.basicConfig(level=logging.INFO)
 logging.getLogger("gcsfs").setLevel(logging.ERROR)  # 'no default credentials' on every open
 sys.path.insert(0, {root!r})
-from tests.util import tiny_config
+from tests.util import tiny_config, tiny_tfds_builder
 from ssljax.train import loop
+tiny_tfds_builder()  # registers the dataset's name with TFDS
 c = tiny_config({data!r})
 c.unlock()
+# Decoding in this process: grain's worker processes take seconds each to start on 2 cores.
+c.data.update(dict(source="tfds_stream", name={name!r}, data_dir={data_dir!r},
+                   stream_workers=0, stream_threads=2))
 c.train.num_steps, c.train.checkpoint_every_steps = 4, 2
 c.eval.linear_eval, c.eval.linear_eval_epochs, c.eval.linear_eval_batch_size = True, 1.0, 16
 c.eval.enabled = False  # the first session only trains (and checkpoints)
@@ -92,13 +103,31 @@ def emulator():
     process.wait()
 
 
-def test_a_bucket_workdir_trains_resumes_and_holds_every_output(emulator, tmp_path):
-  workdir = f"gs://{BUCKET}/run"
+def _upload(emulator: str, local: pathlib.Path, prefix: str) -> None:
+  """Copies every file under `local` to ``gs://BUCKET/<prefix>/<relative path>``."""
+  for path in sorted(local.rglob("*")):
+    if path.is_file():
+      name = urllib.parse.quote(f"{prefix}/{path.relative_to(local)}", safe="")
+      request = urllib.request.Request(
+          f"{emulator}/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name={name}",
+          data=path.read_bytes(), method="POST",
+          headers={"Content-Type": "application/octet-stream"})
+      with urllib.request.urlopen(request, timeout=30):
+        pass
+
+
+def test_a_bucket_workdir_and_data_dir_train_resume_and_hold_every_output(emulator, tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  workdir, data_dir = f"gs://{BUCKET}/run", f"gs://{BUCKET}/tfds"
+  name = write_tiny_tfds(str(tmp_path / "tfds"))
+  _upload(emulator, tmp_path / "tfds", "tfds")
   # NO_GCE_CHECK: google-auth skips probing for a GCE metadata server, which on a network
   # that drops the packets costs a timeout per probe.
   env = {**os.environ, "STORAGE_EMULATOR_HOST": emulator, "TENSORSTORE_GCS_HTTP_URL": emulator,
+         "CLOUD_STORAGE_EMULATOR_ENDPOINT": emulator,
          "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token", "NO_GCE_CHECK": "True"}
-  code = _RUN.format(root=ROOT, data=str(tmp_path / "data"), workdir=workdir)
+  code = _RUN.format(root=ROOT, data=str(tmp_path / "data"), workdir=workdir, name=name,
+                     data_dir=data_dir)
   (tmp_path / "data").mkdir()
   result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=600, cwd=tmp_path)
@@ -107,6 +136,9 @@ def test_a_bucket_workdir_trains_resumes_and_holds_every_output(emulator, tmp_pa
   assert (first["steps"], second["steps"]) == (4, 6)
   assert "resumed from step 4" in result.stderr
   assert "knn/top1" not in first and second["linear_eval/steps"] == 4
+  # Both sessions streamed the bucket's ArrayRecord shards (64 train, 32 test examples).
+  assert result.stderr.count("streaming tfds_stream split 'train': 64 examples") >= 2
+  assert second["eval/test_examples"] == 32 and second["linear_eval/test_examples"] == 32
 
   # Read back through the emulator's JSON API (gcsfs here would leave its event-loop thread in
   # the test process).
