@@ -52,7 +52,7 @@ jax.config.update("jax_threefry_partitionable", False)
 # orbax saves an array replicated over several devices "replica-parallel" by default (except
 # on GPU): every replica writes a slice, cut by an eager jax.lax.slice per array and replica,
 # each compiled on first use. On the 8 virtual CPU devices that is ~1000 dispatches per save
-# and a third of a resume test's time (moco's 35 -> 26 s), for no gain: all 8 share one host's
+# (moco's resume test spent 6.9 of its 37 s in them), for no gain: all 8 share one host's
 # memory. The tests save each array from its first replica (the same values; a restore reads
 # either).
 # Subprocess runs (the CLI and multi-process tests) keep orbax's default.
