@@ -23,8 +23,9 @@ the monitor and the final evaluation both run on the monitor's seeded subsets,
 or above a split's takes all of it), decoded and centre-cropped (`StreamingSource.get`) one
 ``eval.batch_size`` batch at a time. Per host that holds one batch of images, the subsets'
 indices and labels, and the float32 features [N, D] of both subsets (50000 x 2048 is 0.4 GB),
-where an in-memory split holds every image as well; as for arrays, every host reads
-and decodes every batch of the subset and receives all features. Nothing decoded is kept, so
+where an in-memory split holds every image as well. On a mesh of several processes each host
+decodes only the rows of each batch that its own devices hold (`ssljax.eval.features.LocalRows`),
+and every host receives all features and labels. Nothing decoded is kept, so
 every monitor call decodes its subsets again (monitor sparingly: ``train.eval_every_steps``
 is 0 in the ImageNet recipes, which evaluate once at the end). The precise-BN images are then
 drawn from the train subset, as the monitor draws them. A size of 0 (a whole split) on a stream

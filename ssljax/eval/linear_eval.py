@@ -27,7 +27,9 @@ Where the views come from:
     ``data.image_size`` (`ssljax.data.streaming`'s pre-crop, with the crop scale above), the
     flip runs on the device; test images are resized so the shorter side is
     ``data.image_size / eval.linear_eval_test_crop`` (256 for 224 at the default 0.875) and
-    centre-cropped to ``data.image_size``, the papers' ``Resize(256) + CenterCrop(224)``.
+    centre-cropped to ``data.image_size``, the papers' ``Resize(256) + CenterCrop(224)``. On
+    a mesh of several processes each host decodes only its own rows, of the training batches
+    (the loader's sharding) and of the test split (`ssljax.eval.features.extract_features`).
 
 The batches are a function of ``(seed, step)`` (`HostLoader` / `StreamingLoader` order), and the
 flip and crop keys are folded from the step, so the classifier does not depend on the device or
