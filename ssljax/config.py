@@ -248,7 +248,9 @@ def default_config(method: str = "simclr",
   c.eval.linear_eval_momentum = 0.9
   c.eval.linear_eval_nesterov = False
   c.eval.linear_eval_weight_decay = 1e-6  # on the weights and the bias, as PyTorch's SGD
-  c.eval.linear_eval_schedule = "cosine"  # 'cosine' to 0, or 'steps': x0.1 at each milestone
+  # 'cosine' to 0, decayed every step; 'cosine_epochs' to 0, once per epoch (SwAV's exactly);
+  # or 'steps': x0.1 at each milestone.
+  c.eval.linear_eval_schedule = "cosine"
   c.eval.linear_eval_milestones = (60.0, 80.0)  # epochs (schedule 'steps')
   c.eval.linear_eval_crop_scale = (0.08, 1.0)  # area fractions of the random resized crop
   # Streamed test images: shorter side resized to data.image_size / this, then the centre

@@ -15,7 +15,8 @@ step on the softmax cross-entropy. The defaults are SwAV's ``eval_linear.py`` (u
 --config.eval.linear_eval_schedule=steps`` (x0.1 at epochs 60 and 80). The learning rate is
 given for batch 256 and scaled linearly with ``eval.linear_eval_batch_size``; the cosine decays
 every step, where SwAV's ``CosineAnnealingLR`` steps once per epoch (a difference of one epoch's
-worth of decay at most). On ImageNet the evaluation costs about ``eval.linear_eval_epochs``
+worth of decay at most); ``--config.eval.linear_eval_schedule=cosine_epochs`` holds the rate
+for each epoch as SwAV's does. On ImageNet the evaluation costs about ``eval.linear_eval_epochs``
 forward passes of the encoder over the train split (100 epochs of inference, roughly a third of
 as many training epochs).
 
@@ -64,7 +65,7 @@ from ssljax.eval.features import extract_features
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("cosine", "steps")
+SCHEDULES = ("cosine", "cosine_epochs", "steps")
 _LOG_EVERY = 100  # steps between loss reads (each is a host sync)
 
 
@@ -112,8 +113,9 @@ class LinearEvalSettings:
                        f">= 0")
     if self.schedule not in SCHEDULES:
       raise ValueError(f"eval.linear_eval_schedule = {self.schedule!r} is not one of "
-                       f"{SCHEDULES}: 'cosine' decays to 0 (SwAV), 'steps' multiplies by 0.1 "
-                       f"at each of eval.linear_eval_milestones (MoCo)")
+                       f"{SCHEDULES}: 'cosine' decays to 0 every step, 'cosine_epochs' once "
+                       f"per epoch (SwAV), 'steps' multiplies by 0.1 at each of "
+                       f"eval.linear_eval_milestones (MoCo)")
     if self.nesterov and not self.momentum:
       raise ValueError("eval.linear_eval_nesterov = True needs eval.linear_eval_momentum > 0 "
                        "(as PyTorch's SGD); e.g. --config.eval.linear_eval_momentum=0.9")
@@ -135,8 +137,10 @@ class LinearEvalSettings:
                        f"{self.checkpoint_every_steps} must be >= 1")
 
   def describe(self) -> str:
-    schedule = ("cosine to 0" if self.schedule == "cosine" else
-                "x0.1 at epochs " + ", ".join(f"{m:g}" for m in self.milestones))
+    schedule = {"cosine": "cosine to 0",
+                "cosine_epochs": "cosine to 0, stepped per epoch"}.get(
+                    self.schedule,
+                    "x0.1 at epochs " + ", ".join(f"{m:g}" for m in self.milestones))
     return (f"linear layer on the frozen encoder, SGD lr {self.lr:g} per 256 images "
             f"({schedule}), momentum {self.momentum:g}{' nesterov' if self.nesterov else ''}, "
             f"weight decay {self.weight_decay:g}, batch {self.batch_size}, "
@@ -146,10 +150,20 @@ class LinearEvalSettings:
 
 def lr_schedule(settings: LinearEvalSettings, steps_per_epoch: int,
                 total_steps: int) -> Callable[[jax.Array], jax.Array]:
-  """Learning rate per step: ``lr * batch / 256``, cosine-decayed to 0 or stepped by 0.1."""
+  """Learning rate per step: ``lr * batch / 256``, cosine-decayed to 0 or stepped by 0.1.
+
+  ``cosine_epochs`` is PyTorch's ``CosineAnnealingLR(T_max=epochs)`` stepped after each epoch,
+  as SwAV's ``eval_linear.py`` does: epoch ``e`` (from 0) runs at
+  ``peak * (1 + cos(pi * e / epochs)) / 2``.
+  """
   peak = settings.lr * settings.batch_size / 256.0
   if settings.schedule == "cosine":
     return optax.cosine_decay_schedule(peak, max(total_steps, 1))
+  if settings.schedule == "cosine_epochs":
+    def per_epoch(step):
+      epoch = jnp.floor_divide(step, max(steps_per_epoch, 1)).astype(jnp.float32)
+      return peak * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / settings.epochs))
+    return per_epoch
   boundaries: dict[int, float] = {}
   for m in settings.milestones:  # milestones that round to one step multiply, as MultiStepLR's
     step = int(round(m * steps_per_epoch))
@@ -228,7 +242,7 @@ def _fingerprint(settings: LinearEvalSettings, encoder_step: int, config,
   train = dataclasses.asdict(settings)
   for key in ("checkpoint_every_steps", "test_crop"):
     del train[key]
-  if settings.schedule == "cosine":
+  if settings.schedule != "steps":
     del train["milestones"]
   dc = config.data
   data_keys = {k: dc.get(k) for k in ("source", "name", "train_split", "image_size", "channels",

@@ -126,6 +126,11 @@ def test_the_schedules():
                                    milestones=(6.0, 8.0)), steps_per_epoch=10, total_steps=100)
   assert [float(steps(t)) for t in (0, 59, 60, 79, 80, 99)] == pytest.approx(
       [30.0, 30.0, 3.0, 3.0, 0.3, 0.3])
+  # SwAV's CosineAnnealingLR(T_max=3) stepped per epoch: (1 + cos(pi e / 3)) / 2 = 1, 3/4, 1/4.
+  per_epoch = le.lr_schedule(_settings(lr=0.3, batch_size=256, schedule="cosine_epochs",
+                                       epochs=3.0), steps_per_epoch=4, total_steps=12)
+  assert [float(per_epoch(t)) for t in range(12)] == pytest.approx(
+      [0.3] * 4 + [0.225] * 4 + [0.075] * 4, rel=1e-6)
 
 
 class _Preempted(Exception):
