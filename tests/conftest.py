@@ -44,6 +44,10 @@ except ImportError:
 import jax  # noqa: E402  (after the flag on purpose)
 import pytest  # noqa: E402
 
+# JAX reads the variables above at its first import; one before this file would lose them.
+assert jax.config.jax_compilation_cache_dir == os.environ["JAX_COMPILATION_CACHE_DIR"], (
+    "jax was imported before tests/conftest.py, so the test run has no compilation cache")
+
 # On the CPU build of jax 0.10, partitionable threefry makes XLA compile jax.random.normal on
 # rank >= 3 arrays (every conv kernel init) several times slower; tests run on CPU only, and
 # ssljax draws its training randomness per example, so the non-partitionable form is used here.
@@ -56,6 +60,8 @@ jax.config.update("jax_threefry_partitionable", False)
 # memory. The tests save each array from its first replica (the same values; a restore reads
 # either).
 # Subprocess runs (the CLI and multi-process tests) keep orbax's default.
+# Unlike orbax's default handler, this one writes no array-metadata files (orbax keeps there
+# what it needs for arrays such as typed PRNG keys; ssljax saves keys as raw key data).
 import orbax.checkpoint as ocp  # noqa: E402
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
