@@ -9,6 +9,7 @@ interpreter alive; SIGTERM needs a process to signal).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -249,10 +250,17 @@ def _garble_one_array(path: str) -> None:
   """Makes the first array's stored checksum disagree with its data: what a flip inside raw
   array bytes does, which TensorStore reads back without complaint (garbage values)."""
   sums_path = os.path.join(os.path.dirname(os.path.dirname(path)), "checksums", "metadata")
-  sums = json.load(open(sums_path))
+  with open(sums_path) as f:
+    sums = json.load(f)
   first = sorted(sums)[0]
   sums[first] = sums[first].replace("sha256:", "sha256:0")
-  json.dump(sums, open(sums_path, "w"))
+  with open(sums_path, "w") as f:
+    json.dump(sums, f)
+
+
+def _read(path: str) -> str:
+  with open(path, encoding="utf-8") as f:
+    return f.read()
 
 
 def _data_file(workdir, step: int) -> str:
@@ -260,6 +268,22 @@ def _data_file(workdir, step: int) -> str:
   return os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA")
 
 
+@pytest.fixture
+def collect_failed_reads():
+  """A read of a damaged checkpoint that fails leaves orbax's per-array read coroutines
+  unfinished, and each reports its error when the garbage collector finalises it: in whichever
+  later test that happens to be (87 warnings on a BYOL test in one full run). They are collected
+  here, at the end of the test that damaged the files, whose warning filter drops them."""
+  yield
+  gc.collect()
+
+
+_IGNORE_FAILED_READS = pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@_IGNORE_FAILED_READS
+@pytest.mark.usefixtures("collect_failed_reads")
 @pytest.mark.parametrize("damage, reason", [
     (lambda w: _damage_all(_truncate, _state_data_files(w, 6)), "it cannot be read"),
     # Reads fail (a broken compressed chunk) or return garbage that the checksums catch.
@@ -282,6 +306,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(trained, tmp_p
   assert sorted(Checkpointer(str(copy)).all_steps()) == [3]
 
 
+@_IGNORE_FAILED_READS
+@pytest.mark.usefixtures("collect_failed_reads")
 def test_no_intact_checkpoint_says_so(trained, tmp_path):
   config, workdir, _ = trained
   copy = _copy(workdir, tmp_path)
@@ -364,7 +390,7 @@ def _sigterm_run(tmp_path, checkpoint_every: int) -> tuple[subprocess.CompletedP
   deadline = time.time() + 200
   metrics = os.path.join(workdir, "metrics.jsonl")
   while time.time() < deadline:  # wait for a few steps to have run
-    if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 3:
+    if os.path.exists(metrics) and len(_read(metrics).splitlines()) >= 3:
       break
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
@@ -380,7 +406,7 @@ def _check_sigterm(result, workdir) -> None:
   step = int(stopped[0].split("SIGTERM received at step ")[1].split(":")[0])
   ckpt = Checkpointer(workdir)
   assert ckpt.latest_step() == step
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = [json.loads(l) for l in _read(os.path.join(workdir, "metrics.jsonl")).splitlines()]
   assert max(r["step"] for r in records) == step
 
 
