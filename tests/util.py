@@ -86,6 +86,20 @@ def write_tiny_dataset(directory: str, **dataset_kwargs) -> tuple[str, str]:
   return paths[0], paths[1]
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+  """A uint8 [H, W], [H, W, 1] or [H, W, 3] image encoded as PNG (what TFDS stores, so that it
+  prepares a dataset without TensorFlow)."""
+  import io
+
+  from PIL import Image
+
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
 TINY_TFDS_NAME = "ssljax_tiny_blobs"
 
 
@@ -94,15 +108,7 @@ def tiny_tfds_builder() -> type:
   """The TFDS builder of `tiny_dataset` (default arguments) as `TINY_TFDS_NAME`, registered on
   the first call (TFDS is imported only then). Its examples are PNG bytes, so TFDS prepares it
   as ArrayRecord without TensorFlow."""
-  import io
-
   import tensorflow_datasets as tfds
-  from PIL import Image
-
-  def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image[..., 0]).save(buffer, format="PNG")
-    return buffer.getvalue()
 
   class SsljaxTinyBlobs(tfds.core.GeneratorBasedBuilder):
     # A top-level module name makes TFDS skip its package-resource lookup of the builder's
@@ -123,7 +129,7 @@ def tiny_tfds_builder() -> type:
 
     def _generate_examples(self, images, labels):
       for i, (image, label) in enumerate(zip(images, labels)):
-        yield i, {"image": png(image), "label": int(label)}
+        yield i, {"image": png_bytes(image), "label": int(label)}
 
   return SsljaxTinyBlobs
 

@@ -28,7 +28,7 @@ from ssljax.data.sources import (
     load_tfds,
     read_idx,
 )
-from tests.util import REPO_ROOT, readme_command
+from tests.util import REPO_ROOT, png_bytes, readme_command
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -425,14 +425,6 @@ def test_load_arrays(tmp_path):
 tfds = pytest.importorskip("tensorflow_datasets")
 
 
-def _png(array: np.ndarray) -> bytes:
-  from PIL import Image
-
-  buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format="PNG")
-  return buf.getvalue()
-
-
 class _FashionMnistLookalike(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Same name, version and features as TFDS's fashion_mnist; example i is all i's."""
 
@@ -451,7 +443,7 @@ class _FashionMnistLookalike(tfds.core.GeneratorBasedBuilder, skip_registration=
 
   def _generate_examples(self, n):
     for i in range(n):
-      yield i, {"image": _png(np.full((28, 28), i, np.uint8)), "label": i % 10}
+      yield i, {"image": png_bytes(np.full((28, 28), i, np.uint8)), "label": i % 10}
 
 
 class SsljaxTestPngImages(tfds.core.GeneratorBasedBuilder):
@@ -472,7 +464,7 @@ class SsljaxTestPngImages(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, n):
     for i in range(n):
-      yield i, {"image": _png(np.full((6, 6, 3), 10 * i, np.uint8))}
+      yield i, {"image": png_bytes(np.full((6, 6, 3), 10 * i, np.uint8))}
 
 
 class SsljaxTestNumpyImages(tfds.core.GeneratorBasedBuilder):
