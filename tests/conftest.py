@@ -56,9 +56,9 @@ jax.config.update("jax_threefry_partitionable", False)
 # orbax saves an array replicated over several devices "replica-parallel" by default (except
 # on GPU): every replica writes a slice, cut by an eager jax.lax.slice per array and replica,
 # each compiled on first use. On the 8 virtual CPU devices that is ~1000 dispatches per save
-# (moco's resume test spent 6.9 of its 37 s in them), for no gain: all 8 share one host's
-# memory. The tests save each array from its first replica (the same values; a restore reads
-# either).
+# (moco's resume test spent 6.9 of its 46 s in them, under cProfile), for no gain: all 8 share
+# one host's memory. The tests save each array from its first replica (the same values; a
+# restore reads either).
 # Subprocess runs (the CLI and multi-process tests) keep orbax's default.
 # Unlike orbax's default handler, this one writes no array-metadata files (orbax keeps there
 # what it needs for arrays such as typed PRNG keys; ssljax saves keys as raw key data).
