@@ -99,7 +99,9 @@ multi-host (TPU pods, GPU clusters, several processes on one machine):
                        the local GPUs this process drives (env SSLJAX_LOCAL_DEVICE_IDS);
                        under SLURM JAX gives each task the one GPU of its local rank, so
                        one process per node with several GPUs needs them all listed.
-  Flags win over the environment. On CPU the processes talk through gloo."""
+  Flags win over the environment. On CPU the processes talk through gloo.
+  A gs:// workdir or data.data_dir must answer within 60 s (env SSLJAX_BUCKET_TIMEOUT,
+  seconds), or the run stops with a message saying what to check."""
 
 TRAIN_HELP = f"""\
 usage: ssljax train --config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import ml_collections
 import numpy as np
 
+from ssljax.train.paths import check_bucket, check_reachable
+
 if TYPE_CHECKING:
   from ssljax.data.streaming import StreamingSource
 
@@ -640,9 +642,16 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None,
 
   Returns:
     images uint8 ``[N, H, W, C]``, labels int32 ``[N]``.
+
+  Raises:
+    BucketPathError: a bucket data_dir without its filesystem package, or one that does not
+      answer within ``$SSLJAX_BUCKET_TIMEOUT`` seconds (`ssljax.train.paths.check_reachable`).
   """
   import tensorflow_datasets as tfds  # Lazy: heavy import, only this source needs it.
 
+  if data_dir:  # a bucket: its package, then an answer within the deadline
+    check_bucket(data_dir, "data.data_dir")
+    check_reachable(data_dir, "data.data_dir")
   builder = tfds.builder(name, data_dir=data_dir)
   unprepared_source = None
   if not builder.is_prepared():

@@ -66,7 +66,7 @@ import numpy as np
 
 from ssljax.data.sources import (IMAGE_EXTENSIONS, _read_examples, _unprepared_data_source,
                                  list_image_folder, resize_centre_crop)
-from ssljax.train.paths import BucketPathError, check_bucket, is_local
+from ssljax.train.paths import BucketPathError, check_bucket, check_reachable, is_local
 
 log = logging.getLogger(__name__)
 
@@ -456,9 +456,12 @@ def _tfds_records(data: ml_collections.ConfigDict, split: str) -> TfdsRecords:
 
   # A bucket data_dir: TFDS reads the dataset's metadata through epath (gcsfs or TensorFlow),
   # and array_record >= 0.8.6 opens gs:// shards itself (older releases cannot:
-  # google/array_record#120). Checked first, so a missing package is named, not a listing error.
+  # google/array_record#120). Checked first, so a missing package is named, not a listing error,
+  # and a bucket that does not answer fails within a deadline, not inside array_record's
+  # retries (a reader pointed at an unreachable store waited past 300 s in a test here).
   if data.data_dir:
     check_bucket(data.data_dir, "data.data_dir")
+    check_reachable(data.data_dir, "data.data_dir")
   builder = tfds.builder(data.name, data_dir=data.data_dir or None)
   if builder.is_prepared():
     random_access = {f.value for f in tfds.core.FileFormat.with_random_access()}

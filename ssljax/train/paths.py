@@ -5,7 +5,10 @@ Everything a run writes into its workdir (checkpoints, ``config.json``, ``metric
 ``--workdir gs://bucket/run`` reaches the bucket and a local workdir the local disk by the same
 code. Local paths are made absolute (orbax requires it). Bucket paths need their filesystem
 package (``gcsfs`` for ``gs://``, or TensorFlow's ``tf.io.gfile``); `workdir_path` checks it
-first and names the package to install.
+first and names the package to install, then `check_reachable` asks the store for the path once
+per process, within ``$SSLJAX_BUCKET_TIMEOUT`` seconds, so that a bucket this host cannot reach
+(no network, no credentials) ends the run with a message saying what to check, not after the
+filesystem's own retries (about 100 s of them in gcsfs) with a connection error.
 
 Object stores cannot append to a file: `append_text` rewrites the whole object there (the
 metrics file is small: one line per logged step), and appends in place on a local disk.
@@ -15,11 +18,19 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 
 from etils import epath
 
 # Filesystem packages that epath can use for a scheme, in the order it tries them.
 _PACKAGES = {"gs": ("gcsfs", "tensorflow"), "s3": ("s3fs", "tensorflow")}
+
+BUCKET_TIMEOUT_ENV = "SSLJAX_BUCKET_TIMEOUT"
+# Seconds `check_reachable` waits for the store's first answer. A metadata request to Cloud
+# Storage takes well under a second; gcsfs retries a refused connection for about 100 s before
+# it gives up, so the deadline is what bounds the wait.
+DEFAULT_BUCKET_TIMEOUT_S = 60.0
+_REACHED: set[str] = set()  # bucket paths that answered in this process
 
 
 class BucketPathError(ValueError):
@@ -57,15 +68,86 @@ def check_bucket(path: str | os.PathLike, what: str,
                 f"tf.io.gfile epath also uses)")
 
 
+def bucket_timeout_s() -> float:
+  """``$SSLJAX_BUCKET_TIMEOUT`` (seconds, > 0), else `DEFAULT_BUCKET_TIMEOUT_S`."""
+  text = os.environ.get(BUCKET_TIMEOUT_ENV, "").strip()
+  if not text:
+    return DEFAULT_BUCKET_TIMEOUT_S
+  try:
+    value = float(text)
+  except ValueError:
+    value = -1.0
+  if not value > 0:
+    raise BucketPathError(f"{BUCKET_TIMEOUT_ENV}={text!r}: give the seconds to wait for a "
+                          f"bucket's first answer as a positive number (default "
+                          f"{DEFAULT_BUCKET_TIMEOUT_S:.0f})")
+  return value
+
+
+def _endpoint(kind: str) -> str:
+  """Where requests for `kind`:// go, for the messages of `check_reachable`."""
+  if kind == "gs" and os.environ.get("STORAGE_EMULATOR_HOST"):
+    return f"the emulator at STORAGE_EMULATOR_HOST={os.environ['STORAGE_EMULATOR_HOST']}"
+  return {"gs": "Cloud Storage (storage.googleapis.com)", "s3": "S3"}.get(kind, f"{kind}://")
+
+
+def check_reachable(path: str | os.PathLike, what: str,
+                    error: type[BucketPathError] = BucketPathError,
+                    timeout_s: float | None = None) -> None:
+  """Raises `error` unless bucket `path` answers a listing within `timeout_s` seconds.
+
+  A path that does not exist yet is fine (a new workdir); what fails is a store that cannot
+  be reached or refuses this host (network, credentials, a misspelt emulator address). The
+  request runs in a daemon thread, so a filesystem that keeps retrying cannot hold the run
+  past the deadline. Each path is asked once per process; local paths are not asked.
+
+  Args:
+    path: ``gs://bucket/...``; local paths return at once.
+    what: the setting that holds the path, for the message (``--workdir``).
+    error: the exception class to raise.
+    timeout_s: seconds to wait; None reads `bucket_timeout_s`.
+  """
+  text = os.fspath(path)
+  kind = scheme(text)
+  if kind is None or text in _REACHED:
+    return
+  timeout_s = bucket_timeout_s() if timeout_s is None else timeout_s
+  outcome: dict[str, BaseException] = {}
+
+  def ask() -> None:
+    try:
+      epath.Path(text).exists()
+    except BaseException as e:  # pylint: disable=broad-except  (reported by the caller)
+      outcome["error"] = e
+
+  thread = threading.Thread(target=ask, name=f"ssljax-probe-{kind}", daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  checks = ("check that this host can reach it, that it has credentials (on a Cloud TPU or "
+            "GCE VM a service account with storage access; elsewhere `gcloud auth "
+            "application-default login`), and that the bucket name is right")
+  if thread.is_alive():
+    raise error(f"{what} {text!r}: no answer from {_endpoint(kind)} within {timeout_s:g} s; "
+                f"{checks}. On a slow network raise {BUCKET_TIMEOUT_ENV} (seconds).")
+  if "error" in outcome:
+    cause = outcome["error"]
+    raise error(f"{what} {text!r} cannot be read from {_endpoint(kind)} "
+                f"({type(cause).__name__}: {str(cause)[:300]}); {checks}.") from cause
+  _REACHED.add(text)
+
+
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
-  """`workdir` as an `epath.Path`: absolute if local, checked for its package if a bucket.
+  """`workdir` as an `epath.Path`: absolute if local; a bucket is checked for its package and
+  then (once per process) for an answer within the deadline (`check_reachable`).
 
   Raises:
-    WorkdirError: a scheme epath does not know, or its filesystem package is missing.
+    WorkdirError: a scheme epath does not know, its filesystem package is missing, or the
+      bucket does not answer.
   """
   if is_local(workdir):
     return epath.Path(os.path.abspath(os.fspath(workdir)))
   check_bucket(workdir, "--workdir", WorkdirError)
+  check_reachable(workdir, "--workdir", WorkdirError)
   return epath.Path(os.fspath(workdir))
 
 

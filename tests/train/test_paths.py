@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
+import time
 
 import pytest
 from etils import epath
 from etils.epath import testing as epath_testing
 
+from ssljax import data
 from ssljax.cli import main as cli_main
+from ssljax.config import default_config
 from ssljax.eval import evaluate
 from ssljax.train import loop, paths
 from ssljax.train.metrics import MetricWriter
@@ -40,6 +45,129 @@ def test_an_unknown_scheme_is_named():
     paths.workdir_path("ftp://host/run")
 
 
+# ------------------------------------------------------------ a bucket that does not answer
+
+
+@pytest.fixture
+def silent_bucket(monkeypatch):
+  """gs:// with its package 'installed' and every listing blocked until the test ends (a
+  store that keeps retrying); yields how many listings were asked."""
+  monkeypatch.setitem(paths._PACKAGES, "gs", ("os",))
+  monkeypatch.setattr(paths, "_REACHED", set())
+  monkeypatch.setenv(paths.BUCKET_TIMEOUT_ENV, "0.5")
+  release, asked = threading.Event(), []
+
+  def blocked(original, path):
+    del original
+    asked.append(os.fspath(path))
+    release.wait()
+    return False
+
+  with epath_testing.mock_epath(exists=blocked):
+    yield asked
+    release.set()
+
+
+def test_a_bucket_workdir_that_does_not_answer_stops_at_the_deadline(silent_bucket):
+  start = time.perf_counter()
+  with pytest.raises(paths.WorkdirError, match=r"--workdir 'gs://bucket/run': no answer from "
+                     r"Cloud Storage \(storage.googleapis.com\) within 0.5 s; check that this "
+                     r"host can reach it, that it has credentials.*raise SSLJAX_BUCKET_TIMEOUT"):
+    paths.workdir_path("gs://bucket/run")
+  assert 0.5 <= time.perf_counter() - start < 5
+  assert silent_bucket == ["gs://bucket/run"]
+
+
+def test_the_cli_reports_a_silent_bucket_before_any_work(silent_bucket, capsys):
+  with pytest.raises(SystemExit, match=r"--workdir 'gs://bucket/run': no answer .* within "
+                     r"0.5 s"):
+    cli_main(["ssljax", "train", "--config", "configs/simclr.py:fashion_mnist",
+              "--workdir", "gs://bucket/run"])
+  assert silent_bucket == ["gs://bucket/run"]  # asked once, then nothing else was tried
+
+
+@pytest.mark.parametrize("source", ["tfds_stream", "tfds"])
+def test_a_bucket_data_dir_that_does_not_answer_names_the_setting(silent_bucket, source):
+  c = default_config()
+  c.data.update(dict(source=source, name="imagenet2012", data_dir="gs://bucket/tfds",
+                     image_size=8, channels=3, num_classes=1000))
+  with pytest.raises(paths.BucketPathError, match=r"data\.data_dir 'gs://bucket/tfds': no "
+                     r"answer .* within 0.5 s"):
+    data.build_source(c.data, "train")
+  # The training loop turns it into its data error (exit 1 with the message, no traceback).
+  with pytest.raises(loop.DataSourceError, match=r"data\.data_dir 'gs://bucket/tfds': no answer"):
+    loop._build_source(c, "train")
+
+
+def test_a_bucket_that_refuses_the_request_names_the_cause(monkeypatch):
+  monkeypatch.setitem(paths._PACKAGES, "gs", ("os",))
+  monkeypatch.setattr(paths, "_REACHED", set())
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://localhost:9")
+  asked = []
+
+  def refused(original, path):
+    del original
+    asked.append(os.fspath(path))
+    raise ConnectionRefusedError("Cannot connect to host localhost:9")
+
+  with epath_testing.mock_epath(exists=refused):
+    with pytest.raises(paths.WorkdirError, match=r"--workdir 'gs://bucket/run' cannot be read "
+                       r"from the emulator at STORAGE_EMULATOR_HOST=http://localhost:9 "
+                       r"\(ConnectionRefusedError: Cannot connect to host localhost:9\); "
+                       r"check that") as raised:
+      paths.workdir_path("gs://bucket/run")
+    assert isinstance(raised.value.__cause__, ConnectionRefusedError)
+    with pytest.raises(paths.WorkdirError):  # a failed path is asked again, not remembered
+      paths.workdir_path("gs://bucket/run")
+  assert asked == ["gs://bucket/run"] * 2
+
+
+def test_a_bucket_that_answers_is_asked_once_per_process(tmp_path, monkeypatch):
+  monkeypatch.setitem(paths._PACKAGES, "gs", ("os",))
+  monkeypatch.setattr(paths, "_REACHED", set())
+  asked = []
+
+  def answers(original, path):
+    del original
+    asked.append(os.fspath(path))
+    return False  # a new workdir: not there yet, which is fine
+
+  with epath_testing.mock_epath(exists=answers):
+    for _ in range(3):
+      assert os.fspath(paths.workdir_path("gs://bucket/run")) == "gs://bucket/run"
+    paths.check_reachable(str(tmp_path), "--workdir")  # local paths are not asked
+  assert asked == ["gs://bucket/run"]
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-3"])
+def test_a_bad_bucket_timeout_names_the_variable(monkeypatch, value):
+  monkeypatch.setattr(paths, "_REACHED", set())
+  monkeypatch.setenv(paths.BUCKET_TIMEOUT_ENV, value)
+  with pytest.raises(paths.BucketPathError, match=rf"SSLJAX_BUCKET_TIMEOUT='{value}': give the "
+                     r"seconds .* positive number \(default 60\)"):
+    paths.check_reachable("gs://bucket/run", "--workdir")
+
+
+def test_gcsfs_pointed_at_a_closed_port_stops_at_the_deadline(monkeypatch):
+  """The real filesystem: gcsfs retries a refused connection for about 100 s; the deadline
+  ends the wait (its thread goes on retrying in the background, as a daemon)."""
+  pytest.importorskip("gcsfs")
+  with socket.socket() as probe:  # a port nothing listens on
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  monkeypatch.setattr(paths, "_REACHED", set())
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+  start = time.perf_counter()
+  with pytest.raises(paths.WorkdirError, match=rf"no answer from the emulator at "
+                     rf"STORAGE_EMULATOR_HOST=http://127.0.0.1:{port} within 1.5 s"):
+    paths.check_reachable("gs://ssljax-closed-port/run", "--workdir", paths.WorkdirError,
+                          timeout_s=1.5)
+  assert time.perf_counter() - start < 10
+
+
+# ---------------------------------------------------------------- a stand-in bucket
+
+
 @pytest.fixture
 def fake_bucket(tmp_path, monkeypatch):
   """gs://bucket/... lands in tmp_path/gcs/bucket/...; appending is refused, as GCS does."""
@@ -63,6 +191,7 @@ def fake_bucket(tmp_path, monkeypatch):
     return original(local(path), mode)
 
   monkeypatch.setitem(paths._PACKAGES, "gs", ("os",))  # "installed"
+  monkeypatch.setattr(paths, "_REACHED", set())
   with epath_testing.mock_epath(open=open_, exists=mapped, isdir=mapped, listdir=mapped,
                                 makedirs=mapped, mkdir=mapped, remove=mapped, glob=mapped):
     yield root, opened
