@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 class DataSourceError(FileNotFoundError):
   """The run's data cannot be found or reached (a missing dataset, split or data directory,
-  a bucket without its filesystem package); the message names the fix."""
+  a bucket without its filesystem package or that does not answer); the message names the
+  fix."""
 
 
 def _build_source(config: ml_collections.ConfigDict, split: str):
@@ -213,11 +214,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       (nothing was written).
     CheckpointMismatchError, NoIntactCheckpointError: see `Checkpointer`.
     CheckpointSaveError: a checkpoint could not be written (training stopped).
-    WorkdirError: a bucket workdir (gs://) without its filesystem package.
+    WorkdirError: a bucket workdir (gs://) without its filesystem package, or one that does
+      not answer within $SSLJAX_BUCKET_TIMEOUT seconds.
     DataSourceError: the training data cannot be found or reached.
   """
   check_method_sections(config)
-  workdir_path(workdir)  # a gs:// workdir without gcsfs fails here, before any work
+  workdir_path(workdir)  # a gs:// workdir without gcsfs, or unreachable, fails here first
   stored = _stored_resume_config(workdir)
   try:  # the image-folder preset's open keys: from the checkpoint's config, else the folder
     config = resolve_folder_config(config, stored)

@@ -34,12 +34,13 @@ _REACHED: set[str] = set()  # bucket paths that answered in this process
 
 
 class BucketPathError(ValueError):
-  """A bucket path (``gs://``) that cannot be used here: an unknown scheme, or its
-  filesystem package is missing."""
+  """A bucket path (``gs://``) that cannot be used here: an unknown scheme, its filesystem
+  package is missing, or the store does not answer (`check_reachable`)."""
 
 
 class WorkdirError(BucketPathError):
-  """The workdir cannot be used (e.g. a bucket path without its filesystem package)."""
+  """The workdir cannot be used (e.g. a bucket path without its filesystem package, or one
+  whose store does not answer)."""
 
 
 def scheme(path: str | os.PathLike) -> str | None:
