@@ -121,11 +121,14 @@ def export_encoder(workdir: str, out: str,
   Raises:
     FileNotFoundError: the workdir has no checkpoint (or its training data is missing: the
       run is rebuilt from it, and precise BN reads it).
+    WorkdirError: `out` or `workdir` is a bucket without its filesystem package, or one that
+      does not answer (`ssljax.train.paths.check_reachable`).
   """
   # Deferred: the trainer's imports are not needed to load an export.
   from ssljax.eval import evaluate
   from ssljax.train import loop
 
+  workdir_path(out, "--out")  # a bucket without its package, or silent: before any work
   run = loop.restore_latest(workdir, config)
   variables, precise = evaluate.encoder_variables_and_bn_images(
       run.config, run.method, run.state, run.mesh,
@@ -140,7 +143,7 @@ def export_encoder(workdir: str, out: str,
   spec["workdir"] = os.fspath(workdir)
   spec["results"] = _evaluated_knn(workdir, run.step)
   if jax.process_index() == 0:
-    directory = workdir_path(out)
+    directory = workdir_path(out, "--out")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / VARIABLES_FILE).write_bytes(flax.serialization.msgpack_serialize(variables))
     (directory / CONFIG_JSON).write_text(config_to_json(run.config), encoding="utf-8")
@@ -177,7 +180,7 @@ def load_encoder(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
   import ssljax.methods  # noqa: F401  (registers the methods)
   from ssljax.methods import RunInfo, build_method
 
-  path = workdir_path(directory)
+  path = workdir_path(directory, "the export directory")
   spec = json.loads(_read(path, ENCODER_JSON))
   if spec.get("format", 0) > FORMAT:
     raise ExportError(f"{os.fspath(path / ENCODER_JSON)} has format {spec['format']}; this "

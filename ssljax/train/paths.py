@@ -17,6 +17,7 @@ metrics file is small: one line per logged step), and appends in place on a loca
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import threading
 
@@ -30,6 +31,7 @@ BUCKET_TIMEOUT_ENV = "SSLJAX_BUCKET_TIMEOUT"
 # Storage takes well under a second; gcsfs retries a refused connection for about 100 s before
 # it gives up, so the deadline is what bounds the wait.
 DEFAULT_BUCKET_TIMEOUT_S = 60.0
+MAX_BUCKET_TIMEOUT_S = 86400.0  # a day: beyond it the wait is a hang by another name
 _REACHED: set[str] = set()  # bucket paths that answered in this process
 
 
@@ -70,7 +72,8 @@ def check_bucket(path: str | os.PathLike, what: str,
 
 
 def bucket_timeout_s() -> float:
-  """``$SSLJAX_BUCKET_TIMEOUT`` (seconds, > 0), else `DEFAULT_BUCKET_TIMEOUT_S`."""
+  """``$SSLJAX_BUCKET_TIMEOUT`` (seconds, finite, in (0, `MAX_BUCKET_TIMEOUT_S`]), else
+  `DEFAULT_BUCKET_TIMEOUT_S`."""
   text = os.environ.get(BUCKET_TIMEOUT_ENV, "").strip()
   if not text:
     return DEFAULT_BUCKET_TIMEOUT_S
@@ -78,11 +81,19 @@ def bucket_timeout_s() -> float:
     value = float(text)
   except ValueError:
     value = -1.0
-  if not value > 0:
+  if not (math.isfinite(value) and 0 < value <= MAX_BUCKET_TIMEOUT_S):
     raise BucketPathError(f"{BUCKET_TIMEOUT_ENV}={text!r}: give the seconds to wait for a "
-                          f"bucket's first answer as a positive number (default "
-                          f"{DEFAULT_BUCKET_TIMEOUT_S:.0f})")
+                          f"bucket's first answer as a positive number up to "
+                          f"{MAX_BUCKET_TIMEOUT_S:.0f} (default {DEFAULT_BUCKET_TIMEOUT_S:.0f})")
   return value
+
+
+# What to check when a store does not answer, by scheme.
+_CREDENTIALS = {
+    "gs": ("on a Cloud TPU or GCE VM a service account with storage access; elsewhere `gcloud "
+           "auth application-default login`"),
+    "s3": "the AWS credentials: `aws configure`, the environment, or the instance's role",
+}
 
 
 def _endpoint(kind: str) -> str:
@@ -100,7 +111,10 @@ def check_reachable(path: str | os.PathLike, what: str,
   A path that does not exist yet is fine (a new workdir); what fails is a store that cannot
   be reached or refuses this host (network, credentials, a misspelt emulator address). The
   request runs in a daemon thread, so a filesystem that keeps retrying cannot hold the run
-  past the deadline. Each path is asked once per process; local paths are not asked.
+  past the deadline. Each path is asked once per process; local paths are not asked. (The
+  abandoned thread goes on retrying until the process exits; the gcsfs one leaves a clean exit,
+  tested. One stuck inside a C++ call, as with TensorFlow's tf.io.gfile, may turn that exit
+  into an abort, after the message has been printed.)
 
   Args:
     path: ``gs://bucket/...``; local paths return at once.
@@ -124,9 +138,9 @@ def check_reachable(path: str | os.PathLike, what: str,
   thread = threading.Thread(target=ask, name=f"ssljax-probe-{kind}", daemon=True)
   thread.start()
   thread.join(timeout_s)
-  checks = ("check that this host can reach it, that it has credentials (on a Cloud TPU or "
-            "GCE VM a service account with storage access; elsewhere `gcloud auth "
-            "application-default login`), and that the bucket name is right")
+  checks = (f"check that this host can reach it, that it has credentials "
+            f"({_CREDENTIALS.get(kind, 'see the filesystem package')}), and that the bucket "
+            f"name is right")
   if thread.is_alive():
     raise error(f"{what} {text!r}: no answer from {_endpoint(kind)} within {timeout_s:g} s; "
                 f"{checks}. On a slow network raise {BUCKET_TIMEOUT_ENV} (seconds).")
@@ -137,9 +151,10 @@ def check_reachable(path: str | os.PathLike, what: str,
   _REACHED.add(text)
 
 
-def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+def workdir_path(workdir: str | os.PathLike, what: str = "--workdir") -> epath.Path:
   """`workdir` as an `epath.Path`: absolute if local; a bucket is checked for its package and
-  then (once per process) for an answer within the deadline (`check_reachable`).
+  then (once per process) for an answer within the deadline (`check_reachable`); `what`
+  names the setting in the messages (``--out`` for an export directory).
 
   Raises:
     WorkdirError: a scheme epath does not know, its filesystem package is missing, or the
@@ -147,8 +162,8 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
   """
   if is_local(workdir):
     return epath.Path(os.path.abspath(os.fspath(workdir)))
-  check_bucket(workdir, "--workdir", WorkdirError)
-  check_reachable(workdir, "--workdir", WorkdirError)
+  check_bucket(workdir, what, WorkdirError)
+  check_reachable(workdir, what, WorkdirError)
   return epath.Path(os.fspath(workdir))
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -60,7 +62,7 @@ def silent_bucket(monkeypatch):
   def blocked(original, path):
     del original
     asked.append(os.fspath(path))
-    release.wait()
+    release.wait(30)  # bounded: a test that blocks here by mistake fails, it does not hang
     return False
 
   with epath_testing.mock_epath(exists=blocked):
@@ -139,30 +141,73 @@ def test_a_bucket_that_answers_is_asked_once_per_process(tmp_path, monkeypatch):
   assert asked == ["gs://bucket/run"]
 
 
-@pytest.mark.parametrize("value", ["soon", "0", "-3"])
+@pytest.mark.parametrize("value", ["soon", "0", "-3", "inf", "1e12"])
 def test_a_bad_bucket_timeout_names_the_variable(monkeypatch, value):
   monkeypatch.setattr(paths, "_REACHED", set())
   monkeypatch.setenv(paths.BUCKET_TIMEOUT_ENV, value)
   with pytest.raises(paths.BucketPathError, match=rf"SSLJAX_BUCKET_TIMEOUT='{value}': give the "
-                     r"seconds .* positive number \(default 60\)"):
+                     r"seconds .* positive number up to 86400 \(default 60\)"):
     paths.check_reachable("gs://bucket/run", "--workdir")
 
 
-def test_gcsfs_pointed_at_a_closed_port_stops_at_the_deadline(monkeypatch):
-  """The real filesystem: gcsfs retries a refused connection for about 100 s; the deadline
-  ends the wait (its thread goes on retrying in the background, as a daemon)."""
+_CLOSED_PORT_PROBE = """
+import sys, time
+sys.path.insert(0, {root!r})
+from ssljax.train import paths
+start = time.perf_counter()
+try:
+  paths.check_reachable("gs://ssljax-closed-port/run", "--workdir", paths.WorkdirError,
+                        timeout_s=1.5)
+except paths.WorkdirError as e:
+  print(round(time.perf_counter() - start, 2))
+  print(e)
+  sys.exit(3)
+"""
+
+
+def test_gcsfs_pointed_at_a_closed_port_stops_at_the_deadline(tmp_path):
+  """The real filesystem, in its own process: gcsfs retries a refused connection for about
+  100 s; the deadline ends the wait, and the process exits with its error while the probe's
+  daemon thread is still retrying."""
   pytest.importorskip("gcsfs")
   with socket.socket() as probe:  # a port nothing listens on
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
+  # No GCE metadata probe and a test token: the 1.5 s go to gcsfs's retries, not to auth.
+  env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+         "NO_GCE_CHECK": "True", "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token"}
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  result = subprocess.run([sys.executable, "-c", _CLOSED_PORT_PROBE.format(root=root)], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+  assert result.returncode == 3, result.stderr[-2000:]
+  seconds, message = result.stdout.strip().split("\n", 1)
+  assert 1.5 <= float(seconds) < 10
+  assert message.startswith(f"--workdir 'gs://ssljax-closed-port/run': no answer from the "
+                            f"emulator at STORAGE_EMULATOR_HOST=http://127.0.0.1:{port} within "
+                            f"1.5 s; check that this host can reach it"), message
+
+
+def test_an_export_to_a_silent_bucket_names_out_before_any_work(silent_bucket, tmp_path):
+  from ssljax.export import export_encoder
+  # The workdir has no checkpoint: the export directory is checked first.
+  with pytest.raises(paths.WorkdirError, match=r"^--out 'gs://bucket/encoder': no answer"):
+    export_encoder(str(tmp_path / "no-run"), "gs://bucket/encoder")
+  assert silent_bucket == ["gs://bucket/encoder"]
+
+
+def test_a_store_s_advice_follows_its_scheme(monkeypatch):
+  monkeypatch.setitem(paths._PACKAGES, "s3", ("os",))
   monkeypatch.setattr(paths, "_REACHED", set())
-  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-  start = time.perf_counter()
-  with pytest.raises(paths.WorkdirError, match=rf"no answer from the emulator at "
-                     rf"STORAGE_EMULATOR_HOST=http://127.0.0.1:{port} within 1.5 s"):
-    paths.check_reachable("gs://ssljax-closed-port/run", "--workdir", paths.WorkdirError,
-                          timeout_s=1.5)
-  assert time.perf_counter() - start < 10
+
+  def refused(original, path):
+    del original, path
+    raise PermissionError("Access Denied")
+
+  with epath_testing.mock_epath(exists=refused):
+    with pytest.raises(paths.WorkdirError, match=r"cannot be read from S3 \(PermissionError: "
+                       r"Access Denied\); .*the AWS credentials") as raised:
+      paths.workdir_path("s3://bucket/run")
+  assert "gcloud" not in str(raised.value)
 
 
 # ---------------------------------------------------------------- a stand-in bucket
