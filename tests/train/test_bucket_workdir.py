@@ -49,6 +49,7 @@ c.data.update(dict(source="tfds_stream", name={name!r}, data_dir={data_dir!r},
                    stream_workers=0, stream_threads=2))
 c.train.num_steps, c.train.checkpoint_every_steps = 4, 2
 c.eval.linear_eval, c.eval.linear_eval_epochs, c.eval.linear_eval_batch_size = True, 1.0, 16
+c.eval.linear_probe = False  # its results go where kNN's do; the linear evaluation has files
 c.eval.enabled = False  # the first session only trains (and checkpoints)
 first = loop.train(c, {workdir!r})
 c.train.num_steps, c.eval.enabled = 6, True  # a second session resumes at step 4
