@@ -42,6 +42,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ssljax.data.pipeline import to_global_array
+
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 
@@ -109,11 +111,10 @@ class LocalRows:
   """
 
   def __init__(self, images: StreamedImages, batch_size: int, sharding: NamedSharding):
-    self.images, self.batch_size, self.sharding = images, batch_size, sharding
-    blocks = sorted((index[0].indices(batch_size)[:2], device) for device, index in
-                    sharding.addressable_devices_indices_map((batch_size,)).items())
-    self.blocks = [(start, stop, device) for (start, stop), device in blocks]
-    self.rows = np.concatenate([np.arange(start, stop) for start, stop, _ in self.blocks])
+    self.images, self.sharding = images, sharding
+    blocks = sorted(index[0].indices(batch_size)[:2] for index in
+                    sharding.addressable_devices_indices_map((batch_size,)).values())
+    self.rows = np.concatenate([np.arange(start, stop) for start, stop in blocks])
     self.image_shape: tuple[int, ...] | None = None
 
   def read(self, start: int) -> np.ndarray:
@@ -135,12 +136,29 @@ class LocalRows:
     return local
 
   def global_batch(self, local: np.ndarray) -> jax.Array:
-    arrays, offset = [], 0
-    for start, stop, device in self.blocks:
-      arrays.append(jax.device_put(local[offset:offset + stop - start], device))
-      offset += stop - start
-    return jax.make_array_from_single_device_arrays(
-        (self.batch_size, *local.shape[1:]), self.sharding, arrays)
+    """The global batch from this process's rows (`read`'s output), as the train loader's."""
+    return to_global_array(local, self.sharding.mesh, self.sharding.spec)
+
+
+def batch_reader(images: Images, batch_size: int, sharding: NamedSharding | None
+                 ) -> tuple[Callable[[int], np.ndarray], Callable[[np.ndarray], jax.Array]]:
+  """``(read, put)``: ``read(start)`` is the host side of the batch of `batch_size` images at
+  `start` (zero-padded past the end) and ``put`` makes it the batch sharded by `sharding`
+  (None: the default device). `StreamedImages` on a mesh that spans several processes are read
+  only in this process's rows (`LocalRows`); everything else is read whole."""
+  if (isinstance(images, StreamedImages) and sharding is not None
+      and sharding.mesh.is_multi_process):
+    local = LocalRows(images, batch_size, sharding)
+    return local.read, local.global_batch
+
+  def read(start: int) -> np.ndarray:
+    batch = image_rows(images, start, start + batch_size)
+    if batch.shape[0] < batch_size:
+      padding = np.zeros((batch_size - batch.shape[0], *batch.shape[1:]), np.uint8)
+      batch = np.concatenate([batch, padding])
+    return batch
+
+  return read, lambda batch: jax.device_put(batch, sharding)
 
 
 def _to_host(features: jax.Array) -> np.ndarray:
@@ -222,19 +240,7 @@ def extract_features(apply_fn: ApplyFn, variables: Any, images: Images, *,
   # Streamed images are read one batch ahead in a background thread, so that the host's
   # decoding of batch i + 1 overlaps the device's work on batch i.
   reader = concurrent.futures.ThreadPoolExecutor(1) if streamed else None
-  local_rows = (LocalRows(images, batch_size, batch_sharding)
-                if streamed and mesh is not None and mesh.is_multi_process else None)
-  if local_rows is not None:
-    read = local_rows.read
-    to_device = local_rows.global_batch
-  else:
-    def read(start: int) -> np.ndarray:  # the whole batch, zero-padded past the end
-      batch = image_rows(images, start, start + batch_size)
-      if batch.shape[0] < batch_size:
-        padding = np.zeros((batch_size - batch.shape[0], *batch.shape[1:]), np.uint8)
-        batch = np.concatenate([batch, padding])
-      return batch
-    to_device = lambda batch: jax.device_put(batch, batch_sharding)
+  read, to_device = batch_reader(images, batch_size, batch_sharding)
   try:
     ahead = reader.submit(read, 0) if reader else None
     for start in range(0, num_images, batch_size):
@@ -252,6 +258,6 @@ def extract_features(apply_fn: ApplyFn, variables: Any, images: Images, *,
   finally:
     if reader:
       reader.shutdown(cancel_futures=True)
-  if local_rows is not None and images.sync is not None:
-    images.sync()
+  if streamed and images.sync is not None and mesh is not None and mesh.is_multi_process:
+    images.sync()  # each process read only its own rows (`batch_reader`)
   return np.concatenate(results)[:num_images]

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ssljax.eval.features import Images, LocalRows, StreamedImages, image_rows
+from ssljax.eval.features import Images, StreamedImages, batch_reader
 
 
 def _build_statistics_fn(module: nn.Module, mesh: Mesh | None) -> Callable[..., Any]:
@@ -93,20 +93,14 @@ def precise_batch_stats(module: nn.Module, variables: Any, images: Images, *,
   if mesh is not None and batch_size % mesh.size:
     raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices")
   compiled = _compiled_statistics(recalibrating, mesh)
-  if mesh is None:
-    batch_at = lambda start: jnp.asarray(image_rows(images, start, start + batch_size))
-  else:
+  split = None
+  if mesh is not None:
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     variables = jax.device_put(variables, replicated)
-    if isinstance(images, StreamedImages) and mesh.is_multi_process:
-      local = LocalRows(images, batch_size, split)  # each process decodes its devices' rows
-      batch_at = lambda start: local.global_batch(local.read(start))
-    else:
-      batch_at = lambda start: jax.device_put(image_rows(images, start, start + batch_size),
-                                              split)
+  read, put = batch_reader(images, batch_size, split)  # own rows only on several processes
   num_batches = len(images) // batch_size
   total = None
   for i in range(num_batches):
-    stats = compiled(variables, batch_at(i * batch_size))
+    stats = compiled(variables, put(read(i * batch_size)))
     total = stats if total is None else jax.tree.map(jnp.add, total, stats)
   return {**variables, "batch_stats": jax.tree.map(lambda t: t / num_batches, total)}
