@@ -264,26 +264,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start_step = int(state.step)
 
   writer = MetricWriter(workdir, resume_step=start_step)
-  monitor = (evaluate.knn_monitor(config, method, mesh, train_source=train_source)
-             if config.train.eval_every_steps else None)
-  if start_step < total_steps:
-    try:
-      state = _loop(config, state, step_fn, train_source, mesh, ckpt, writer, monitor,
-                    start_step, total_steps, steps_per_epoch)
-    finally:
-      ckpt.wait()
-  pretrain_seconds = time.time() - started
+  try:  # closed on every exit: an open TensorBoard writer's exit hook fails on Python 3.12
+    monitor = (evaluate.knn_monitor(config, method, mesh, train_source=train_source)
+               if config.train.eval_every_steps else None)
+    if start_step < total_steps:
+      try:
+        state = _loop(config, state, step_fn, train_source, mesh, ckpt, writer, monitor,
+                      start_step, total_steps, steps_per_epoch)
+      finally:
+        ckpt.wait()
+    pretrain_seconds = time.time() - started
 
-  # ------------------------------------------------------------------ evaluators
-  results = evaluate.evaluate_state(config, method, state, mesh, train_source=train_source,
-                                    workdir=workdir)
-  results.update({"steps": int(state.step), "epochs": int(state.step) / steps_per_epoch,
-                  "pretrain_seconds_this_session": pretrain_seconds,
-                  "total_seconds_this_session": time.time() - started})
-  for key in sorted(FINAL_EVALUATION_KEYS):
-    if key in results:
-      writer.write(int(state.step), {key: results[key]})
-  writer.close()
+    # ---------------------------------------------------------------- evaluators
+    results = evaluate.evaluate_state(config, method, state, mesh, train_source=train_source,
+                                      workdir=workdir)
+    results.update({"steps": int(state.step), "epochs": int(state.step) / steps_per_epoch,
+                    "pretrain_seconds_this_session": pretrain_seconds,
+                    "total_seconds_this_session": time.time() - started})
+    for key in sorted(FINAL_EVALUATION_KEYS):
+      if key in results:
+        writer.write(int(state.step), {key: results[key]})
+  finally:
+    writer.close()
   ckpt.close()
   results.update(evaluate.addon_reports(config, method, state, workdir,
                                         train_source=train_source))

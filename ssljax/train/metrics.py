@@ -35,6 +35,7 @@ class MetricWriter:
   def __init__(self, workdir: str, *, tensorboard: bool = True,
                resume_step: int | None = None):
     self._active = jax.process_index() == 0
+    self._closed = False
     self._jsonl = None
     self._tb = None
     if not self._active:
@@ -55,6 +56,8 @@ class MetricWriter:
                   "metrics.jsonl holds every scalar", directory)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if self._closed:
+      raise RuntimeError("MetricWriter.write after close()")
     if not self._active:
       return
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
@@ -70,10 +73,14 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self) -> None:
+    """Closes the files (idempotent)."""
+    self._closed = True
     if self._jsonl is not None:
       self._jsonl.close()
+      self._jsonl = None
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
 def _truncate_to_step(path, step: int) -> None:

@@ -143,6 +143,29 @@ def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
   assert path.read_text() == ""
 
 
+def test_a_failed_run_closes_its_metric_writer(tmp_path, monkeypatch):
+  # An open TensorBoard writer's exit hook prints "can't create new thread at interpreter
+  # shutdown" on Python 3.12 after the run's own error; the loop closes it on every exit.
+  closed = []
+  original_close = MetricWriter.close
+
+  def close(self):
+    closed.append(self)
+    original_close(self)
+
+  def failing_loop(*args, **kwargs):
+    raise RuntimeError("loop failed")
+
+  monkeypatch.setattr(MetricWriter, "close", close)
+  monkeypatch.setattr(loop, "_loop", failing_loop)
+  with pytest.raises(RuntimeError, match="loop failed"):
+    loop.train(tiny_config(str(tmp_path)), str(tmp_path / "run"))
+  assert len(closed) == 1 and closed[0]._tb is None and closed[0]._jsonl is None
+  closed[0].close()  # idempotent
+  with pytest.raises(RuntimeError, match="MetricWriter.write after close"):
+    closed[0].write(1, {"train/loss": 1.0})
+
+
 # ----------------------------------------------------------------------------- resume
 
 
