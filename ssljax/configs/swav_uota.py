@@ -20,7 +20,10 @@ imagenet: the official README run (main_uota.py defaults): ResNet-50, projector
   blur 0.5), batch 256 (64 x 4 GPUs), LARS-wrapped SGD (trust 0.001, momentum 0.9), base lr 0.6
   with cosine to 0.0006 and no warm-up, weight decay 1e-6, 200 epochs, seed 31, UOTA tau 350
   from epoch 100 (start_fraction 0.5) with the official learning-rate restart at the switch
-  (optim.restart_fraction 0.5: the cosine's peak doubles). Deviations: the official LARC skips
+  (optim.restart_fraction 0.5: the cosine's peak doubles). The view weights are the official
+  estimator's (method.uota.max_condition = inf: Sigma + 1e-8 I solved as it is in float32; the
+  Fashion-MNIST settings keep ssljax's default guard, 1e5, which raises the ridge on badly
+  conditioned batches; set it here if a run stops with a non-finite loss). Deviations: the official LARC skips
   no parameter (as here) but clips nothing; apex O1 mixed precision vs bfloat16 compute here
   (the weights are computed in float32 in both).
   Published, not measured by ssljax: SwAV 72.7 -> SwAV+UOTA 73.5 linear top-1 (README;
@@ -42,7 +45,8 @@ cifar10: no official CIFAR recipe exists; the UOTA paper's authors' setting tran
   their README suggests: CIFAR ResNet-18, 2 global 32 px crops (area 0.14-1) + 4 x 16 px
   crops (area 0.05-0.14), jitter strength 0.5, no blur, 500 prototypes with a queue of 3840
   from epoch 15 (the official default start; 3000 prototypes are too many for a batch of
-  256), 400 epochs, UOTA tau 350 from half-way with the restart. Not run by ssljax; no
+  256), 400 epochs, UOTA tau 350 from half-way with the restart, the official estimator
+  (max_condition = inf, as imagenet). Not run by ssljax; no
   published number exists for it.
 
 fashion_mnist*: CPU-sized comparison (docs/results.md, "UOTA"): SwAV's Fashion-MNIST recipe
@@ -124,6 +128,7 @@ def _imagenet(c):
   c.optim.restart_peak_scale = 2.0
   c.method.uota.temperature = 350.0
   c.method.uota.start_fraction = 0.5
+  c.method.uota.max_condition = float("inf")  # the official estimator (no ridge guard)
 
 
 def _cifar10(c):
@@ -140,3 +145,4 @@ def _cifar10(c):
   c.train.epochs = 400.0
   c.optim.restart_fraction = 0.5
   c.method.uota.start_fraction = 0.5
+  c.method.uota.max_condition = float("inf")  # the official estimator (no ridge guard)

@@ -264,3 +264,31 @@ def test_the_evaluation_report_plots_the_extreme_crops_with_their_weights(tmp_pa
   np.testing.assert_allclose(report["uota/w_min"], jnp.min(w), rtol=1e-4)
   np.testing.assert_allclose(report["uota/w_max"], jnp.max(w), rtol=1e-4)
   np.testing.assert_allclose(report["uota/w_local"], jnp.mean(w[2:]), rtol=1e-4)
+
+
+def test_the_reproduction_configs_use_the_official_estimator_and_a_nan_names_the_guard():
+  from ssljax.config import load_config
+  from ssljax.train import loop
+
+  for setting in ("imagenet", "cifar10"):  # Sigma + 1e-8 I solved as it is (official)
+    config = load_config(f"swav_uota:{setting}")
+    assert config.method.uota.max_condition == float("inf"), setting
+    hint = loop._nonfinite_hint(config)
+    assert "--config.method.uota.max_condition=1e5" in hint, setting
+  fmnist = load_config("swav_uota:fashion_mnist")  # ssljax's guard, as measured
+  assert fmnist.method.uota.max_condition == 1e5 and loop._nonfinite_hint(fmnist) == ""
+  learned = load_config("swav_uota:imagenet")
+  learned.method.uota.mode = "learned"  # no Cholesky of a batch's second moment
+  assert loop._nonfinite_hint(learned) == ""
+  assert loop._nonfinite_hint(load_config("simclr:fashion_mnist")) == ""
+
+  class _NoCheckpoint:
+    directory = "runs/x"
+
+    def latest_step(self):
+      return None
+
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=r"non-finite at step 7\..*compute_dtype=float32\. UOTA's official "
+                           r"estimator is on.*max_condition=1e5 raises the ridge"):
+    loop._raise_nonfinite(7, _NoCheckpoint(), loop._nonfinite_hint(config))
