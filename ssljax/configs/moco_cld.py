@@ -32,7 +32,9 @@ cifar10: the official script: ResNet-18 (CIFAR stem), batch 256, SGD momentum 0.
   NormLinear group head; aug-plus views (RRC 0.2-1, jitter 0.4/0.4/0.4/0.1 p 0.8, grayscale
   0.2, blur p 0.5, flip). Deviations: the official --erasing (RandomErasing p = 1 after
   normalisation) is not in ssljax.augment and is left out; no Shuffle-BN (one GPU there: no
-  effect); AMP O1 there, float32 here; the official kNN monitor uses the 128-d instance output
+  effect); float32 there (the script passes no --amp-opt-level, whose default is O0, although
+  its save directory is named fp16), train.compute_dtype 'auto' here (bfloat16 activations on a
+  GPU or TPU, float32 on a CPU); the official kNN monitor uses the 128-d instance output
   with sigma 0.07, ssljax's kNN the 512-d backbone features (k 200, t 0.1).
   Published (not measured here): kNN top-1 87.5% (paper), against 82.1% for MoCo;
   frank-xwang/CLD-UnsupervisedLearning README. One GPU; no time of ours is quoted.

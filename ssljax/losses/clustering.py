@@ -325,6 +325,15 @@ def cld_terms(
   chex.assert_equal_shape([g_a, g_b])
   if temperature <= 0:
     raise ValueError(f"cld: temperature must be > 0, got {temperature}")
+  rows = g_a.shape[0] * (1 if axis_name is None else jax.lax.psum(1, axis_name))
+  if num_clusters == rows:
+    where = ("the global batch gathered over devices" if axis_name is not None
+             else "this device's batch")
+    raise ValueError(
+        f"cld: num_clusters = {num_clusters} equals the rows clustered ({where}), so every "
+        f"row is its own group and the loss is cross-view instance discrimination; use fewer "
+        f"clusters (method.cld.num_clusters), a larger per-device batch, or cluster the "
+        f"gathered batch (method.cld.global_kmeans = True)")
   g_a, g_b = g_a.astype(jnp.float32), g_b.astype(jnp.float32)
   kmeans = lambda g: batch_kmeans(g, num_clusters=num_clusters, num_iters=num_iters,
                                   axis_name=axis_name)
@@ -378,7 +387,7 @@ def cld(
 
   Args:
     g_a, g_b: ``[n, D]`` group features of views a and b (row i: the same image).
-    num_clusters: K (<= rows clustered).
+    num_clusters: K (< rows clustered).
     temperature: T_c (CLD's ``cld_t``; 0.2 in the CIFAR scripts).
     num_iters: k-means rounds (5).
     axis_name: cluster the gathered batch over this axis (None: per device).

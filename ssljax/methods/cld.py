@@ -33,8 +33,10 @@ layer between the instance and the group branch; here the group head owns its hi
 The official MoCo+CLD CIFAR scripts also switch the *instance* head to NormLinear; that is the
 base method's setting (``method.moco.proj_layers = 1``, ``method.moco.norm_linear = True``).
 
-K larger than the rows clustered (per device, or the global batch with ``global_kmeans``) is
-an error (the official ImageNet script silently degenerates there: 64 rows per GPU, K = 120).
+K at least the rows clustered (per device, or the global batch with ``global_kmeans``) is an
+error: with K = rows every row is its own group and CLD becomes cross-view instance
+discrimination, and the official ImageNet script silently degenerates with K > rows (64 rows
+per GPU, K = 120).
 
 Stages: ``embed`` adds ``'group'`` (the two normalised group features); ``objective`` adds
 lambda * L_CLD to the base value, with the metrics ``cld_loss``, ``group_acc`` (the official
@@ -110,16 +112,16 @@ def _group_head(hp: ml_collections.ConfigDict, dtype) -> nn.Module:
   return NormMLP(hidden_dim=hp.head_hidden_dim, out_dim=hp.head_dim, dtype=dtype)
 
 
-def _check(config: ml_collections.ConfigDict, method: Method) -> None:
+def _check(config: ml_collections.ConfigDict, method: Method, axis_name: str | None) -> None:
   """Raises ValueError naming the method and the fix when CLD cannot wrap `method`."""
   hp = config.method.cld
   base = config.method.name
   if base not in _SUPPORTED:
     raise ValueError(
         f"add-on 'cld' wraps npid, moco or byol (the combinations of the official CLD code and "
-        f"the authors' BYOL answer), not {method.name!r}: run it with configs/npid.py, "
-        f"configs/moco.py or configs/byol.py (or configs/cld.py), or drop 'cld' from "
-        f"method.addons")
+        f"the authors' BYOL answer), not {method.name!r}: run it with configs/npid_cld.py, "
+        f"configs/moco_cld.py or configs/byol_cld.py (--config npid_cld:cifar10 etc.), or drop "
+        f"'cld' from method.addons")
   if base == "npid" and config.method.npid.num_views != 2:
     raise ValueError(
         f"add-on 'cld' on npid needs two views per image (the official --two-imgs), but "
@@ -136,12 +138,20 @@ def _check(config: ml_collections.ConfigDict, method: Method) -> None:
     raise ValueError(f"method.cld.temperature must be > 0, got {hp.temperature}")
   if hp.num_iters < 1:
     raise ValueError(f"method.cld.num_iters must be >= 1, got {hp.num_iters}")
-  if not 1 <= hp.num_clusters <= config.train.batch_size:
+  # Built for the data-parallel step (axis_name set), each device clusters its own rows
+  # unless global_kmeans: batch_size / devices of them (the mesh spans every device).
+  devices = jax.device_count() if axis_name is not None and not hp.global_kmeans else 1
+  rows = config.train.batch_size // devices
+  where = (f"train.batch_size = {config.train.batch_size}" if devices == 1 else
+           f"train.batch_size / {devices} devices = {rows} per device")
+  if not 1 <= hp.num_clusters < rows:
     raise ValueError(
-        f"method.cld.num_clusters = {hp.num_clusters} must be between 1 and the rows k-means "
-        f"clusters (at most train.batch_size = {config.train.batch_size}, and per device "
-        f"batch_size / devices unless method.cld.global_kmeans); lower "
-        f"--config.method.cld.num_clusters")
+        f"method.cld.num_clusters = {hp.num_clusters} must be at least 1 and below the rows "
+        f"k-means clusters ({where}; with as many clusters as rows every row is its own group "
+        f"and CLD turns into instance discrimination); lower "
+        f"--config.method.cld.num_clusters, raise train.batch_size"
+        + (", or cluster the gathered batch: --config.method.cld.global_kmeans=True"
+           if devices > 1 else ""))
 
 
 @register_addon("cld", config=default_section)
@@ -149,7 +159,7 @@ def cld_addon(method: Method, config: ml_collections.ConfigDict, axis_name: str 
               run: RunInfo) -> Method:
   """`method` (npid, moco or byol) with CLD's group branch and loss (module docstring)."""
   del run
-  _check(config, method)
+  _check(config, method, axis_name)
   hp = config.method.cld
   head = _group_head(hp, compute_dtype(config.train.compute_dtype))
   kmeans_axis = axis_name if hp.global_kmeans else None

@@ -153,6 +153,9 @@ def test_config_section_and_registration():
     ("npid", {"npid.num_views": 1}, "method.npid.num_views=2"),
     ("moco", {"moco.num_views": 2, "moco.symmetric": False}, "method.moco.num_views=3"),
     ("npid", {"cld.num_clusters": 17}, "num_clusters = 17 .*lower"),
+    # As many clusters as rows: every row its own group (instance discrimination).
+    ("npid", {"cld.num_clusters": 16}, "num_clusters = 16 must be at least 1 and below the "
+     "rows k-means clusters \\(train.batch_size = 16; .*instance discrimination\\); lower"),
     ("npid", {"cld.head": "conv"}, "method.cld.head must be one of"),
     ("npid", {"cld.temperature": 0.0}, "temperature must be > 0"),
 ])
@@ -165,10 +168,24 @@ def test_bad_configs_name_the_fix(tmp_path, base, changes, message):
     build_method(config, run=_RUN)
 
 
+def test_per_device_clusters_must_be_fewer_than_each_devices_rows(tmp_path):
+  # Built for the data-parallel step on 8 devices, batch 16 leaves 2 rows per device: K = 2
+  # would make every row its own group, so it is refused with the per-device count.
+  assert jax.device_count() == 8
+  config = _config(tmp_path, "npid", num_clusters=2)
+  build_method(config, run=_RUN)  # one device clusters the 16 rows
+  with pytest.raises(ValueError, match="num_clusters = 2 .*train.batch_size / 8 devices = 2 "
+                     "per device.*--config.method.cld.global_kmeans=True"):
+    build_method(config, axis_name="data", run=_RUN)
+  config.method.cld.global_kmeans = True
+  build_method(config, axis_name="data", run=_RUN)
+
+
 def test_unsupported_bases_are_refused(tmp_path):
   for base in ("simclr", "barlow_twins"):
     config = tiny_config(str(tmp_path), method=base, addons=("cld",))
-    with pytest.raises(ValueError, match="wraps npid, moco or byol.*drop 'cld'"):
+    with pytest.raises(ValueError,
+                       match="wraps npid, moco or byol.*configs/npid_cld.py.*drop 'cld'"):
       build_method(config, run=_RUN)
 
 
