@@ -105,6 +105,12 @@ def default_config(method: str = "simclr",
   c.augment.blur_prob = 0.0
   c.augment.blur_sigma = (0.1, 2.0)
   c.augment.solarize_prob = 0.0
+  # Random erasing at the end of every view (torchvision RandomErasing; 0: off). The fill is
+  # erasing_value in [0, 1], or data.mean when it is empty (torchvision's 0 after Normalize).
+  c.augment.erasing_prob = 0.0
+  c.augment.erasing_scale = (0.02, 0.33)
+  c.augment.erasing_ratio = (0.3, 3.3)
+  c.augment.erasing_value = ()
   c.augment.num_views = 2  # 'simclr'/'moco_v2': identically drawn views per image (>= 2).
   # 'byol' policy: blur and solarize probabilities of view 1 and view 2 (BYOL paper values).
   c.augment.byol_blur_probs = (1.0, 0.1)

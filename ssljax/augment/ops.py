@@ -389,3 +389,47 @@ def solarize(key: jax.Array, image: jax.Array, *, prob: float,
   _check_image(image)
   solarized = jnp.where(image >= threshold, 1.0 - image, image)
   return jnp.where(jax.random.bernoulli(key, prob), solarized, image)
+
+
+# ---------------------------------------------------------------- erasing
+
+# torchvision's RandomErasing tries this many (area, ratio) draws before leaving the image as is.
+_ERASE_ATTEMPTS = 10
+
+
+def random_erasing(key: jax.Array, image: jax.Array, *, prob: float,
+                   scale: tuple[float, float] = (0.02, 0.33),
+                   ratio: tuple[float, float] = (0.3, 3.3),
+                   value: Sequence[float] | float = 0.0) -> jax.Array:
+  """torchvision ``RandomErasing(p=prob, scale, ratio, value)`` (Zhong et al. 2020): a
+  rectangle of the image is set to `value`.
+
+  With probability `prob`: up to 10 draws of an area ``A U(scale)`` (A = H W) and an aspect
+  ratio ``exp(U(log ratio))`` give ``h = round(sqrt(area ratio))`` and ``w = round(sqrt(area
+  / ratio))``; the first draw with ``h < H`` and ``w < W`` is placed at a uniform top-left
+  corner ``(i, j)`` in ``[0, H - h] x [0, W - w]`` and ``[i, i + h) x [j, j + w)`` is filled.
+  When no draw fits the image is returned unchanged, as torchvision does. torchvision erases
+  after ``Normalize``, so its ``value = 0`` is the dataset mean; on these [0, 1] images pass
+  the mean itself (one number, or one per channel).
+  """
+  channels = _check_image(image)
+  height, width = image.shape[0], image.shape[1]
+  apply_key, area_key, ratio_key, row_key, col_key = jax.random.split(key, 5)
+  area = height * width * jax.random.uniform(
+      area_key, (_ERASE_ATTEMPTS,), minval=scale[0], maxval=scale[1])
+  log_ratio = jax.random.uniform(ratio_key, (_ERASE_ATTEMPTS,),
+                                 minval=jnp.log(ratio[0]), maxval=jnp.log(ratio[1]))
+  aspect = jnp.exp(log_ratio)
+  h_all = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+  w_all = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+  fits = (h_all < height) & (w_all < width)
+  first = jnp.argmax(fits)  # the first draw that fits (0 when none does; then `fits` is off)
+  h, w = h_all[first], w_all[first]
+  top = jax.random.randint(row_key, (), 0, height - h + 1)
+  left = jax.random.randint(col_key, (), 0, width - w + 1)
+  rows = jnp.arange(height)[:, None, None]
+  cols = jnp.arange(width)[None, :, None]
+  inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+  erase = jax.random.bernoulli(apply_key, prob) & fits[first] & inside
+  fill = jnp.broadcast_to(jnp.asarray(value, jnp.float32), (channels,))
+  return jnp.where(erase, fill, image)

@@ -4,7 +4,7 @@ A ``ViewSpec`` holds the parameters of one view; ``augment_view`` draws that vie
 uint8 image with the torchvision/SimCLR op order
 
   to_float -> random_resized_crop -> horizontal_flip -> color_jitter -> to_grayscale
-  -> gaussian_blur -> solarize,
+  -> gaussian_blur -> solarize (-> random_erasing, off unless augment.erasing_prob > 0),
 
 each op with its own subkey. A ``Policy`` is a tuple of view specs; calling it on a batch of
 per-example keys and uint8 images returns one float32 array per view, computed with
@@ -43,6 +43,8 @@ import ml_collections
 from ssljax.augment import ops
 
 POLICIES = ("simclr", "moco_v2", "byol", "multicrop")
+# Random erasing draws from fold_in(key, this), not from the split of the other ops.
+_ERASING_STREAM = 7
 
 def _check_prob(name: str, value: float) -> None:
   if not 0.0 <= value <= 1.0:
@@ -70,6 +72,11 @@ class ViewSpec:
     blur_prob: probability of a Gaussian blur.
     blur_sigma: range of the blur's standard deviation, in pixels.
     solarize_prob: probability of solarizing (threshold 0.5).
+    erasing_prob: probability of erasing a rectangle (torchvision RandomErasing; 0: off).
+    erasing_scale: area-fraction range of the erased rectangle.
+    erasing_ratio: aspect-ratio range of the erased rectangle.
+    erasing_value: the fill, one value or one per channel, in [0, 1] (the dataset mean is
+      torchvision's 0 after Normalize).
   """
 
   crop_size: int
@@ -82,11 +89,16 @@ class ViewSpec:
   blur_prob: float
   blur_sigma: tuple[float, float]
   solarize_prob: float
+  erasing_prob: float = 0.0
+  erasing_scale: tuple[float, float] = (0.02, 0.33)
+  erasing_ratio: tuple[float, float] = (0.3, 3.3)
+  erasing_value: tuple[float, ...] = (0.0,)
 
   def __post_init__(self):
     # Tuples of floats whatever sequences came in, so specs are hashable (a Policy can be a
     # jit static argument or cache key) and compare equal by value.
-    for name in ("crop_scale", "crop_ratio", "jitter", "blur_sigma"):
+    for name in ("crop_scale", "crop_ratio", "jitter", "blur_sigma", "erasing_scale",
+                 "erasing_ratio", "erasing_value"):
       object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
     if self.crop_size <= 0:
       raise ValueError(f"crop_size must be positive, got {self.crop_size}")
@@ -100,8 +112,20 @@ class ViewSpec:
       raise ValueError("jitter must be 4 non-negative numbers (brightness, contrast, "
                        f"saturation, hue) with hue <= 0.5, got {self.jitter}")
     _check_range("blur_sigma", self.blur_sigma, 0.0, math.inf)
-    for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+    for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob",
+                 "erasing_prob"):
       _check_prob(name, getattr(self, name))
+    if self.erasing_prob > 0:
+      if not 0 < self.erasing_scale[0] <= self.erasing_scale[1] < 1:
+        raise ValueError(f"erasing_scale must satisfy 0 < low <= high < 1, got "
+                         f"{self.erasing_scale}")
+      if not 0 < self.erasing_ratio[0] <= self.erasing_ratio[1]:
+        raise ValueError(f"erasing_ratio must be positive and ordered, got "
+                         f"{self.erasing_ratio}")
+      if len(self.erasing_value) not in (1, 3) or not all(
+          0 <= v <= 1 for v in self.erasing_value):
+        raise ValueError(f"erasing_value must be one value or one per channel, each in "
+                         f"[0, 1], got {self.erasing_value}")
 
 
 def scale_strength(spec: ViewSpec, strength: float) -> ViewSpec:
@@ -160,6 +184,13 @@ def augment_view(key: jax.Array, image: jax.Array, spec: ViewSpec) -> jax.Array:
     x = ops.gaussian_blur(blur_key, x, prob=spec.blur_prob, sigma=spec.blur_sigma)
   if spec.solarize_prob > 0:
     x = ops.solarize(solarize_key, x, prob=spec.solarize_prob)
+  if spec.erasing_prob > 0:  # its own stream: the other ops' draws are unchanged by it
+    if len(spec.erasing_value) not in (1, image.shape[-1]):
+      raise ValueError(f"erasing_value has {len(spec.erasing_value)} values for images with "
+                       f"{image.shape[-1]} channels")
+    x = ops.random_erasing(jax.random.fold_in(key, _ERASING_STREAM), x,
+                           prob=spec.erasing_prob, scale=spec.erasing_scale,
+                           ratio=spec.erasing_ratio, value=spec.erasing_value)
   return x
 
 
@@ -210,8 +241,27 @@ class Policy:
     return tuple(draw(index, spec) for index, spec in enumerate(self.views))
 
 
-def build_policy(augment_config: ml_collections.ConfigDict) -> Policy:
+def _erasing(cfg: ml_collections.ConfigDict, data_mean) -> dict:
+  """The ViewSpec erasing fields from ``config.augment`` (none when its keys are absent)."""
+  prob = float(cfg.get("erasing_prob", 0.0))
+  if prob == 0:
+    return {}
+  value = tuple(cfg.get("erasing_value", ())) or (tuple(data_mean) if data_mean else ())
+  if not value:
+    raise ValueError("augment.erasing_prob > 0 needs a fill: set augment.erasing_value (in "
+                     "[0, 1], e.g. the dataset mean) or build the policy with the data mean")
+  return dict(erasing_prob=prob, erasing_scale=tuple(cfg.erasing_scale),
+              erasing_ratio=tuple(cfg.erasing_ratio), erasing_value=value)
+
+
+def build_policy(augment_config: ml_collections.ConfigDict,
+                 data_mean: tuple[float, ...] | None = None) -> Policy:
   """Builds the ``augment.policy`` named in the config, with ``augment.strength`` applied.
+
+  Every policy can end each view with random erasing (``augment.erasing_prob`` > 0, e.g. the
+  MoCo + CLD CIFAR-10 recipe's ``--erasing``): ``erasing_value`` is the fill, and when it is
+  empty, `data_mean` (``config.data.mean``), which is what torchvision's default 0 after
+  ``Normalize`` means.
 
   * ``'simclr'``: ``num_views`` (>= 2) views with the config values (SimCLR, Chen et al.
     2020); a third view is what MoCo + CLD's 3-view option consumes.
@@ -244,6 +294,7 @@ def build_policy(augment_config: ml_collections.ConfigDict) -> Policy:
       blur_prob=float(cfg.blur_prob),
       blur_sigma=cfg.blur_sigma,
       solarize_prob=float(cfg.solarize_prob),
+      **_erasing(cfg, data_mean),
   )
   if int(cfg.num_views) < 2:
     raise ValueError(f"augment.num_views must be >= 2, got {cfg.num_views}")

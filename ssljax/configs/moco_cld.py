@@ -30,8 +30,9 @@ cifar10: the official script: ResNet-18 (CIFAR stem), batch 256, SGD momentum 0.
   1e-6, 200 epochs; NormLinear instance head 512 -> 128 (method.moco.norm_linear,
   proj_layers 1), nce_t 0.07, queue 12288, key EMA 0.999; CLD K = 200, cld_t 0.2, lambda 0.8,
   NormLinear group head; aug-plus views (RRC 0.2-1, jitter 0.4/0.4/0.4/0.1 p 0.8, grayscale
-  0.2, blur p 0.5, flip). Deviations: the official --erasing (RandomErasing p = 1 after
-  normalisation) is not in ssljax.augment and is left out; no Shuffle-BN (one GPU there: no
+  0.2, blur p 0.5, flip), then the script's --erasing: RandomErasing with p = 1 after
+  normalisation (area 2-33%, aspect 0.3-3.3, filled with 0, i.e. the mean; augment.erasing_prob
+  1 here, filled with data.mean). Deviations: no Shuffle-BN (one GPU there: no
   effect); float32 there (the script passes no --amp-opt-level, whose default is O0, although
   its save directory is named fp16), train.compute_dtype 'auto' here (bfloat16 activations on a
   GPU or TPU, float32 on a CPU); the official kNN monitor uses the 128-d instance output
@@ -142,6 +143,7 @@ def _cifar(c, *, batch, weight_decay, queue):
 def _cifar10(c):
   set_augment_preset(c, "moco_v2_aug_plus")
   c.augment.num_views = 3
+  c.augment.erasing_prob = 1.0  # the script's --erasing (torchvision RandomErasing(p=1.0))
   _cifar(c, batch=256, weight_decay=8e-4, queue=12288)
   _cld(c, clusters=200, weight=0.8, head="norm_linear")
 

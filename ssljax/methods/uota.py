@@ -259,7 +259,7 @@ def weight_report(method: Method, config: ml_collections.ConfigDict, state, imag
   from ssljax.eval.plots import plot_crops
 
   hp = config.method.uota
-  policy = augment.build_policy(config.augment)
+  policy = augment.build_policy(config.augment, config.data.mean)
   keys = jax.random.split(jax.random.PRNGKey(seed), images.shape[0])
 
   def weigh(params, method_state, images):

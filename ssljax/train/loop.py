@@ -174,7 +174,7 @@ def build_state_and_step(config, mesh, image_shape, steps_per_epoch, total_steps
   method = build_method(config, axis_name=DATA_AXIS,
                         run=RunInfo(steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                                     num_examples=num_examples))
-  policy = augment.build_policy(config.augment)
+  policy = augment.build_policy(config.augment, config.data.mean)
   if policy.num_views < method.num_views:
     raise ValueError(f"method {method.name!r} needs {method.num_views} views but augment."
                      f"policy {config.augment.policy!r} makes {policy.num_views}")

@@ -365,3 +365,60 @@ def test_ops_reject_bad_image_shapes():
     ops.color_jitter(key, jnp.zeros((4, 4, 2)), **_jitter_params())
   with pytest.raises(ValueError, match=r"got float32 \[4, 4\]"):
     ops.horizontal_flip(key, jnp.zeros((4, 4)))
+
+
+# ---------------------------------------------------------------- random erasing
+
+erase = _batched(ops.random_erasing)
+
+
+def _torchvision_erasing_boxes(rng, count, height, width, scale, ratio):
+  """torchvision RandomErasing.get_params's (h, w), in numpy; (0, 0) when no draw fits."""
+  boxes = []
+  for _ in range(count):
+    box = (0, 0)
+    for _ in range(10):
+      area = height * width * rng.uniform(*scale)
+      aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+      h, w = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+      if h < height and w < width:
+        box = (h, w)
+        break
+    boxes.append(box)
+  return np.asarray(boxes)
+
+
+def test_random_erasing_fills_one_rectangle_drawn_as_torchvision_draws_it():
+  n, value = 512, (0.25, 0.5, 0.75)
+  images = _images(3, n=n)
+  out = np.asarray(erase(_keys(n), images, {"prob": 1.0, "value": value}))
+  changed = np.any(out != np.asarray(images), axis=-1)
+  boxes = []
+  for i in range(n):
+    rows, cols = np.nonzero(changed[i])
+    h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert changed[i].sum() == h * w  # one filled rectangle, nothing else touched
+    np.testing.assert_array_equal(out[i][changed[i]], np.broadcast_to(value, (h * w, 3)))
+    boxes.append((h, w))
+  boxes = np.asarray(boxes)
+  assert boxes.max() < SIZE
+  reference = _torchvision_erasing_boxes(np.random.default_rng(0), 20000, SIZE, SIZE,
+                                         (0.02, 0.33), (0.3, 3.3))
+  # Same distribution of sides: means within 4 standard errors of torchvision's procedure.
+  for side in (0, 1):
+    stderr = reference[:, side].std() / np.sqrt(n)
+    assert abs(boxes[:, side].mean() - reference[:, side].mean()) < 4 * stderr, side
+  # The rectangles reach the top, bottom and left edges (the corner is uniform).
+  assert changed[:, 0, :].any() and changed[:, -1, :].any() and changed[:, :, 0].any()
+
+
+def test_random_erasing_probability_and_a_box_that_never_fits():
+  images = _images(1)
+  keys = _keys()
+  np.testing.assert_array_equal(erase(keys, images, {"prob": 0.0, "value": 0.5}), images)
+  # Aspect 3-3.3 at 90-95% of the area needs h ~ 27 > 16 rows: no draw fits, nothing changes.
+  never = _batched(ops.random_erasing, scale=(0.9, 0.95), ratio=(3.0, 3.3))
+  np.testing.assert_array_equal(never(keys, images, {"prob": 1.0, "value": 0.5}), images)
+  half = np.asarray(erase(_keys(256, seed=3), _images(1, n=256), {"prob": 0.5, "value": 2.0}))
+  erased = np.mean(np.any(half == 2.0, axis=(1, 2, 3)))
+  assert 0.4 < erased < 0.6

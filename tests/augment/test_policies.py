@@ -252,3 +252,43 @@ def test_bad_inputs_have_clear_errors():
     policy(_keys(4), _images(1))
   with pytest.raises(ValueError, match=r"expected uint8 images of shape \[height, width"):
     policies.augment_view(keys[0], _images(1)[0].astype(np.float32), policy.views[0])
+
+
+# ---------------------------------------------------------------- random erasing
+
+
+def test_erasing_ends_each_view_with_a_rectangle_of_the_data_mean():
+  # MoCo + CLD's CIFAR-10 recipe ends every view with torchvision's RandomErasing(p=1).
+  plain = policies.build_policy(_config(num_views=3))
+  erasing = policies.build_policy(_config(num_views=3, erasing_prob=1.0), (0.3, 0.4, 0.5))
+  assert erasing.views[0].erasing_value == (0.3, 0.4, 0.5)
+  images, keys = _images(3), _keys()
+  for before, after in zip(quick_jit(plain)(keys, images), quick_jit(erasing)(keys, images)):
+    before, after = np.asarray(before), np.asarray(after)
+    changed = np.any(before != after, axis=-1)
+    assert changed.any(axis=(1, 2)).all()  # 16 x 16 views: a rectangle always fits
+    # The other ops drew the same crops and colours: outside the rectangle nothing moved.
+    fill = np.asarray((0.3, 0.4, 0.5), np.float32)
+    np.testing.assert_array_equal(after[changed], np.broadcast_to(fill, after[changed].shape))
+  given = policies.build_policy(_config(erasing_prob=1.0, erasing_value=(0.0,)), (0.3,))
+  assert given.views[0].erasing_value == (0.0,)  # an explicit fill wins over the mean
+
+
+def test_erasing_errors_name_the_setting():
+  with pytest.raises(ValueError, match="erasing_prob > 0 needs a fill: set augment."
+                                       "erasing_value"):
+    policies.build_policy(_config(erasing_prob=1.0))
+  with pytest.raises(ValueError, match="erasing_scale must satisfy 0 < low <= high < 1"):
+    policies.build_policy(_config(erasing_prob=1.0, erasing_scale=(0.2, 1.0)), (0.5,))
+  with pytest.raises(ValueError, match="erasing_prob must be a probability in"):
+    policies.build_policy(_config(erasing_prob=1.5), (0.5,))
+  with pytest.raises(ValueError, match="erasing_value has 3 values for images with 1 "
+                                       "channels"):
+    policies.build_policy(_config(erasing_prob=1.0), (0.1, 0.2, 0.3))(_keys(), _images(1))
+
+
+def test_the_moco_cld_cifar10_recipe_erases():
+  from ssljax.config import load_config
+  assert load_config("moco_cld:cifar10").augment.erasing_prob == 1.0
+  assert load_config("moco_cld:cifar100").augment.erasing_prob == 0.0
+  assert load_config("moco:cifar10").augment.erasing_prob == 0.0
