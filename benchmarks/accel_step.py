@@ -178,7 +178,7 @@ class JaxCase:
     schedule = build_schedule(config.optim, global_batch=batch, total_steps=1000,
                               steps_per_epoch=100)
     tx = build_optimizer(config.optim, schedule)
-    policy = augment.build_policy(config.augment)
+    policy = augment.build_policy(config.augment, config.data.mean)
     method = build_method(config, axis_name=DATA_AXIS)
     shape = image_shape(config)
     rng = np.random.default_rng(0)

@@ -235,7 +235,7 @@ class JaxSetup:
                                    total_steps=steps_per_epoch * 10,
                                    steps_per_epoch=steps_per_epoch)
     self.tx = build_optimizer(config.optim, self.schedule)
-    self.policy = augment.build_policy(config.augment)
+    self.policy = augment.build_policy(config.augment, config.data.mean)
     self.method = build_method(config, axis_name=DATA_AXIS)
     self.image_shape = tuple(self.source.image_shape)
     self.data_sharding = data_sharded(self.mesh)

@@ -75,7 +75,7 @@ def main() -> None:
     config.train.batch_size = args.batch_size
   mesh = make_mesh(jax.devices()[:args.devices])
   method = build_method(config, axis_name="data")
-  policy = augment.build_policy(config.augment)
+  policy = augment.build_policy(config.augment, config.data.mean)
   schedule = build_schedule(config.optim, global_batch=config.train.batch_size,
                             total_steps=1000, steps_per_epoch=100)
   tx = build_optimizer(config.optim, schedule, method.param_groups)

@@ -79,7 +79,7 @@ def run(name: str, num_devices: int, steps: int) -> tuple[dict[str, np.ndarray],
   method = build_method(config, axis_name="data",
                         run=RunInfo(steps_per_epoch=4, total_steps=steps,
                                     num_examples=num_examples))
-  policy = augment.build_policy(config.augment)
+  policy = augment.build_policy(config.augment, config.data.mean)
   schedule = build_schedule(config.optim, global_batch=config.train.batch_size,
                             total_steps=steps, steps_per_epoch=4)
   groups = getattr(method, "param_groups", None)

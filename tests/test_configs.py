@@ -58,7 +58,7 @@ def test_addon_configs_build_and_name_their_command(stem, setting):
   built = build_method(config, run=RunInfo(steps_per_epoch=10, total_steps=100,
                                            num_examples=1000))
   assert built.name == "+".join([method, *config.method.addons])
-  assert augment.build_policy(config.augment).num_views >= built.num_views
+  assert augment.build_policy(config.augment, config.data.mean).num_views >= built.num_views
   with pytest.raises(ValueError, match="unknown setting"):
     module.get_config("no_such_setting")
 
@@ -74,7 +74,7 @@ def test_config_fits_schema_and_builds(method, dataset):
   assert set(stored["method"]) == {"name", "addons", method}
   rebuilt = config_from_json(config_to_json(config))  # raises on a key the schema lacks
   assert config_to_json(rebuilt) == config_to_json(config)
-  policy = augment.build_policy(config.augment)
+  policy = augment.build_policy(config.augment, config.data.mean)
   # A dataset-sized run (NPID sizes its memory bank by the training set).
   method_ = build_method(config, run=RunInfo(steps_per_epoch=10, total_steps=100,
                                              num_examples=1000))

@@ -218,7 +218,10 @@ def augmented_layers(layers: Layers, spec, images: np.ndarray, *, num_augmentati
 
 # ------------------------------------------------------------------- the analysis
 
-def _policy_spec(augment_config, policy: str | None = None, strength: float | None = None):
+def _policy_spec(augment_config, data_mean, policy: str | None = None,
+                 strength: float | None = None):
+  """View 0 of the run's policy; with `policy` or `strength`, the common reference policy,
+  which erases nothing whatever the run did (it is the same for every run compared)."""
   from ssljax.augment.policies import build_policy
   cfg = copy.deepcopy(augment_config)
   with cfg.unlocked():
@@ -226,7 +229,9 @@ def _policy_spec(augment_config, policy: str | None = None, strength: float | No
       cfg.policy = policy
     if strength is not None:
       cfg.strength = strength
-  spec = build_policy(cfg).views[0]
+    if (policy is not None or strength is not None) and "erasing_prob" in cfg:
+      cfg.erasing_prob = 0.0
+  spec = build_policy(cfg, data_mean).views[0]
   return spec
 
 
@@ -328,8 +333,8 @@ def analyze(workdir: str, out: str | None = None,
       log.info("linear probe %s: %.4f", name, probe["test_top1"])
     lap("probe")
 
-  policies = {"train": _policy_spec(config.augment),
-              "reference": _policy_spec(config.augment, a.reference_policy,
+  policies = {"train": _policy_spec(config.augment, config.data.mean),
+              "reference": _policy_spec(config.augment, config.data.mean, a.reference_policy,
                                         a.reference_strength)}
   encoder_views = None
   for policy, spec in policies.items():

@@ -105,11 +105,15 @@ class RunInfo:
     steps_per_epoch: optimiser steps per epoch.
     total_steps: optimiser steps of the whole run.
     num_examples: training-set size (memory banks are sized by it); None if unknown.
+    data_devices: devices of the data axis the train step runs on (per-device batch checks);
+      None when the method is built for anything else (evaluation, export, analysis), whose
+      machine may have another device count than the training run's.
   """
 
   steps_per_epoch: int
   total_steps: int
   num_examples: int | None = None
+  data_devices: int | None = None
 
   @classmethod
   def nominal(cls, config: ml_collections.ConfigDict) -> "RunInfo":

@@ -112,7 +112,7 @@ def _group_head(hp: ml_collections.ConfigDict, dtype) -> nn.Module:
   return NormMLP(hidden_dim=hp.head_hidden_dim, out_dim=hp.head_dim, dtype=dtype)
 
 
-def _check(config: ml_collections.ConfigDict, method: Method, axis_name: str | None) -> None:
+def _check(config: ml_collections.ConfigDict, method: Method, run: RunInfo) -> None:
   """Raises ValueError naming the method and the fix when CLD cannot wrap `method`."""
   hp = config.method.cld
   base = config.method.name
@@ -138,9 +138,10 @@ def _check(config: ml_collections.ConfigDict, method: Method, axis_name: str | N
     raise ValueError(f"method.cld.temperature must be > 0, got {hp.temperature}")
   if hp.num_iters < 1:
     raise ValueError(f"method.cld.num_iters must be >= 1, got {hp.num_iters}")
-  # Built for the data-parallel step (axis_name set), each device clusters its own rows
-  # unless global_kmeans: batch_size / devices of them (the mesh spans every device).
-  devices = jax.device_count() if axis_name is not None and not hp.global_kmeans else 1
+  # Built to train on several devices (run.data_devices), each device clusters its own rows
+  # unless global_kmeans: batch_size / devices of them. (The step's trace checks the rows it
+  # sees too: `cld_terms`.)
+  devices = run.data_devices if run.data_devices and not hp.global_kmeans else 1
   rows = config.train.batch_size // devices
   where = (f"train.batch_size = {config.train.batch_size}" if devices == 1 else
            f"train.batch_size / {devices} devices = {rows} per device")
@@ -158,8 +159,7 @@ def _check(config: ml_collections.ConfigDict, method: Method, axis_name: str | N
 def cld_addon(method: Method, config: ml_collections.ConfigDict, axis_name: str | None,
               run: RunInfo) -> Method:
   """`method` (npid, moco or byol) with CLD's group branch and loss (module docstring)."""
-  del run
-  _check(config, method, axis_name)
+  _check(config, method, run)
   hp = config.method.cld
   head = _group_head(hp, compute_dtype(config.train.compute_dtype))
   kmeans_axis = axis_name if hp.global_kmeans else None

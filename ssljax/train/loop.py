@@ -169,11 +169,16 @@ class _StopRequest:
 
 
 def build_state_and_step(config, mesh, image_shape, steps_per_epoch, total_steps,
-                         num_examples=None):
-  """The method, its policy, the abstract and initialiser of the state, and the step."""
+                         num_examples=None, *, training: bool = False):
+  """The method, its policy, the abstract and initialiser of the state, and the step.
+
+  `training`: built to train on `mesh` (the method may check per-device sizes against it);
+  evaluation, export and analysis restore states on whatever devices they have.
+  """
   method = build_method(config, axis_name=DATA_AXIS,
                         run=RunInfo(steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                                    num_examples=num_examples))
+                                    num_examples=num_examples,
+                                    data_devices=mesh.size if training else None))
   policy = augment.build_policy(config.augment, config.data.mean)
   if policy.num_views < method.num_views:
     raise ValueError(f"method {method.name!r} needs {method.num_views} views but augment."
@@ -193,10 +198,10 @@ def _nonfinite_hint(config: ml_collections.ConfigDict) -> str:
   if uota is not None and uota.get("mode", "closed_form") == "closed_form":
     bound = uota.get("max_condition")
     if bound is None or bound == float("inf"):
-      return (" UOTA's official estimator is on (method.uota.max_condition unset): when the "
-              "view embeddings collapse onto a few directions, the float32 Cholesky factor of "
-              "their second moment is NaN; --config.method.uota.max_condition=1e5 raises the "
-              "ridge on such batches.")
+      return (" UOTA's official estimator is on (method.uota.max_condition None or inf): "
+              "when the view embeddings collapse onto a few directions, the float32 Cholesky "
+              "factor of their second moment is NaN; --config.method.uota.max_condition=1e5 "
+              "raises the ridge on such batches.")
   return ""
 
 
@@ -261,7 +266,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ------------------------------------------------------------------ init / restore
   try:  # a method builder's own checks of its config section (SimCLR's positives, CLD, UOTA)
     method, init, step_fn = build_state_and_step(config, mesh, image_shape, steps_per_epoch,
-                                                 total_steps, len(train_source))
+                                                 total_steps, len(train_source),
+                                                 training=True)
   except ValueError as e:
     raise ConfigError(f"{e} (nothing was written)") from None
   workdir_path(workdir).mkdir(parents=True, exist_ok=True)

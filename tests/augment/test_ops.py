@@ -408,8 +408,15 @@ def test_random_erasing_fills_one_rectangle_drawn_as_torchvision_draws_it():
   for side in (0, 1):
     stderr = reference[:, side].std() / np.sqrt(n)
     assert abs(boxes[:, side].mean() - reference[:, side].mean()) < 4 * stderr, side
-  # The rectangles reach the top, bottom and left edges (the corner is uniform).
-  assert changed[:, 0, :].any() and changed[:, -1, :].any() and changed[:, :, 0].any()
+  # The corner is uniform over [0, H - h] x [0, W - w]: every edge is reached, and the mean
+  # top / left offset is (H - h) / 2 on average, within 4 standard errors.
+  assert changed[:, 0, :].any() and changed[:, -1, :].any()
+  assert changed[:, :, 0].any() and changed[:, :, -1].any()
+  for axis, side in ((1, 0), (0, 1)):  # rows: any pixel in the row; offset = first such row
+    hit = changed.any(axis=axis + 1)
+    offset = hit.argmax(axis=1)
+    slack = SIZE - boxes[:, side]
+    assert abs(np.mean(offset - slack / 2)) < 4 * np.std(offset - slack / 2) / np.sqrt(n)
 
 
 def test_random_erasing_probability_and_a_box_that_never_fits():
