@@ -102,3 +102,18 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
   rank = {path: i for i, path in enumerate(_LONGEST_FILES_FIRST)}
   items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+  # After the session pytest collects garbage five times (to report late unraisable
+  # exceptions), and every collection runs jax's own collector: on a worker that ran half the
+  # suite that took over 5 s, after which execnet, whose worker had already reported itself
+  # finished, interrupts it with SIGINT, printing a KeyboardInterrupt "ignored in
+  # _xla_gc_callback" at the end of a passing run. Here, before pytest-xdist reports the worker
+  # finished, JAX's caches are dropped and the garbage collected once; what is left alive is
+  # frozen, so pytest's collections have nothing to traverse.
+  del session, exitstatus
+  import gc
+  jax.clear_caches()
+  gc.collect()
+  gc.freeze()
