@@ -229,7 +229,7 @@ def _policy_spec(augment_config, data_mean, policy: str | None = None,
       cfg.policy = policy
     if strength is not None:
       cfg.strength = strength
-    if (policy is not None or strength is not None) and "erasing_prob" in cfg:
+    if policy is not None or strength is not None:
       cfg.erasing_prob = 0.0
   spec = build_policy(cfg, data_mean).views[0]
   return spec

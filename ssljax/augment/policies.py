@@ -242,11 +242,11 @@ class Policy:
 
 
 def _erasing(cfg: ml_collections.ConfigDict, data_mean) -> dict:
-  """The ViewSpec erasing fields from ``config.augment`` (none when its keys are absent)."""
-  prob = float(cfg.get("erasing_prob", 0.0))
+  """The ViewSpec erasing fields from ``config.augment`` (none while erasing is off)."""
+  prob = float(cfg.erasing_prob)
   if prob == 0:
     return {}
-  value = tuple(cfg.get("erasing_value", ())) or (tuple(data_mean) if data_mean else ())
+  value = tuple(cfg.erasing_value) or tuple(data_mean or ())
   if not value:
     raise ValueError("augment.erasing_prob > 0 needs a fill: set augment.erasing_value (in "
                      "[0, 1], e.g. the dataset mean) or build the policy with the data mean")

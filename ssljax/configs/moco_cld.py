@@ -32,8 +32,8 @@ cifar10: the official script: ResNet-18 (CIFAR stem), batch 256, SGD momentum 0.
   NormLinear group head; aug-plus views (RRC 0.2-1, jitter 0.4/0.4/0.4/0.1 p 0.8, grayscale
   0.2, blur p 0.5, flip), then the script's --erasing: RandomErasing with p = 1 after
   normalisation (area 2-33%, aspect 0.3-3.3, filled with 0, i.e. the mean; augment.erasing_prob
-  1 here, filled with data.mean). Deviations: no Shuffle-BN (one GPU there: no
-  effect); float32 there (the script passes no --amp-opt-level, whose default is O0, although
+  1 here, filled with data.mean). Deviations: no Shuffle-BN (one GPU there: no effect);
+  float32 there (the script passes no --amp-opt-level, whose default is O0, although
   its save directory is named fp16), train.compute_dtype 'auto' here (bfloat16 activations on a
   GPU or TPU, float32 on a CPU); the official kNN monitor uses the 128-d instance output
   with sigma 0.07, ssljax's kNN the 512-d backbone features (k 200, t 0.1).

@@ -27,8 +27,8 @@ cifar10: the official script: ResNet-18 (CIFAR stem), batch 256, SGD momentum 0.
   0.5; K = 128, cld_t 0.2, lambda 1.0; CLD's `default` views (RRC 0.2-1, colour jitter
   0.4/0.4/0.4/0.4 always applied, grayscale 0.2, flip). Deviations: apex AMP O1 there,
   train.compute_dtype 'auto' here (bfloat16 activations on a GPU or TPU, float32 parameters;
-  float32 on a CPU); the official kNN monitor uses the 128-d instance-head output with sigma = 0.1, ssljax's
-  kNN the 512-d backbone features (k 200, t 0.1).
+  float32 on a CPU); the official kNN monitor uses the 128-d instance-head output with
+  sigma = 0.1, ssljax's kNN the 512-d backbone features (k 200, t 0.1).
   Published (not measured here): kNN top-1 86.7% (paper) / 86.8% (README reproduction, mean of
   3 runs), against 80.8% for NPID; frank-xwang/CLD-UnsupervisedLearning README. One GPU; the
   official script runs on one; no time of ours is quoted.

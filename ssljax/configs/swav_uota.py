@@ -23,9 +23,9 @@ imagenet: the official README run (main_uota.py defaults): ResNet-50, projector
   (optim.restart_fraction 0.5: the cosine's peak doubles). The view weights are the official
   estimator's (method.uota.max_condition = inf: Sigma + 1e-8 I solved as it is in float32; the
   Fashion-MNIST settings keep ssljax's default guard, 1e5, which raises the ridge on badly
-  conditioned batches; set it here if a run stops with a non-finite loss). Deviations: the official LARC skips
-  no parameter (as here) but clips nothing; apex O1 mixed precision vs bfloat16 compute here
-  (the weights are computed in float32 in both).
+  conditioned batches; set it here if a run stops with a non-finite loss). Deviations: the
+  official LARC skips no parameter (as here) but clips nothing; apex O1 mixed precision vs
+  bfloat16 compute here (the weights are computed in float32 in both).
   Published, not measured by ssljax: SwAV 72.7 -> SwAV+UOTA 73.5 linear top-1 (README;
   the dataset, ImageNet-1K or -100, is ambiguous in the source). Hardware / time: 4 V100
   GPUs, about 181 h in the paper.

@@ -326,14 +326,15 @@ def cld_terms(
   if temperature <= 0:
     raise ValueError(f"cld: temperature must be > 0, got {temperature}")
   rows = g_a.shape[0] * (1 if axis_name is None else jax.lax.psum(1, axis_name))
-  if num_clusters == rows:
+  if not 1 <= num_clusters < rows:  # (batch_kmeans itself allows K = rows)
     where = ("the global batch gathered over devices" if axis_name is not None
              else "this device's batch")
     raise ValueError(
-        f"cld: num_clusters = {num_clusters} equals the rows clustered ({where}), so every "
-        f"row is its own group and the loss is cross-view instance discrimination; use fewer "
-        f"clusters (method.cld.num_clusters), a larger per-device batch, or cluster the "
-        f"gathered batch (method.cld.global_kmeans = True)")
+        f"cld: num_clusters = {num_clusters} must be at least 1 and below the {rows} rows "
+        f"clustered ({where}): with as many clusters as rows every row is its own group and "
+        f"the loss is cross-view instance discrimination; use fewer clusters "
+        f"(method.cld.num_clusters), a larger per-device batch, or cluster the gathered batch "
+        f"(method.cld.global_kmeans = True)")
   g_a, g_b = g_a.astype(jnp.float32), g_b.astype(jnp.float32)
   kmeans = lambda g: batch_kmeans(g, num_clusters=num_clusters, num_iters=num_iters,
                                   axis_name=axis_name)

@@ -211,6 +211,8 @@ class Method:
     update_mask: optional ``(params, step) -> prefix tree of bool scalars`` (frozen layers).
     update: optional custom step body (``ssljax.train.step.UpdateFn``); None: the default.
     param_groups: ``{params entry: ParamGroup}``.
+    nonfinite_hint: a method-specific cause of a non-finite loss and its fix, appended to the
+      trainer's error when the loss or gradient stops being finite ('' for none).
   """
 
   name: str
@@ -227,6 +229,7 @@ class Method:
   update_mask: Callable[[PyTree, jax.Array], PyTree] | None = None
   update: Callable[..., Any] | None = None
   param_groups: Mapping[str, ParamGroup] = dataclasses.field(default_factory=dict)
+  nonfinite_hint: str = ""
 
   def forward(self, params: PyTree, method_state: PyTree, batch: dict[str, Any], *,
               step: jax.Array) -> tuple[Outputs, PyTree]:

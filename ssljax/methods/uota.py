@@ -158,6 +158,12 @@ def with_uota(method: Method, hp: ml_collections.ConfigDict, run: RunInfo, *,
   weighted = dataclasses.replace(weight_terms(base, weights, addon="uota"),
                                  name=f"{method.name}+uota")
   if not learned:
+    if hp.max_condition is None or hp.max_condition == float("inf"):  # the official estimator
+      weighted = dataclasses.replace(weighted, nonfinite_hint=(
+          "UOTA's official estimator is on (method.uota.max_condition None or inf): when the "
+          "view embeddings collapse onto a few directions, the float32 Cholesky factor of "
+          "their second moment is NaN; --config.method.uota.max_condition=1e5 raises the "
+          "ridge on such batches."))
     return weighted
 
   def objective(params, method_state, outputs, batch, *, key, step, axis_name):

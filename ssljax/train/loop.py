@@ -192,27 +192,15 @@ def build_state_and_step(config, mesh, image_shape, steps_per_epoch, total_steps
   return method, init, step
 
 
-def _nonfinite_hint(config: ml_collections.ConfigDict) -> str:
-  """A method-specific cause of a non-finite loss worth naming, or ''."""
-  uota = config.method.get("uota")
-  if uota is not None and uota.get("mode", "closed_form") == "closed_form":
-    bound = uota.get("max_condition")
-    if bound is None or bound == float("inf"):
-      return (" UOTA's official estimator is on (method.uota.max_condition None or inf): "
-              "when the view embeddings collapse onto a few directions, the float32 Cholesky "
-              "factor of their second moment is NaN; --config.method.uota.max_condition=1e5 "
-              "raises the ridge on such batches.")
-  return ""
-
-
 def _raise_nonfinite(step: int, ckpt: Checkpointer, hint: str = "") -> None:
+  """Stops the run naming the step, the last good checkpoint and (`hint`) the method's cause."""
   last = ckpt.latest_step()
   where = f"step {last} in {ckpt.directory}" if last is not None else "none was written yet"
   raise NonFiniteLossError(
       f"the loss or gradient became non-finite at step {step}. Training stopped; the state "
       f"was frozen at the last finite step and not checkpointed (last good checkpoint: "
       f"{where}). Try a lower --config.optim.lr, --config.optim.grad_clip_norm=1.0, or "
-      f"--config.train.compute_dtype=float32.{hint}")
+      f"--config.train.compute_dtype=float32.{' ' + hint if hint else ''}")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -289,7 +277,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if start_step < total_steps:
       try:
         state = _loop(config, state, step_fn, train_source, mesh, ckpt, writer, monitor,
-                      start_step, total_steps, steps_per_epoch)
+                      start_step, total_steps, steps_per_epoch,
+                      nonfinite_hint=method.nonfinite_hint)
       finally:
         ckpt.wait()
     pretrain_seconds = time.time() - started
@@ -368,7 +357,7 @@ def monitor_line(step: int, steps_per_epoch: int, record: dict[str, Any],
 
 def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
           writer: MetricWriter, monitor, start_step: int, total_steps: int,
-          steps_per_epoch: int) -> TrainState:
+          steps_per_epoch: int, *, nonfinite_hint: str = "") -> TrainState:
   """Runs steps [start_step, total_steps); checkpoints, logs, monitors."""
   tc = config.train
   loader = _host_loader(config, source, start_step, total_steps)
@@ -400,7 +389,7 @@ def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
     if step == saved["step"]:
       return
     if int(state.nonfinite_step) >= 0:
-      _raise_nonfinite(int(state.nonfinite_step), ckpt, _nonfinite_hint(config))
+      _raise_nonfinite(int(state.nonfinite_step), ckpt, nonfinite_hint)
     ckpt.save(step, state, {"position": step, "epoch": step / steps_per_epoch,
                             "steps_per_epoch": steps_per_epoch})
     saved["step"] = step
@@ -418,7 +407,7 @@ def _loop(config, state: TrainState, step_fn, source, mesh, ckpt: Checkpointer,
         if done % tc.log_every_steps == 0 or done == total_steps:
           bad = int(state.nonfinite_step)
           if bad >= 0:
-            _raise_nonfinite(bad, ckpt, _nonfinite_hint(config))
+            _raise_nonfinite(bad, ckpt, nonfinite_hint)
           means = jax.tree.map(lambda *xs: float(np.mean(jax.device_get(xs))), *pending)
           elapsed = time.time() - window_start - window_excluded
           means["train/images_per_sec"] = window_steps * tc.batch_size / max(elapsed, 1e-9)

@@ -194,8 +194,8 @@ def test_bad_inputs_name_the_fix():
     cld(x, x, num_clusters=2, temperature=0.0)
   with pytest.raises(ValueError, match="global_kmeans"):
     cld(x, x, num_clusters=8, temperature=0.2)
-  with pytest.raises(ValueError, match="num_clusters = 4 equals the rows clustered \\(this "
-                     "device's batch\\).*instance discrimination"):
+  with pytest.raises(ValueError, match="num_clusters = 4 must be at least 1 and below the 4 "
+                     "rows clustered \\(this device's batch\\).*instance discrimination"):
     cld(x, x, num_clusters=4, temperature=0.2)
   with pytest.raises(AssertionError):
     cld(x, jnp.ones((5, 3)), num_clusters=2, temperature=0.2)
@@ -205,7 +205,7 @@ def test_bad_inputs_name_the_fix():
            P("data"))(rows)
   with pytest.raises(ValueError, match="num_clusters = 8 .* 4 "):
     _sharded(lambda g: batch_kmeans(g, num_clusters=8)[0], P("data"), P("data"))(rows)
-  with pytest.raises(ValueError, match="num_clusters = 32 equals the rows clustered \\(the "
-                     "global batch gathered over devices\\)"):
+  with pytest.raises(ValueError, match="num_clusters = 32 must be at least 1 and below the 32 "
+                     "rows clustered \\(the global batch gathered over devices\\)"):
     _sharded(lambda g: cld(g, g, num_clusters=32, temperature=0.2, axis_name="data")[0],
              P("data"), P())(rows)

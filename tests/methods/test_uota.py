@@ -266,29 +266,32 @@ def test_the_evaluation_report_plots_the_extreme_crops_with_their_weights(tmp_pa
   np.testing.assert_allclose(report["uota/w_local"], jnp.mean(w[2:]), rtol=1e-4)
 
 
-def test_the_reproduction_configs_use_the_official_estimator_and_a_nan_names_the_guard():
+def test_the_reproduction_configs_use_the_official_estimator_and_a_nan_names_the_guard(
+    tmp_path):
   from ssljax.config import load_config
   from ssljax.train import loop
 
+  hint = lambda config: build_method(config, run=RunInfo.nominal(config)).nonfinite_hint
   for setting in ("imagenet", "cifar10"):  # Sigma + 1e-8 I solved as it is (official)
     config = load_config(f"swav_uota:{setting}")
     assert config.method.uota.max_condition == float("inf"), setting
-    hint = loop._nonfinite_hint(config)
-    assert "--config.method.uota.max_condition=1e5" in hint, setting
+    assert "--config.method.uota.max_condition=1e5" in hint(config), setting
   fmnist = load_config("swav_uota:fashion_mnist")  # ssljax's guard, as measured
-  assert fmnist.method.uota.max_condition == 1e5 and loop._nonfinite_hint(fmnist) == ""
+  assert fmnist.method.uota.max_condition == 1e5 and hint(fmnist) == ""
   learned = load_config("swav_uota:imagenet")
   learned.method.uota.mode = "learned"  # no Cholesky of a batch's second moment
-  assert loop._nonfinite_hint(learned) == ""
-  assert loop._nonfinite_hint(load_config("simclr:fashion_mnist")) == ""
+  assert hint(learned) == ""
+  assert hint(load_config("simclr:fashion_mnist")) == ""
 
-  class _NoCheckpoint:
-    directory = "runs/x"
-
-    def latest_step(self):
-      return None
-
+  # A run that diverges with the official estimator on names the guard in its error.
+  config = _config(str(tmp_path), "simclr")
+  config.method.uota.max_condition = float("inf")
+  config.optim.name = "sgd"
+  config.optim.lr = 1e35
+  config.optim.warmup_epochs = 0.0
+  config.train.log_every_steps = 2
+  config.eval.enabled = False
   with pytest.raises(loop.NonFiniteLossError,
-                     match=r"non-finite at step 7\..*compute_dtype=float32\. UOTA's official "
+                     match=r"non-finite at step \d+\..*compute_dtype=float32\. UOTA's official "
                            r"estimator is on.*max_condition=1e5 raises the ridge"):
-    loop._raise_nonfinite(7, _NoCheckpoint(), loop._nonfinite_hint(config))
+    loop.train(config, str(tmp_path / "run"))
