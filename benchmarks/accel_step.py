@@ -59,8 +59,11 @@ torch.compile without a C++ compiler) is recorded with its error and the run goe
 The optimised HLO of each ssljax step is summarised in the JSON (``hlo_ops``: fusions, library
 calls, layout transposes and copies between kernels, host transfers inside the step,
 collectives), and
-``--profile DIR`` writes a ``jax.profiler`` trace of a few steps per case for xprof or
-TensorBoard.
+``--profile DIR`` writes a ``jax.profiler`` trace of ``--steps`` steps per case for xprof or
+TensorBoard and summarises it in the JSON and the printout (``trace_summary``: the device's
+busy time per step against the host's wall time, split by kernel category, cuDNN's forward,
+input-gradient and weight-gradient convolutions, cuBLAS products, reductions, layout copies,
+elementwise fusions, and the top ops), and ``--hlo-dir DIR`` writes each step's optimised HLO.
 
 ``--tiny`` shrinks every case (16-32 px, batch 16, width 1/8) so that the whole script runs on
 a CPU in about a minute; its numbers say nothing about speed, it exists so that the script is
@@ -302,9 +305,174 @@ def profile_steps(case: "JaxCase", directory: str, steps: int) -> str:
   TensorBoard's profile plugin); returns the directory."""
   import jax
   os.makedirs(directory, exist_ok=True)
+  case.run(1)  # nothing left in flight from the timed rounds
   with jax.profiler.trace(directory):
+    start = time.perf_counter()
     case.run(steps)
+    case.traced_wall_s = time.perf_counter() - start
   return directory
+
+
+def hlo_categories(hlo_text: str) -> dict[str, str]:
+  """Maps each instruction of an optimised HLO module to what its kernel does.
+
+  A fusion takes the category of what it calls; library calls by their target (cuDNN's
+  forward, input-gradient and weight-gradient convolutions, cuBLAS matrix products); then
+  convolutions and dots XLA emitted itself, reductions (BatchNorm statistics, pooling, the
+  loss), layout changes (transpose / copy alone), collectives, and elementwise / other.
+  """
+  import re
+  bodies: dict[str, list[tuple[str, str]]] = {}
+  instructions: dict[str, tuple[str, str | None, str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
+    if header:
+      current = header.group(1)
+      bodies[current] = []
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    inst = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\((.*)$", line)
+    if inst and current is not None:
+      name, opcode, rest = inst.groups()
+      called = re.search(r"calls=%?([\w.\-]+)", rest)
+      bodies[current].append((opcode, rest))
+      instructions[name] = (opcode, called.group(1) if called else None, rest)
+
+  def of(opcode: str, called: str | None, rest: str, depth: int = 0) -> str:
+    if opcode == "custom-call":
+      target = re.search(r'custom_call_target="([^"]+)"', rest)
+      target = target.group(1) if target else ""
+      if "convBackwardFilter" in target:
+        return "conv weight-grad (cuDNN)"
+      if "convBackwardInput" in target:
+        return "conv input-grad (cuDNN)"
+      if "conv" in target.lower():
+        return "conv forward (cuDNN)"
+      if "gemm" in target or "matmul" in target or "cublas" in target:
+        return "matmul (cuBLAS)"
+      return f"library call ({target or 'unknown'})"
+    if opcode == "fusion" and called is not None and depth < 3:
+      inner = [of(op, re.search(r"calls=%?([\w.\-]+)", r).group(1)
+                  if re.search(r"calls=%?([\w.\-]+)", r) else None, r, depth + 1)
+               for op, r in bodies.get(called, [])]
+      for first in ("conv", "matmul", "dot", "library"):
+        for cat in inner:
+          if cat.startswith(first):
+            return cat
+      ops = {op for op, _ in bodies.get(called, [])}
+      if ops & {"reduce", "reduce-window", "select-and-scatter"}:
+        return "reduce (BN statistics, pooling, loss)"
+      if ops <= {"transpose", "copy", "bitcast", "parameter", "reshape"}:
+        return "transpose / copy"
+      return "elementwise / other"
+    if opcode == "convolution":
+      return "conv (XLA)"
+    if opcode == "dot":
+      return "dot (XLA)"
+    if opcode in ("reduce", "reduce-window", "select-and-scatter"):
+      return "reduce (BN statistics, pooling, loss)"
+    if opcode in ("transpose", "copy", "copy-start", "copy-done"):
+      return "transpose / copy"
+    if opcode.startswith(("all-", "reduce-scatter", "collective")):
+      return "collective"
+    return "elementwise / other"
+
+  return {name: of(*inst) for name, inst in instructions.items()}
+
+
+def kernel_category(name: str) -> str:
+  """A GPU kernel's category from its name (cuDNN / CUTLASS / XLA's naming), for kernels the
+  HLO does not name (inside library calls and CUDA graphs)."""
+  low = name.lower()
+  if "wgrad" in low:
+    return "conv weight-grad"
+  if "dgrad" in low:
+    return "conv input-grad"
+  if "fprop" in low or "conv" in low:
+    return "conv forward / other conv"
+  if "gemm" in low or "cutlass" in low or "matmul" in low or "xmma" in low:
+    return "matmul"
+  if "transpose" in low or "memcpy" in low or low.startswith("copy"):
+    return "transpose / copy"
+  if "reduce" in low or "reduction" in low:
+    return "reduction"
+  if "memset" in low:
+    return "memset"
+  if "fusion" in low or low.startswith(("loop_", "input_", "wrapped_")):
+    return "XLA fusion (elementwise)"
+  return "other"
+
+
+def trace_summary(trace_dir: str, hlo_text: str, steps: int, wall_s: float | None,
+                  top: int = 15) -> dict[str, Any]:
+  """Device time per step from a ``jax.profiler`` trace, by kernel category and top ops.
+
+  Reads the trace's ``.xplane.pb`` with ``jax.profiler.ProfileData``. On a GPU the device
+  plane has a line of XLA ops (events named after the optimised HLO's instructions) beside
+  the stream lines of kernels; the ops line is used where there is one (its events do not
+  overlap: one stream), else the busiest line. Each event is matched to `hlo_categories`;
+  kernels that match no instruction keep their own name. ``busy_ms`` is the line's summed
+  event time per step, ``wall_ms`` the host's time per traced step: the difference is time
+  the device waited (launch gaps, host work).
+  """
+  import glob
+  import jax
+  paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+  if not paths:
+    return {"error": f"no .xplane.pb under {trace_dir}"}
+  profile = jax.profiler.ProfileData.from_file(sorted(paths)[-1])
+  categories = hlo_categories(hlo_text)
+  lines: dict[str, dict[str, float]] = {}
+  host: dict[str, float] = {}  # events of host threads that are the step's HLO instructions
+  for plane in profile.planes:
+    device = plane.name.startswith("/device:")
+    for line in plane.lines:
+      totals: dict[str, float] = {}
+      for event in line.events:
+        if device or event.name in categories:
+          totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns / 1e6 / steps
+      if totals and device:
+        lines[f"{plane.name} / {line.name}"] = totals
+      for name, ms in ([] if device else totals.items()):
+        host[name] = host.get(name, 0.0) + ms
+  summary: dict[str, Any] = {
+      "steps": steps, "lines": {k: round(sum(v.values()), 3) for k, v in lines.items()}}
+  if wall_s is not None:
+    summary["wall_ms"] = 1000 * wall_s / steps
+  ops_lines = [k for k in lines if k.endswith("/ XLA Ops")]
+  if ops_lines or lines:
+    chosen = ops_lines[0] if ops_lines else max(lines, key=lambda k: sum(lines[k].values()))
+    totals = lines[chosen]
+  elif host:  # the CPU backend: its thunks run on host threads (and may overlap there)
+    chosen, totals = "host threads (events named after HLO instructions)", host
+  else:
+    summary["error"] = "the trace holds no device line and no event of the step's HLO"
+    return summary
+  by_category: dict[str, float] = {}
+  for name, ms in totals.items():
+    key = categories.get(name, "unmatched kernels")
+    by_category[key] = by_category.get(key, 0.0) + ms
+  summary["line"] = chosen
+  streams = [k for k in lines if not k.endswith(("/ XLA Ops", "/ XLA Modules"))]
+  if streams:  # kernels by name: what runs inside library calls and CUDA graphs
+    busiest = max(streams, key=lambda k: sum(lines[k].values()))
+    kernels: dict[str, float] = {}
+    for name, ms in lines[busiest].items():
+      kernels[kernel_category(name)] = kernels.get(kernel_category(name), 0.0) + ms
+    summary["kernel_line"] = busiest
+    summary["kernel_busy_ms"] = sum(lines[busiest].values())
+    summary["kernel_category_ms"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
+    summary["kernel_top_ms"] = [
+        {"name": name[:160], "ms": ms}
+        for name, ms in sorted(lines[busiest].items(), key=lambda kv: -kv[1])[:top]]
+  summary["busy_ms"] = sum(totals.values())
+  summary["by_category_ms"] = dict(sorted(by_category.items(), key=lambda kv: -kv[1]))
+  summary["top_ms"] = [{"name": name, "ms": ms, "category": categories.get(name, "unmatched")}
+                       for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
+  return summary
 
 
 def jax_peak_memory_mib(case: JaxCase) -> tuple[float | None, str]:
@@ -783,9 +951,21 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
       result["variants"][label].update(_timing(times, batch))
 
   jax_row = result["variants"]["ssljax"]
+  if args.hlo_dir:
+    os.makedirs(args.hlo_dir, exist_ok=True)
+    path = os.path.join(args.hlo_dir, f"{name}.hlo.txt")
+    with open(path, "w") as f:
+      f.write(jax_case.compiled.as_text())
+    jax_row["hlo_file"] = path
   if args.profile:
     jax_row["trace_dir"] = profile_steps(jax_case, os.path.join(args.profile, name),
                                          args.steps)
+    try:
+      jax_row["trace_summary"] = trace_summary(jax_row["trace_dir"],
+                                               jax_case.compiled.as_text(), args.steps,
+                                               getattr(jax_case, "traced_wall_s", None))
+    except Exception as error:  # a profiler API this jax lacks: the trace is still there
+      jax_row["trace_summary"] = {"error": f"{type(error).__name__}: {error}"}
   if "images_per_s" in jax_row:
     if jax_case.flops and peak:
       jax_row["mfu"] = jax_case.flops / (jax_row["step_ms_median"] / 1e3) / (peak * 1e12)
@@ -886,6 +1066,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--profile", default=None, metavar="DIR",
                       help="also write a jax.profiler trace of --steps ssljax steps per case "
                       "to DIR/<case>")
+  parser.add_argument("--hlo-dir", default=None, metavar="DIR",
+                      help="also write each case's optimised HLO to DIR/<case>.hlo.txt")
   parser.add_argument("--tiny", action="store_true",
                       help="tiny shapes, to check the script on a CPU (numbers meaningless)")
   parser.add_argument("--json", default=DEFAULT_OUT)
@@ -905,11 +1087,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for name in args.cases.split(","):
     print(f"case {name} ...", flush=True)
     report["cases"].append(run_case(name, args))
+    if args.json:  # after every case, so a run cut short keeps the cases it finished
+      os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+      with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    print_report({**report, "cases": report["cases"][-1:]})
   print_report(report)
+  for case in report["cases"]:
+    summary = case["variants"]["ssljax"].get("trace_summary")
+    if summary and "by_category_ms" in summary:
+      print(f"\n{case['case']}: ssljax device time per step, {summary['line']}: busy "
+            f"{summary['busy_ms']:.2f} ms of {summary.get('wall_ms', float('nan')):.2f} ms wall")
+      for category, ms in summary["by_category_ms"].items():
+        print(f"  {category:40s} {ms:8.2f} ms")
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=1)
     print(f"wrote {args.json}")
   return report
 
