@@ -313,13 +313,18 @@ def profile_steps(case: "JaxCase", directory: str, steps: int) -> str:
   return directory
 
 
-def hlo_categories(hlo_text: str) -> dict[str, str]:
-  """Maps each instruction of an optimised HLO module to what its kernel does.
+def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """Maps each instruction of an optimised HLO module to (what its kernel does, step phase).
 
-  A fusion takes the category of what it calls; library calls by their target (cuDNN's
-  forward, input-gradient and weight-gradient convolutions, cuBLAS matrix products); then
-  convolutions and dots XLA emitted itself, reductions (BatchNorm statistics, pooling, the
-  loss), layout changes (transpose / copy alone), collectives, and elementwise / other.
+  What it does: a fusion takes the category of what it calls; library calls go by their
+  target (cuDNN's forward, input-gradient and weight-gradient convolutions, cuBLAS products);
+  then convolutions and dots XLA emitted itself, reductions (BatchNorm statistics, pooling, the
+  loss), layout changes (transpose / copy alone), collectives, elementwise / other.
+
+  The phase comes from the ``op_name`` JAX records in the metadata (the instruction's own, else
+  the first in a fusion's body): ``transpose(jvp(...))`` is the backward pass, ``jvp(...)`` the
+  forward pass (network and loss, under ``value_and_grad``), a top-level ``vmap(...)`` the
+  per-image augmentation, anything else the optimiser update and the rest of the step.
   """
   import re
   bodies: dict[str, list[tuple[str, str]]] = {}
@@ -341,82 +346,190 @@ def hlo_categories(hlo_text: str) -> dict[str, str]:
       bodies[current].append((opcode, rest))
       instructions[name] = (opcode, called.group(1) if called else None, rest)
 
-  def of(opcode: str, called: str | None, rest: str, depth: int = 0) -> str:
+  def called_of(rest: str) -> str | None:
+    found = re.search(r"calls=%?([\w.\-]+)", rest)
+    return found.group(1) if found else None
+
+  def category(opcode: str, called: str | None, rest: str, depth: int = 0) -> str:
     if opcode == "custom-call":
       target = re.search(r'custom_call_target="([^"]+)"', rest)
       target = target.group(1) if target else ""
       if "convBackwardFilter" in target:
-        return "conv weight-grad (cuDNN)"
+        return "conv weight-grad"
       if "convBackwardInput" in target:
-        return "conv input-grad (cuDNN)"
+        return "conv input-grad"
       if "conv" in target.lower():
-        return "conv forward (cuDNN)"
+        return "conv forward"
       if "gemm" in target or "matmul" in target or "cublas" in target:
-        return "matmul (cuBLAS)"
+        return "matmul"
       return f"library call ({target or 'unknown'})"
     if opcode == "fusion" and called is not None and depth < 3:
-      inner = [of(op, re.search(r"calls=%?([\w.\-]+)", r).group(1)
-                  if re.search(r"calls=%?([\w.\-]+)", r) else None, r, depth + 1)
-               for op, r in bodies.get(called, [])]
-      for first in ("conv", "matmul", "dot", "library"):
+      inner = [category(op, called_of(r), r, depth + 1) for op, r in bodies.get(called, [])]
+      for first in ("conv", "matmul", "library"):
         for cat in inner:
           if cat.startswith(first):
             return cat
       ops = {op for op, _ in bodies.get(called, [])}
-      if ops & {"reduce", "reduce-window", "select-and-scatter"}:
-        return "reduce (BN statistics, pooling, loss)"
+      if ops & {"convolution"}:
+        return "conv (XLA-emitted)"
+      if ops & {"dot"}:
+        return "matmul"
+      if ops & {"reduce", "reduce-window", "select-and-scatter", "scatter"}:
+        return "reduction (BN statistics, pooling, loss)"
       if ops <= {"transpose", "copy", "bitcast", "parameter", "reshape"}:
         return "transpose / copy"
       return "elementwise / other"
     if opcode == "convolution":
-      return "conv (XLA)"
+      return "conv (XLA-emitted)"
     if opcode == "dot":
-      return "dot (XLA)"
-    if opcode in ("reduce", "reduce-window", "select-and-scatter"):
-      return "reduce (BN statistics, pooling, loss)"
+      return "matmul"
+    if opcode in ("reduce", "reduce-window", "select-and-scatter", "scatter"):
+      return "reduction (BN statistics, pooling, loss)"
     if opcode in ("transpose", "copy", "copy-start", "copy-done"):
       return "transpose / copy"
     if opcode.startswith(("all-", "reduce-scatter", "collective")):
       return "collective"
     return "elementwise / other"
 
-  return {name: of(*inst) for name, inst in instructions.items()}
+  def phase(rest: str, called: str | None) -> str:
+    found = re.search(r'op_name="([^"]*)"', rest)
+    if not found and called is not None:
+      for _, inner in bodies.get(called, []):
+        found = re.search(r'op_name="([^"]*)"', inner)
+        if found:
+          break
+    if not found:
+      return "unattributed"
+    op_name = found.group(1)
+    if "transpose(jvp(" in op_name:
+      return "backward"
+    if "jvp(" in op_name:
+      return "forward"
+    if re.match(r"^(?:jit\([^)]*\)/)?vmap\(", op_name):
+      return "augmentation"
+    return "optimiser and the rest"
+
+  return {name: (category(opcode, called, rest), phase(rest, called))
+          for name, (opcode, called, rest) in instructions.items()}
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def _shape_bytes(shape: str, skip_workspace: bool = False) -> int:
+  """Bytes of an HLO shape string (a tuple's elements summed); `skip_workspace` leaves out
+  the u8 scratch buffer a library call returns beside its result."""
+  import re
+  total = 0
+  for dtype, dims in re.findall(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]", shape):
+    if dtype not in _DTYPE_BYTES or (skip_workspace and dtype == "u8"):
+      continue
+    count = 1
+    for d in dims.split(","):
+      count *= int(d) if d else 1
+    total += count * _DTYPE_BYTES[dtype]
+  return total
+
+
+def hlo_traffic(hlo_text: str) -> dict[str, Any]:
+  """The bytes each kernel of the step must move at least, by category and by phase.
+
+  For every instruction of the optimised module's entry computation that runs as a kernel
+  (fusions, library calls, copies; not tuples, parameters or constants), its operands' bytes
+  (read) and its result's bytes (written, without a library call's workspace), summed by
+  `hlo_categories` category and phase. Over the device's memory bandwidth this is a floor on
+  each category's time, to hold against the profile: a kernel near its floor can only get
+  faster by moving fewer bytes (fewer passes over the activations), not by being tuned.
+  """
+  import re
+  categories = hlo_categories(hlo_text)
+  lines = hlo_text.splitlines()
+  start = next((i for i, line in enumerate(lines) if line.startswith("ENTRY ")), None)
+  if start is None:
+    return {"error": "no ENTRY computation in the HLO"}
+  shapes: dict[str, int] = {}
+  by_category: dict[str, list[int]] = {}
+  by_phase: dict[str, list[int]] = {}
+  free = ("get-tuple-element", "parameter", "constant", "tuple", "bitcast", "after-all",
+          "partition-id", "replica-id")
+  for line in lines[start + 1:]:
+    if line.startswith("}"):
+      break
+    inst = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$", line)
+    if not inst:
+      continue
+    name, shape, opcode, rest = inst.groups()
+    written = _shape_bytes(shape, skip_workspace=opcode == "custom-call")
+    shapes[name] = written
+    if opcode in free:
+      continue
+    operands = rest.split(")", 1)[0]
+    read = sum(shapes.get(arg, 0) for arg in re.findall(r"%([\w.\-]+)", operands))
+    category, phase = categories.get(name, ("elementwise / other", "unattributed"))
+    for table, key in ((by_category, category), (by_phase, phase)):
+      entry = table.setdefault(key, [0, 0, 0])
+      entry[0] += read
+      entry[1] += written
+      entry[2] += 1
+
+  def gb(table):
+    return {k: {"read_gb": r / 1e9, "written_gb": w / 1e9, "kernels": n}
+            for k, (r, w, n) in sorted(table.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))}
+
+  return {"by_category": gb(by_category), "by_phase": gb(by_phase),
+          "total_gb": sum(r + w for r, w, _ in by_category.values()) / 1e9}
+
+
+def print_traffic(traffic: dict[str, Any], bandwidth_tbs: float) -> None:
+  """`hlo_traffic` as a table, with each row's floor time at `bandwidth_tbs` (TB/s)."""
+  for key in ("by_category", "by_phase"):
+    print(f"\n{key.replace('_', ' ')}: GB read + written per step, ms at {bandwidth_tbs} TB/s")
+    for what, row in traffic[key].items():
+      moved = row["read_gb"] + row["written_gb"]
+      print(f"  {what:45s} {row['kernels']:5d} kernels {row['read_gb']:8.2f} + "
+            f"{row['written_gb']:7.2f} GB {1e3 * moved / (bandwidth_tbs * 1e3):8.2f} ms")
+  print(f"  total {traffic['total_gb']:.2f} GB: "
+        f"{traffic['total_gb'] / bandwidth_tbs:.2f} ms at {bandwidth_tbs} TB/s")
 
 
 def kernel_category(name: str) -> str:
-  """A GPU kernel's category from its name (cuDNN / CUTLASS / XLA's naming), for kernels the
-  HLO does not name (inside library calls and CUDA graphs)."""
+  """A GPU kernel's category from its name (cuDNN / CUTLASS / cuBLAS / XLA naming), for
+  kernels that no HLO instruction names (inside library calls)."""
   low = name.lower()
   if "wgrad" in low:
     return "conv weight-grad"
   if "dgrad" in low:
     return "conv input-grad"
   if "fprop" in low or "conv" in low:
-    return "conv forward / other conv"
-  if "gemm" in low or "cutlass" in low or "matmul" in low or "xmma" in low:
+    return "conv forward"
+  if any(key in low for key in ("gemm", "cutlass", "matmul", "xmma", "nvjet", "cublas")):
     return "matmul"
   if "transpose" in low or "memcpy" in low or low.startswith("copy"):
     return "transpose / copy"
-  if "reduce" in low or "reduction" in low:
-    return "reduction"
+  if "reduce" in low or "reduction" in low or "scatter" in low:
+    return "reduction (BN statistics, pooling, loss)"
   if "memset" in low:
     return "memset"
   if "fusion" in low or low.startswith(("loop_", "input_", "wrapped_")):
-    return "XLA fusion (elementwise)"
-  return "other"
+    return "elementwise / other"
+  return "other kernels"
 
 
 def trace_summary(trace_dir: str, hlo_text: str, steps: int, wall_s: float | None,
-                  top: int = 15) -> dict[str, Any]:
-  """Device time per step from a ``jax.profiler`` trace, by kernel category and top ops.
+                  top: int = 40) -> dict[str, Any]:
+  """Device time per step from a ``jax.profiler`` trace, by kernel category, by phase of the
+  step, and the top kernels.
 
-  Reads the trace's ``.xplane.pb`` with ``jax.profiler.ProfileData``. On a GPU the device
-  plane has a line of XLA ops (events named after the optimised HLO's instructions) beside
-  the stream lines of kernels; the ops line is used where there is one (its events do not
-  overlap: one stream), else the busiest line. Each event is matched to `hlo_categories`;
-  kernels that match no instruction keep their own name. ``busy_ms`` is the line's summed
-  event time per step, ``wall_ms`` the host's time per traced step: the difference is time
-  the device waited (launch gaps, host work).
+  Reads the trace's ``.xplane.pb`` with ``jax.profiler.ProfileData``. On a GPU the events of
+  the device plane's stream lines are kernels; each is matched to the optimised HLO's
+  instruction (`hlo_categories`) by its ``hlo_op`` stat where the profiler records one, else by
+  its name (XLA names a fusion's kernel after the fusion, ``.`` written ``_``), and otherwise
+  classified by its name alone (`kernel_category`; phase "unattributed"). The busiest stream is
+  summarised; on one stream its kernels do not overlap, so ``busy_ms`` (their summed time per
+  step) against ``wall_ms`` (the host's time per traced step) is the time the device waited.
+  On a CPU the step's thunks run on host threads, whose events are named after the
+  instructions; they may overlap there.
   """
   import glob
   import jax
@@ -424,54 +537,79 @@ def trace_summary(trace_dir: str, hlo_text: str, steps: int, wall_s: float | Non
   if not paths:
     return {"error": f"no .xplane.pb under {trace_dir}"}
   profile = jax.profiler.ProfileData.from_file(sorted(paths)[-1])
-  categories = hlo_categories(hlo_text)
-  lines: dict[str, dict[str, float]] = {}
-  host: dict[str, float] = {}  # events of host threads that are the step's HLO instructions
+  instructions = hlo_categories(hlo_text)
+  by_kernel_name = {name.replace(".", "_").replace("-", "_"): name for name in instructions}
+
+  def instruction_of(event, device: bool) -> str | None:
+    names = [event.name]
+    if device:  # a kernel's own HLO instruction, where the profiler recorded it
+      import warnings
+      with warnings.catch_warnings():  # jax's stats type warns on Python 3.12 (no __module__)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+          stats = dict(event.stats)
+        except Exception:
+          stats = {}
+      if isinstance(stats.get("hlo_op"), str):
+        names.insert(0, stats["hlo_op"])
+    for value in names:
+      if value in instructions:
+        return value
+      normalised = value.replace(".", "_").replace("-", "_")
+      if normalised in by_kernel_name:
+        return by_kernel_name[normalised]
+    return None
+
+  lines: dict[str, dict[str, list]] = {}  # line -> kernel name -> [ms per step, instruction]
+  host: dict[str, list] = {}
   for plane in profile.planes:
     device = plane.name.startswith("/device:")
+    if not device and not plane.name.startswith("/host:CPU"):
+      continue
     for line in plane.lines:
-      totals: dict[str, float] = {}
+      totals: dict[str, list] = {}
       for event in line.events:
-        if device or event.name in categories:
-          totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns / 1e6 / steps
-      if totals and device:
-        lines[f"{plane.name} / {line.name}"] = totals
-      for name, ms in ([] if device else totals.items()):
-        host[name] = host.get(name, 0.0) + ms
+        inst = instruction_of(event, device)
+        if not device and (inst is None or inst != event.name):
+          continue  # host events other than the step's thunks
+        entry = totals.setdefault(event.name, [0.0, inst])
+        entry[0] += event.duration_ns / 1e6 / steps
+      target = lines.setdefault(f"{plane.name} / {line.name}", {}) if device else host
+      for name, (ms, inst) in totals.items():
+        target.setdefault(name, [0.0, inst])[0] += ms
+  lines = {k: v for k, v in lines.items() if v}
   summary: dict[str, Any] = {
-      "steps": steps, "lines": {k: round(sum(v.values()), 3) for k, v in lines.items()}}
+      "steps": steps,
+      "lines_ms": {k: round(sum(ms for ms, _ in v.values()), 3) for k, v in lines.items()}}
   if wall_s is not None:
     summary["wall_ms"] = 1000 * wall_s / steps
-  ops_lines = [k for k in lines if k.endswith("/ XLA Ops")]
-  if ops_lines or lines:
-    chosen = ops_lines[0] if ops_lines else max(lines, key=lambda k: sum(lines[k].values()))
+  streams = [k for k in lines if not k.endswith(("/ XLA Ops", "/ XLA Modules"))]
+  if streams:
+    chosen = max(streams, key=lambda k: sum(ms for ms, _ in lines[k].values()))
     totals = lines[chosen]
-  elif host:  # the CPU backend: its thunks run on host threads (and may overlap there)
+  elif host:
     chosen, totals = "host threads (events named after HLO instructions)", host
   else:
-    summary["error"] = "the trace holds no device line and no event of the step's HLO"
+    summary["error"] = "the trace holds no device stream and no event of the step's HLO"
     return summary
   by_category: dict[str, float] = {}
-  for name, ms in totals.items():
-    key = categories.get(name, "unmatched kernels")
-    by_category[key] = by_category.get(key, 0.0) + ms
-  summary["line"] = chosen
-  streams = [k for k in lines if not k.endswith(("/ XLA Ops", "/ XLA Modules"))]
-  if streams:  # kernels by name: what runs inside library calls and CUDA graphs
-    busiest = max(streams, key=lambda k: sum(lines[k].values()))
-    kernels: dict[str, float] = {}
-    for name, ms in lines[busiest].items():
-      kernels[kernel_category(name)] = kernels.get(kernel_category(name), 0.0) + ms
-    summary["kernel_line"] = busiest
-    summary["kernel_busy_ms"] = sum(lines[busiest].values())
-    summary["kernel_category_ms"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
-    summary["kernel_top_ms"] = [
-        {"name": name[:160], "ms": ms}
-        for name, ms in sorted(lines[busiest].items(), key=lambda kv: -kv[1])[:top]]
-  summary["busy_ms"] = sum(totals.values())
-  summary["by_category_ms"] = dict(sorted(by_category.items(), key=lambda kv: -kv[1]))
-  summary["top_ms"] = [{"name": name, "ms": ms, "category": categories.get(name, "unmatched")}
-                       for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
+  by_phase: dict[str, float] = {}
+  rows = []
+  matched = 0.0
+  for name, (ms, inst) in totals.items():
+    cat, ph = instructions[inst] if inst is not None else (kernel_category(name), "unattributed")
+    matched += ms if inst is not None else 0.0
+    by_category[cat] = by_category.get(cat, 0.0) + ms
+    by_phase[ph] = by_phase.get(ph, 0.0) + ms
+    rows.append({"name": name[:160], "ms": ms, "category": cat, "phase": ph,
+                 **({"hlo": inst} if inst is not None and inst != name else {})})
+  busy = sum(ms for ms, _ in totals.values())
+  summary.update({
+      "line": chosen, "busy_ms": busy, "kernels": len(totals),
+      "matched_to_hlo_fraction": matched / busy if busy else 0.0,
+      "by_category_ms": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+      "by_phase_ms": dict(sorted(by_phase.items(), key=lambda kv: -kv[1])),
+      "top_ms": sorted(rows, key=lambda r: -r["ms"])[:top]})
   return summary
 
 
@@ -951,6 +1089,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
       result["variants"][label].update(_timing(times, batch))
 
   jax_row = result["variants"]["ssljax"]
+  jax_row["hlo_traffic"] = hlo_traffic(jax_case.compiled.as_text())
   if args.hlo_dir:
     os.makedirs(args.hlo_dir, exist_ok=True)
     path = os.path.join(args.hlo_dir, f"{name}.hlo.txt")
@@ -1068,6 +1207,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "to DIR/<case>")
   parser.add_argument("--hlo-dir", default=None, metavar="DIR",
                       help="also write each case's optimised HLO to DIR/<case>.hlo.txt")
+  parser.add_argument("--hlo-traffic", default=None, metavar="FILE",
+                      help="only print the bytes per kernel category of a saved optimised HLO "
+                      "(--hlo-dir's output, .gz too) and their time at --bandwidth-tbs")
+  parser.add_argument("--bandwidth-tbs", type=float, default=4.3,
+                      help="memory bandwidth for --hlo-traffic, TB/s read + written (4.3: an "
+                      "H200's measured device-to-device copy rate)")
   parser.add_argument("--tiny", action="store_true",
                       help="tiny shapes, to check the script on a CPU (numbers meaningless)")
   parser.add_argument("--json", default=DEFAULT_OUT)
@@ -1080,6 +1225,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.hlo_traffic:
+    import gzip
+    opener = gzip.open if args.hlo_traffic.endswith(".gz") else open
+    with opener(args.hlo_traffic, "rt") as f:
+      traffic = hlo_traffic(f.read())
+    print_traffic(traffic, args.bandwidth_tbs)
+    return traffic
   report: dict[str, Any] = {"device": device_description(), "args": vars(args), "cases": [],
                             "peak_table_tflops_bf16": dict(PEAK_BF16_TFLOPS),
                             "flops_source": "per device, from XLA's cost model of the "
@@ -1097,9 +1249,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = case["variants"]["ssljax"].get("trace_summary")
     if summary and "by_category_ms" in summary:
       print(f"\n{case['case']}: ssljax device time per step, {summary['line']}: busy "
-            f"{summary['busy_ms']:.2f} ms of {summary.get('wall_ms', float('nan')):.2f} ms wall")
-      for category, ms in summary["by_category_ms"].items():
-        print(f"  {category:40s} {ms:8.2f} ms")
+            f"{summary['busy_ms']:.2f} ms of {summary.get('wall_ms', float('nan')):.2f} ms wall "
+            f"({100 * summary['matched_to_hlo_fraction']:.0f}% matched to HLO instructions)")
+      for key in ("by_category_ms", "by_phase_ms"):
+        for what, ms in summary[key].items():
+          print(f"  {what:45s} {ms:8.2f} ms")
   if args.json:
     print(f"wrote {args.json}")
   return report

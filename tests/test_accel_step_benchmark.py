@@ -79,6 +79,21 @@ def test_tiny_run_writes_a_consistent_report(bench, tmp_path, capsys):
   assert any(f.endswith(".xplane.pb") for f in files), files
   assert row["hlo_ops"]["host"] == 0 and row["hlo_ops"]["convolution"] + \
       row["hlo_ops"]["fusion"] + row["hlo_ops"]["custom-call"] > 0
+  # The trace's summary: on a CPU the thunks are host events named after HLO instructions, so
+  # all of them match; the three phases of the step each take time, and the categories and the
+  # phases are two splits of the same busy time.
+  summary = row["trace_summary"]
+  assert "error" not in summary, summary
+  assert summary["matched_to_hlo_fraction"] == pytest.approx(1.0)
+  assert summary["busy_ms"] > 0 and summary["wall_ms"] > 0
+  assert sum(summary["by_category_ms"].values()) == pytest.approx(summary["busy_ms"])
+  assert sum(summary["by_phase_ms"].values()) == pytest.approx(summary["busy_ms"])
+  assert {"forward", "backward", "augmentation"} <= set(summary["by_phase_ms"])
+  assert any(c.startswith("conv") for c in summary["by_category_ms"])
+  assert "device time per step" in table and "backward" in table
+  traffic = row["hlo_traffic"]
+  assert traffic["total_gb"] > 0 and traffic["total_gb"] == pytest.approx(
+      sum(r["read_gb"] + r["written_gb"] for r in traffic["by_category"].values()))
 
 
 def test_mfu_uses_the_given_peak(bench, tmp_path):
@@ -268,3 +283,111 @@ def test_hlo_op_counts_find_transposes_and_host_callbacks(bench):
   counts = bench.hlo_op_counts(Fused())
   assert (counts["fusion"], counts["transpose"], counts["transpose_in_fusions"],
           counts["convolution"]) == (1, 0, 1, 1)
+
+
+def test_hlo_categories_on_gpu_hlo(bench):
+  """Kernel categories and step phases on lines in the form XLA:GPU prints (taken from the
+  H200 run's HLO, shortened): cuDNN's three convolutions, cuBLAS, a reduction fusion, a
+  layout copy, and the phases from JAX's op_name metadata."""
+  meta = lambda op: f'metadata={{op_name="jit(step_fn)/{op}"}}'
+  text = "\n".join([
+      "HloModule jit_step_fn",
+      "",
+      "%fused_reduce.7 (param_0: bf16[512,8,8,64]) -> f32[64] {",
+      "  %param_0 = bf16[512,8,8,64]{3,2,1,0} parameter(0)",
+      "  %convert.1 = f32[512,8,8,64]{3,2,1,0} convert(%param_0)",
+      "  ROOT %reduce.3 = f32[64]{0} reduce(%convert.1, %c), dimensions={0,1,2}, to_apply=%add, "
+      + meta("transpose(jvp(ResNet))/stage1_block1/bn1/reduce_sum"),
+      "}",
+      "",
+      "%fused_multiply.2 (param_0: f32[16,32,32,3]) -> f32[16,32,32,3] {",
+      "  %param_0 = f32[16,32,32,3]{3,2,1,0} parameter(0)",
+      "  ROOT %m = f32[16,32,32,3]{3,2,1,0} multiply(%param_0, %param_0), "
+      + meta("vmap()/mul"),
+      "}",
+      "",
+      "ENTRY %main (p: bf16[512,8,8,64]) -> f32[64] {",
+      '  %cudnn-conv.1 = (bf16[512,8,8,64]{3,2,1,0}, u8[0]{0}) custom-call(%a, %w), '
+      'window={size=3x3 pad=1_1x1_1}, custom_call_target="__cudnn$convForward", '
+      + meta("jvp(ResNet)/stage1_block1/conv1/conv_general_dilated"),
+      '  %cudnn-conv-bw-input.2 = (bf16[512,8,8,64]{3,2,1,0}, u8[0]{0}) custom-call(%g, %w), '
+      'custom_call_target="__cudnn$convBackwardInput", '
+      + meta("transpose(jvp(ResNet))/stage1_block1/conv1/conv_general_dilated"),
+      '  %cudnn-conv-bw-filter.3 = (bf16[64,3,3,64]{3,2,1,0}, u8[0]{0}) custom-call(%a, %g), '
+      'custom_call_target="__cudnn$convBackwardFilter", '
+      + meta("transpose(jvp(ResNet))/stage1_block1/conv1/conv_general_dilated"),
+      '  %cublas-gemm.4 = (f32[512,256]{1,0}, s8[0]{0}) custom-call(%h, %k), '
+      'custom_call_target="__cublas$lt$matmul", ' + meta("jvp(SimCLRHead)/dot_general"),
+      "  %input_reduce_fusion.7 = f32[64]{0} fusion(%g), kind=kInput, calls=%fused_reduce.7",
+      "  %loop_multiply_fusion.2 = f32[16,32,32,3]{3,2,1,0} fusion(%x), kind=kLoop, "
+      "calls=%fused_multiply.2",
+      "  %copy.9 = f32[64]{0} copy(%input_reduce_fusion.7), " + meta("mul"),
+      "  ROOT %add.5 = f32[64]{0} add(%copy.9, %copy.9)",
+      "}"])
+  got = bench.hlo_categories(text)
+  assert got["cudnn-conv.1"] == ("conv forward", "forward")
+  assert got["cudnn-conv-bw-input.2"] == ("conv input-grad", "backward")
+  assert got["cudnn-conv-bw-filter.3"] == ("conv weight-grad", "backward")
+  assert got["cublas-gemm.4"] == ("matmul", "forward")
+  # A fusion without metadata of its own takes its phase from its body.
+  assert got["input_reduce_fusion.7"] == ("reduction (BN statistics, pooling, loss)",
+                                          "backward")
+  assert got["loop_multiply_fusion.2"] == ("elementwise / other", "augmentation")
+  assert got["copy.9"] == ("transpose / copy", "optimiser and the rest")
+  assert got["add.5"] == ("elementwise / other", "unattributed")
+
+
+@pytest.mark.parametrize("name,category", [
+    ("sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "conv weight-grad"),
+    ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "conv input-grad"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "conv forward"),
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bx_coopA_bias_TNT", "matmul"),
+    ("input_reduce_select_fusion_55", "reduction (BN statistics, pooling, loss)"),
+    ("loop_add_fusion_4", "elementwise / other"),
+])
+def test_kernel_names_are_categorised(bench, name, category):
+  """Kernels no HLO instruction names (inside cuDNN / cuBLAS calls), by the names the H200
+  trace recorded."""
+  assert bench.kernel_category(name) == category
+
+
+def test_hlo_traffic_counts_each_kernels_operands_and_result(bench, tmp_path, capsys):
+  """Bytes by hand: a cuDNN convolution reading a bf16 [2,4,4,8] input (512 B) and a bf16
+  [3,3,8,8] filter (1152 B), writing a bf16 [2,4,4,8] result (512 B) beside a u8 workspace
+  that is not counted; a reduction fusion reading that result through get-tuple-element and
+  writing f32[8] (32 B); parameters, tuples and get-tuple-element move nothing themselves."""
+  text = "\n".join([
+      "HloModule jit_step_fn",
+      "",
+      "%fused_reduce (param_0: bf16[2,4,4,8]) -> f32[8] {",
+      "  %param_0 = bf16[2,4,4,8]{3,2,1,0} parameter(0)",
+      "  ROOT %r = f32[8]{0} reduce(%param_0, %c), dimensions={0,1,2}, to_apply=%add, "
+      'metadata={op_name="jit(step_fn)/transpose(jvp(ResNet))/bn/reduce_sum"}',
+      "}",
+      "",
+      "ENTRY %main (x: bf16[2,4,4,8], w: bf16[3,3,8,8]) -> f32[8] {",
+      "  %x = bf16[2,4,4,8]{3,2,1,0} parameter(0)",
+      "  %w = bf16[3,3,8,8]{3,2,1,0} parameter(1)",
+      "  %cudnn-conv.1 = (bf16[2,4,4,8]{3,2,1,0}, u8[4096]{0}) custom-call(%x, %w), "
+      'custom_call_target="__cudnn$convForward", '
+      'metadata={op_name="jit(step_fn)/jvp(ResNet)/conv/conv_general_dilated"}',
+      "  %get-tuple-element.1 = bf16[2,4,4,8]{3,2,1,0} get-tuple-element(%cudnn-conv.1), index=0",
+      "  ROOT %input_reduce_fusion = f32[8]{0} fusion(%get-tuple-element.1), kind=kInput, "
+      "calls=%fused_reduce",
+      "}"])
+  traffic = bench.hlo_traffic(text)
+  conv = traffic["by_category"]["conv forward"]
+  assert (conv["read_gb"] * 1e9, conv["written_gb"] * 1e9, conv["kernels"]) == \
+      pytest.approx((512 + 1152, 512, 1))
+  reduce = traffic["by_category"]["reduction (BN statistics, pooling, loss)"]
+  assert (reduce["read_gb"] * 1e9, reduce["written_gb"] * 1e9) == pytest.approx((512, 32))
+  assert traffic["by_phase"]["backward"]["kernels"] == 1
+  assert traffic["total_gb"] * 1e9 == pytest.approx(512 + 1152 + 512 + 512 + 32)
+  # The command-line form reads a saved (gzipped) HLO and prints the floor at a bandwidth.
+  import gzip
+  path = tmp_path / "step.hlo.txt.gz"
+  with gzip.open(path, "wt") as f:
+    f.write(text)
+  assert bench.main(["--hlo-traffic", str(path), "--bandwidth-tbs", "1.0"]) == traffic
+  out = capsys.readouterr().out
+  assert "conv forward" in out and "ms at 1.0 TB/s" in out
