@@ -391,3 +391,62 @@ def test_hlo_traffic_counts_each_kernels_operands_and_result(bench, tmp_path, ca
   assert bench.main(["--hlo-traffic", str(path), "--bandwidth-tbs", "1.0"]) == traffic
   out = capsys.readouterr().out
   assert "conv forward" in out and "ms at 1.0 TB/s" in out
+
+
+def test_trace_summary_matches_gpu_kernels_to_the_hlo(bench, tmp_path, monkeypatch):
+  """The GPU path of `trace_summary` on a stand-in trace shaped like the H200's: one device
+  plane whose stream line holds kernels, matched to the HLO by the ``hlo_op`` stat (a cuDNN
+  kernel), by the kernel's name with ``.`` written ``_`` (an XLA fusion), or not at all (a
+  kernel of a library call without the stat, classified by its name); the host plane's own
+  events are left out."""
+  import types
+
+  hlo = "\n".join([
+      "HloModule jit_step_fn",
+      "",
+      "%fused_add.4 (p: bf16[8]) -> bf16[8] {",
+      "  %p = bf16[8]{0} parameter(0)",
+      '  ROOT %a = bf16[8]{0} add(%p, %p), metadata={op_name="jit(step_fn)/transpose(jvp(ResNet))/bn/add_any"}',
+      "}",
+      "",
+      "ENTRY %main (x: bf16[8]) -> bf16[8] {",
+      "  %x = bf16[8]{0} parameter(0)",
+      '  %cudnn-conv.3 = (bf16[8]{0}, u8[0]{0}) custom-call(%x, %x), '
+      'custom_call_target="__cudnn$convForward", '
+      'metadata={op_name="jit(step_fn)/jvp(ResNet)/conv/conv_general_dilated"}',
+      "  ROOT %loop_add_fusion.4 = bf16[8]{0} fusion(%x), kind=kLoop, calls=%fused_add.4",
+      "}"])
+
+  def event(name, ms, **stats):
+    return types.SimpleNamespace(name=name, duration_ns=ms * 1e6, stats=list(stats.items()))
+
+  def plane(name, lines):
+    return types.SimpleNamespace(name=name, lines=[types.SimpleNamespace(name=n, events=e)
+                                                   for n, e in lines.items()])
+
+  steps = 2
+  profile = types.SimpleNamespace(planes=[
+      plane("/host:CPU", {"python": [event("PjitFunction(step_fn)", 50.0)]}),
+      plane("/device:GPU:0", {
+          "Stream #14(Compute,Memset)": [
+              event("sm90_xmma_fprop_implicit_gemm_bf16", 6.0, hlo_op="cudnn-conv.3"),
+              event("sm90_xmma_fprop_implicit_gemm_bf16", 6.0, hlo_op="cudnn-conv.3"),
+              event("loop_add_fusion_4", 1.0), event("loop_add_fusion_4", 1.0),
+              event("sm90_xmma_wgrad_indexed_implicit_gemm", 4.0)],
+          "Stream #15(MemcpyH2D)": [event("MemcpyH2D", 0.5)]})])
+  (tmp_path / "plugins").mkdir()
+  (tmp_path / "plugins" / "host.xplane.pb").write_bytes(b"")
+  monkeypatch.setattr(jax.profiler.ProfileData, "from_file", staticmethod(lambda path: profile))
+  summary = bench.trace_summary(str(tmp_path), hlo, steps, wall_s=2 * 0.0105)
+  assert summary["line"] == "/device:GPU:0 / Stream #14(Compute,Memset)"
+  assert summary["busy_ms"] == pytest.approx(18.0 / steps)
+  assert summary["wall_ms"] == pytest.approx(10.5)
+  assert summary["by_category_ms"] == pytest.approx(
+      {"conv forward": 6.0, "conv weight-grad": 2.0, "elementwise / other": 1.0})
+  assert summary["by_phase_ms"] == pytest.approx(
+      {"forward": 6.0, "backward": 1.0, "unattributed": 2.0})
+  assert summary["matched_to_hlo_fraction"] == pytest.approx(14.0 / 18.0)
+  rows = {r["name"]: r for r in summary["top_ms"]}
+  assert rows["loop_add_fusion_4"]["hlo"] == "loop_add_fusion.4"
+  assert rows["sm90_xmma_fprop_implicit_gemm_bf16"]["hlo"] == "cudnn-conv.3"
+  assert "hlo" not in rows["sm90_xmma_wgrad_indexed_implicit_gemm"]
