@@ -86,9 +86,11 @@ from typing import Any, Callable
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory for PyTorch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)
+BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCHMARKS_DIR)
+for _path in (REPO_ROOT, BENCHMARKS_DIR):  # ssljax, and cpu_step's HLO parser
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
 
 DEFAULT_OUT = os.path.join("benchmarks", "results", "accel_step.json")
 
@@ -300,17 +302,16 @@ def hlo_op_counts(compiled) -> dict[str, int]:
   return counts
 
 
-def profile_steps(case: "JaxCase", directory: str, steps: int) -> str:
+def profile_steps(case: "JaxCase", directory: str, steps: int) -> float:
   """A ``jax.profiler`` trace of `steps` steps in `directory` (open it with xprof or
-  TensorBoard's profile plugin); returns the directory."""
+  TensorBoard's profile plugin); returns the wall time of the traced steps in seconds."""
   import jax
   os.makedirs(directory, exist_ok=True)
   case.run(1)  # nothing left in flight from the timed rounds
   with jax.profiler.trace(directory):
     start = time.perf_counter()
     case.run(steps)
-    case.traced_wall_s = time.perf_counter() - start
-  return directory
+    return time.perf_counter() - start
 
 
 def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -327,30 +328,12 @@ def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
   per-image augmentation, anything else the optimiser update and the rest of the step.
   """
   import re
-  bodies: dict[str, list[tuple[str, str]]] = {}
-  instructions: dict[str, tuple[str, str | None, str]] = {}
-  current = None
-  for line in hlo_text.splitlines():
-    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
-    if header:
-      current = header.group(1)
-      bodies[current] = []
-      continue
-    if line.startswith("}"):
-      current = None
-      continue
-    inst = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\((.*)$", line)
-    if inst and current is not None:
-      name, opcode, rest = inst.groups()
-      called = re.search(r"calls=%?([\w.\-]+)", rest)
-      bodies[current].append((opcode, rest))
-      instructions[name] = (opcode, called.group(1) if called else None, rest)
 
-  def called_of(rest: str) -> str | None:
-    found = re.search(r"calls=%?([\w.\-]+)", rest)
-    return found.group(1) if found else None
+  from cpu_step import parse_hlo
+  computations, _ = parse_hlo(hlo_text)
 
-  def category(opcode: str, called: str | None, rest: str, depth: int = 0) -> str:
+  def category(inst, depth: int = 0) -> str:
+    opcode, rest = inst.opcode, inst.rest
     if opcode == "custom-call":
       target = re.search(r'custom_call_target="([^"]+)"', rest)
       target = target.group(1) if target else ""
@@ -363,13 +346,14 @@ def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
       if "gemm" in target or "matmul" in target or "cublas" in target:
         return "matmul"
       return f"library call ({target or 'unknown'})"
-    if opcode == "fusion" and called is not None and depth < 3:
-      inner = [category(op, called_of(r), r, depth + 1) for op, r in bodies.get(called, [])]
+    if opcode == "fusion" and inst.called is not None and depth < 3:
+      body = computations.get(inst.called, [])
+      inner = [category(op, depth + 1) for op in body]
       for first in ("conv", "matmul", "library"):
         for cat in inner:
           if cat.startswith(first):
             return cat
-      ops = {op for op, _ in bodies.get(called, [])}
+      ops = {op.opcode for op in body}
       if ops & {"convolution"}:
         return "conv (XLA-emitted)"
       if ops & {"dot"}:
@@ -391,13 +375,12 @@ def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
       return "collective"
     return "elementwise / other"
 
-  def phase(rest: str, called: str | None) -> str:
-    found = re.search(r'op_name="([^"]*)"', rest)
-    if not found and called is not None:
-      for _, inner in bodies.get(called, []):
-        found = re.search(r'op_name="([^"]*)"', inner)
-        if found:
-          break
+  def phase(inst) -> str:
+    found = re.search(r'op_name="([^"]*)"', inst.rest)
+    for op in computations.get(inst.called, []) if not found else []:
+      found = re.search(r'op_name="([^"]*)"', op.rest)
+      if found:
+        break
     if not found:
       return "unattributed"
     op_name = found.group(1)
@@ -409,8 +392,8 @@ def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
       return "augmentation"
     return "optimiser and the rest"
 
-  return {name: (category(opcode, called, rest), phase(rest, called))
-          for name, (opcode, called, rest) in instructions.items()}
+  return {inst.name: (category(inst), phase(inst))
+          for body in computations.values() for inst in body}
 
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
@@ -432,46 +415,43 @@ def _shape_bytes(shape: str, skip_workspace: bool = False) -> int:
   return total
 
 
-def hlo_traffic(hlo_text: str) -> dict[str, Any]:
+def hlo_traffic(hlo_text: str, categories: dict[str, tuple[str, str]] | None = None
+                ) -> dict[str, Any]:
   """The bytes each kernel of the step must move at least, by category and by phase.
 
   For every instruction of the optimised module's entry computation that runs as a kernel
   (fusions, library calls, copies; not tuples, parameters or constants), its operands' bytes
   (read) and its result's bytes (written, without a library call's workspace), summed by
-  `hlo_categories` category and phase. Over the device's memory bandwidth this is a floor on
-  each category's time, to hold against the profile: a kernel near its floor can only get
-  faster by moving fewer bytes (fewer passes over the activations), not by being tuned.
+  `hlo_categories` category and phase (`categories`, computed from the text if not given).
+  Over the device's memory bandwidth this is a floor on each category's time, to hold against
+  the profile: a kernel near its floor can only get faster by moving fewer bytes (fewer passes
+  over the activations), not by being tuned.
   """
   import re
-  categories = hlo_categories(hlo_text)
-  lines = hlo_text.splitlines()
-  start = next((i for i, line in enumerate(lines) if line.startswith("ENTRY ")), None)
-  if start is None:
+
+  from cpu_step import parse_hlo
+  computations, entry = parse_hlo(hlo_text)
+  if entry is None:
     return {"error": "no ENTRY computation in the HLO"}
+  categories = hlo_categories(hlo_text) if categories is None else categories
   shapes: dict[str, int] = {}
   by_category: dict[str, list[int]] = {}
   by_phase: dict[str, list[int]] = {}
   free = ("get-tuple-element", "parameter", "constant", "tuple", "bitcast", "after-all",
           "partition-id", "replica-id")
-  for line in lines[start + 1:]:
-    if line.startswith("}"):
-      break
-    inst = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$", line)
-    if not inst:
+  for inst in computations[entry]:
+    written = _shape_bytes(inst.shape, skip_workspace=inst.opcode == "custom-call")
+    shapes[inst.name] = written
+    if inst.opcode in free:
       continue
-    name, shape, opcode, rest = inst.groups()
-    written = _shape_bytes(shape, skip_workspace=opcode == "custom-call")
-    shapes[name] = written
-    if opcode in free:
-      continue
-    operands = rest.split(")", 1)[0]
+    operands = inst.rest.split(")", 1)[0]
     read = sum(shapes.get(arg, 0) for arg in re.findall(r"%([\w.\-]+)", operands))
-    category, phase = categories.get(name, ("elementwise / other", "unattributed"))
+    category, phase = categories.get(inst.name, ("elementwise / other", "unattributed"))
     for table, key in ((by_category, category), (by_phase, phase)):
-      entry = table.setdefault(key, [0, 0, 0])
-      entry[0] += read
-      entry[1] += written
-      entry[2] += 1
+      row = table.setdefault(key, [0, 0, 0])
+      row[0] += read
+      row[1] += written
+      row[2] += 1
 
   def gb(table):
     return {k: {"read_gb": r / 1e9, "written_gb": w / 1e9, "kernels": n}
@@ -488,7 +468,7 @@ def print_traffic(traffic: dict[str, Any], bandwidth_tbs: float) -> None:
     for what, row in traffic[key].items():
       moved = row["read_gb"] + row["written_gb"]
       print(f"  {what:45s} {row['kernels']:5d} kernels {row['read_gb']:8.2f} + "
-            f"{row['written_gb']:7.2f} GB {1e3 * moved / (bandwidth_tbs * 1e3):8.2f} ms")
+            f"{row['written_gb']:7.2f} GB {moved / bandwidth_tbs:8.2f} ms")
   print(f"  total {traffic['total_gb']:.2f} GB: "
         f"{traffic['total_gb'] / bandwidth_tbs:.2f} ms at {bandwidth_tbs} TB/s")
 
@@ -516,14 +496,14 @@ def kernel_category(name: str) -> str:
   return "other kernels"
 
 
-def trace_summary(trace_dir: str, hlo_text: str, steps: int, wall_s: float | None,
-                  top: int = 40) -> dict[str, Any]:
+def trace_summary(trace_dir: str, instructions: dict[str, tuple[str, str]], steps: int,
+                  wall_s: float | None, top: int = 40) -> dict[str, Any]:
   """Device time per step from a ``jax.profiler`` trace, by kernel category, by phase of the
   step, and the top kernels.
 
   Reads the trace's ``.xplane.pb`` with ``jax.profiler.ProfileData``. On a GPU the events of
-  the device plane's stream lines are kernels; each is matched to the optimised HLO's
-  instruction (`hlo_categories`) by its ``hlo_op`` stat where the profiler records one, else by
+  the device plane's stream lines are kernels; each is matched to an instruction of the
+  optimised HLO (`instructions`, from `hlo_categories`) by its ``hlo_op`` stat where the profiler records one, else by
   its name (XLA names a fusion's kernel after the fusion, ``.`` written ``_``), and otherwise
   classified by its name alone (`kernel_category`; phase "unattributed"). The busiest stream is
   summarised; on one stream its kernels do not overlap, so ``busy_ms`` (their summed time per
@@ -537,7 +517,6 @@ def trace_summary(trace_dir: str, hlo_text: str, steps: int, wall_s: float | Non
   if not paths:
     return {"error": f"no .xplane.pb under {trace_dir}"}
   profile = jax.profiler.ProfileData.from_file(sorted(paths)[-1])
-  instructions = hlo_categories(hlo_text)
   by_kernel_name = {name.replace(".", "_").replace("-", "_"): name for name in instructions}
 
   def instruction_of(event, device: bool) -> str | None:
@@ -1089,20 +1068,21 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
       result["variants"][label].update(_timing(times, batch))
 
   jax_row = result["variants"]["ssljax"]
-  jax_row["hlo_traffic"] = hlo_traffic(jax_case.compiled.as_text())
+  hlo_text = jax_case.compiled.as_text()
+  categories = hlo_categories(hlo_text)
+  jax_row["hlo_traffic"] = hlo_traffic(hlo_text, categories)
   if args.hlo_dir:
     os.makedirs(args.hlo_dir, exist_ok=True)
     path = os.path.join(args.hlo_dir, f"{name}.hlo.txt")
     with open(path, "w") as f:
-      f.write(jax_case.compiled.as_text())
+      f.write(hlo_text)
     jax_row["hlo_file"] = path
   if args.profile:
-    jax_row["trace_dir"] = profile_steps(jax_case, os.path.join(args.profile, name),
-                                         args.steps)
+    jax_row["trace_dir"] = os.path.join(args.profile, name)
+    wall_s = profile_steps(jax_case, jax_row["trace_dir"], args.steps)
     try:
-      jax_row["trace_summary"] = trace_summary(jax_row["trace_dir"],
-                                               jax_case.compiled.as_text(), args.steps,
-                                               getattr(jax_case, "traced_wall_s", None))
+      jax_row["trace_summary"] = trace_summary(jax_row["trace_dir"], categories, args.steps,
+                                               wall_s)
     except Exception as error:  # a profiler API this jax lacks: the trace is still there
       jax_row["trace_summary"] = {"error": f"{type(error).__name__}: {error}"}
   if "images_per_s" in jax_row:
@@ -1211,8 +1191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="only print the bytes per kernel category of a saved optimised HLO "
                       "(--hlo-dir's output, .gz too) and their time at --bandwidth-tbs")
   parser.add_argument("--bandwidth-tbs", type=float, default=4.3,
-                      help="memory bandwidth for --hlo-traffic, TB/s read + written (4.3: an "
-                      "H200's measured device-to-device copy rate)")
+                      help="memory bandwidth for --hlo-traffic, TB/s read + written (4.3, "
+                      "an assumed rate for an H200: about 90%% of its datasheet 4.8)")
   parser.add_argument("--tiny", action="store_true",
                       help="tiny shapes, to check the script on a CPU (numbers meaningless)")
   parser.add_argument("--json", default=DEFAULT_OUT)
@@ -1244,7 +1224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
     print_report({**report, "cases": report["cases"][-1:]})
-  print_report(report)
+  if len(report["cases"]) > 1:
+    print_report(report)  # all cases in one table
   for case in report["cases"]:
     summary = case["variants"]["ssljax"].get("trace_summary")
     if summary and "by_category_ms" in summary:

@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -478,6 +478,42 @@ def _without_batchnorm():
   return nn.intercept_methods(skip_batchnorm)
 
 
+class HloInstruction(NamedTuple):
+  """One instruction of an HLO module as XLA prints it: its result's shape text, opcode, the
+  rest of the line (operands, attributes, metadata) and the computation it calls, if any."""
+  name: str
+  shape: str
+  opcode: str
+  rest: str
+  called: str | None
+
+
+def parse_hlo(hlo_text: str) -> tuple[dict[str, list[HloInstruction]], str | None]:
+  """The computations of an HLO module's text, each a list of its instructions in order, and
+  the name of the entry computation (None if the text has none)."""
+  import re
+  computations: dict[str, list[HloInstruction]] = {}
+  entry = current = None
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
+    if header:
+      current = header.group(2)
+      computations[current] = []
+      if header.group(1):
+        entry = current
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    inst = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$", line)
+    if inst and current is not None:
+      name, shape, opcode, rest = inst.groups()
+      called = re.search(r"calls=%?([\w.\-]+)", rest)
+      computations[current].append(
+          HloInstruction(name, shape, opcode, rest, called.group(1) if called else None))
+  return computations, entry
+
+
 def categorize_hlo(hlo_text: str, rows: int) -> dict[str, str]:
   """Maps each instruction of a compiled HLO module to a cost category.
 
@@ -489,36 +525,19 @@ def categorize_hlo(hlo_text: str, rows: int) -> dict[str, str]:
   and elementwise / other.
   """
   import re
-  computations: dict[str, list[tuple[str, str, str, str]]] = {}
-  instructions: dict[str, tuple[str, str | None, str, str]] = {}
-  current = None
-  for line in hlo_text.splitlines():
-    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
-    if header:
-      current = header.group(1)
-      computations[current] = []
-      continue
-    if line.startswith("}"):
-      current = None
-      continue
-    inst = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+(?: \S+)*?) ([\w\-]+)\((.*)$", line)
-    if inst and current is not None:
-      name, shape, opcode, rest = inst.groups()
-      called = re.search(r"calls=%?([\w.\-]+)", rest)
-      computations[current].append((name, opcode, shape, rest))
-      instructions[name] = (opcode, called.group(1) if called else None, shape, rest)
+  computations, _ = parse_hlo(hlo_text)
+  instructions = {inst.name: inst for body in computations.values() for inst in body}
 
   def category(name: str) -> str:
-    opcode, called, shape, rest = instructions[name]
-    body = (computations.get(called, []) if opcode == "fusion"
-            else [(name, opcode, shape, rest)])
-    opcodes = {op for _, op, _, _ in body}
-    for _, op, shape, rest in body:
-      if op == "convolution":
-        leading = re.match(r"\w+\[(\d+)", shape)
+    inst = instructions[name]
+    body = computations.get(inst.called, []) if inst.opcode == "fusion" else [inst]
+    opcodes = {op.opcode for op in body}
+    for op in body:
+      if op.opcode == "convolution":
+        leading = re.match(r"\w+\[(\d+)", op.shape)
         if leading and int(leading.group(1)) != rows:
           return "conv weight-grad"
-        return "conv input-grad" if "transpose(" in rest else "conv forward"
+        return "conv input-grad" if "transpose(" in op.rest else "conv forward"
     if "dot" in opcodes:
       return "dot (matmul)"
     if opcodes & {"reduce", "reduce-window"}:

@@ -437,7 +437,8 @@ def test_trace_summary_matches_gpu_kernels_to_the_hlo(bench, tmp_path, monkeypat
   (tmp_path / "plugins").mkdir()
   (tmp_path / "plugins" / "host.xplane.pb").write_bytes(b"")
   monkeypatch.setattr(jax.profiler.ProfileData, "from_file", staticmethod(lambda path: profile))
-  summary = bench.trace_summary(str(tmp_path), hlo, steps, wall_s=2 * 0.0105)
+  summary = bench.trace_summary(str(tmp_path), bench.hlo_categories(hlo), steps,
+                                wall_s=2 * 0.0105)
   assert summary["line"] == "/device:GPU:0 / Stream #14(Compute,Memset)"
   assert summary["busy_ms"] == pytest.approx(18.0 / steps)
   assert summary["wall_ms"] == pytest.approx(10.5)
