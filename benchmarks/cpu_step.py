@@ -80,7 +80,9 @@ def sweep_flag_sets() -> list[tuple[str, str]]:
   XNN and oneDNN fusion types are dot, eltwise, reduce. Lists are written out in full (no
   +/- edits of the default) so that they mean the same under another jaxlib.
   oneDNN *fusions* (``xla_cpu_experimental_onednn_fusion_type``) are left out: with this
-  jaxlib they crash the process at random ("partition compile failed").
+  jaxlib they crash the process at random ("partition compile failed"). So are fast math's
+  ``honor_nans`` / ``honor_infs`` = false: they let XLA assume finite values, and the train
+  loop's check for a non-finite loss relies on seeing them.
   """
   cli = cli_xla_flags()
   parts = cli.split()
@@ -106,6 +108,18 @@ def sweep_flag_sets() -> list[tuple[str, str]]:
       ("prefer vector width 512", "--xla_cpu_prefer_vector_width=512"),
       ("prefer vector width 128", "--xla_cpu_prefer_vector_width=128"),
       ("single-threaded Eigen", "--xla_cpu_multi_thread_eigen=false"),
+      # Scheduling and code generation, each on top of the CLI's flags.
+      ("cli + concurrency-optimised scheduler",
+       f"{cli} --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"),
+      ("cli + memory-optimised scheduler",
+       f"{cli} --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"),
+      ("cli + FAST_RUNTIME preset", f"{cli} --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME"),
+      ("cli + legacy emitters (fusion emitters off)",
+       f"{cli} --xla_cpu_use_fusion_emitters=false"),
+      ("cli + tiling propagation", f"{cli} --xla_cpu_experimental_enable_tiling_propagation=true"),
+      ("cli + reciprocal division, approximate functions",
+       f"{cli} --xla_cpu_fast_math_honor_division=false "
+       "--xla_cpu_fast_math_honor_functions=false"),
   ]
   return sets
 
@@ -389,8 +403,10 @@ def encoder_convolutions(setup: JaxSetup) -> list[dict[str, Any]]:
         found.append(layer)
     return next_fun(*args, **kwargs)
 
+  # The views' shape, not the stored images': the default job crops 28 px images to 20 px.
+  view_shape = jax.eval_shape(setup.augment_fn(), jax.random.PRNGKey(0), setup.images)[0].shape
   rows = setup.batch_size * setup.policy.num_views
-  x = jnp.zeros((rows, *setup.image_shape), jnp.float32)
+  x = jnp.zeros((rows, *view_shape[1:]), jnp.float32)
   with nn.intercept_methods(record):
     jax.eval_shape(lambda: setup.method.encoder.init(jax.random.PRNGKey(0), x, train=False))
   return found

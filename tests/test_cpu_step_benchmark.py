@@ -1,4 +1,6 @@
-"""benchmarks/cpu_step.py: its PyTorch twin's LARS is ssljax's LARS (the timing is not tested)."""
+"""benchmarks/cpu_step.py: its PyTorch twin's LARS is ssljax's LARS, the convolutions it times
+alone are the ones the step runs, and its flag sweep's options parse (the timing is not
+tested)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 
 from ssljax.config import default_config
 from ssljax.train.optim import build_optimizer
-from tests.util import load_benchmark
+from tests.util import load_benchmark, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +44,27 @@ def test_torch_lars_takes_ssljax_lars_steps(bench):
     lars.step()
   for k, t in tensors.items():
     np.testing.assert_allclose(t.detach().numpy(), np.asarray(p[k]), rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_convolutions_are_recorded_on_the_views_not_the_stored_images(bench, tmp_path):
+  config = tiny_config(str(tmp_path))  # 16 px images
+  config.augment.crop_size = 12
+  layers = bench.encoder_convolutions(bench.JaxSetup(config))
+  rows = config.train.batch_size * 2
+  assert layers[0]["input"] == [rows, 12, 12, 1]  # the stem sees the 12 px views
+  assert layers[0]["kernel"] == [3, 3] and layers[0]["strides"] == [2, 2]
+  assert len({tuple(map(tuple, (l["input"], l["kernel"]))) + (l["features"],) for l in layers}
+             ) == len(layers)
+
+
+def test_every_sweep_flag_set_becomes_compiler_options(bench):
+  sets = bench.sweep_flag_sets()
+  assert len({name for name, _ in sets}) == len(sets)
+  for name, flags in sets:
+    options = bench.xla_flags_to_options(flags)
+    assert len(options) == len({t.split("=")[0] for t in flags.split()}), name
+    assert all(key.startswith("xla_cpu_") for key in options), name
+  options = dict(sets)["cli + FAST_RUNTIME preset"]
+  assert bench.xla_flags_to_options(options)["xla_cpu_opt_preset"] == "CPU_OPT_PRESET_FAST_RUNTIME"
+  with pytest.raises(ValueError, match="full fusion-type list"):
+    bench.xla_flags_to_options("--xla_cpu_experimental_ynn_fusion_type=-individual_dot")
