@@ -1,14 +1,14 @@
-"""Two rewrites of the default encoder's hot spots on the CPU, timed against what ssljax runs.
+"""Rewrites of the default encoder's hot spots on the CPU, timed against what ssljax runs.
 
 Run from the repository root:
 
   python benchmarks/cpu_alternatives.py [--batch 512] [--size 20] [--rounds 30]
-      [--out benchmarks/results/cpu_alternatives.json]
+      [--config configs/simclr.py:fashion_mnist] [--out benchmarks/results/cpu_alternatives.json]
 
 Issue 21 asks the default job's step to match PyTorch's best layout on the 2-core CPU;
 ``benchmarks/cpu_step.py --breakdown`` shows BatchNorm at ~20% of the encoder's forward +
 backward and convolutions plus layout transposes as the largest parts. This script measures
-two candidate rewrites, each side by side with the current code in one process (calls
+candidate rewrites, each side by side with the current code in one process (calls
 interleaved, medians over ``--rounds``), under the XLA flags ``ssljax train`` sets on CPU:
 
   1. BatchNorm with a hand-written backward (``jax.custom_vjp``: ``dx = scale * rstd * (g -
@@ -20,26 +20,47 @@ interleaved, medians over ``--rounds``), under the XLA flags ``ssljax train`` se
      then one matrix product) against ``lax.conv_general_dilated``, forward + backward of
      each of the encoder's convolution shapes, summed.
 
+Parts 3 and 4 put rewrites into the whole train step, where the isolated timings of parts 1-2
+can mislead (fusion with neighbours, two threads shared by concurrent kernels): the default
+job's step on given views (``cpu_step.py``'s "views given" step, its LARS update included)
+compiled once as ssljax runs it and once per rewrite, the compiled steps called in turn:
+
+  3. ``conv_by_layer``: only the convolutions where part 2 favoured a rewrite are rewritten
+     (unpadded 1x1 convolutions as a strided slice and one matrix product; convolutions of at
+     most 4 input channels, the stem, as im2col); the others stay XLA's;
+  4. ``relu_mask``: ReLU as ``x * (x > 0)`` instead of ``max(x, 0)``, whose broadcast zero the
+     step's profile shows materialised once as a [512, 3, 3, 512] buffer where YNNPACK fuses the
+     ReLU into the pooling sum.
+
+Each step's first loss on the same batch and state is compared with the current step's.
+
 It prints a table and writes the numbers, the device and the flags to JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
 import os
 import platform
+import re
 import sys
 import time
 from typing import Any, Callable
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)
+BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCHMARKS_DIR)
+for _path in (REPO_ROOT, BENCHMARKS_DIR):
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
+
+import cpu_step  # noqa: E402  (the default job's step and its timing helpers; imports no JAX)
 
 DEFAULT_OUT = os.path.join("benchmarks", "results", "cpu_alternatives.json")
+IM2COL_MAX_INPUT_CHANNELS = 4
 
 
 # ------------------------------------------------------------------ BatchNorm, custom backward
@@ -205,6 +226,108 @@ def encoder_conv_shapes(batch: int, size: int) -> list[tuple[tuple[int, ...], tu
           ((batch, s2, s2, 32), (1, 1, 32, 64), 2), ((batch, s3, s3, 64), (1, 1, 64, 512), 1)]
 
 
+# ------------------------------------------------------------------ rewrites in the train step
+
+
+def conv_by_layer(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                  dimension_numbers=None, feature_group_count=1, precision=None,
+                  preferred_element_type=None):
+  """``lax.conv_general_dilated`` as ``flax.linen.Conv`` calls it (NHWC, HWIO), rewritten per
+  layer: an unpadded 1x1 convolution becomes a strided slice and one matrix product, one of at
+  most `IM2COL_MAX_INPUT_CHANNELS` input channels becomes `conv_im2col`; anything else (and any
+  dilation, grouping or other layout) is passed to lax unchanged."""
+  from jax import lax
+
+  kh, kw, cin, cout = rhs.shape
+  plain = (feature_group_count == 1 and not isinstance(padding, str)
+           and all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ()))
+           and dimension_numbers is not None
+           and tuple(dimension_numbers) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+           and len(window_strides) == 2 and window_strides[0] == window_strides[1])
+  if plain:
+    stride, pad = window_strides[0], [tuple(p) for p in padding]
+    if (kh, kw) == (1, 1) and pad == [(0, 0), (0, 0)]:
+      return lax.dot_general(lhs[:, ::stride, ::stride, :], rhs[0, 0], (((3,), (0,)), ((), ())),
+                             precision=precision, preferred_element_type=preferred_element_type)
+    if cin <= IM2COL_MAX_INPUT_CHANNELS:
+      return conv_im2col(lhs, rhs, stride, pad)
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                  dimension_numbers, feature_group_count, precision=precision,
+                                  preferred_element_type=preferred_element_type)
+
+
+def relu_mask(x):
+  """ReLU as ``x * (x > 0)``: the same values and the same gradient (0 at 0) as ``max(x, 0)``."""
+  return x * (x > 0).astype(x.dtype)
+
+
+@contextlib.contextmanager
+def step_rewrite(name: str):
+  """While tracing, the models build their convolutions / ReLUs with rewrite `name`
+  ("current": none). ssljax's ResNet and heads look ``flax.linen.Conv`` and
+  ``flax.linen.relu`` up when traced, so the module code is untouched."""
+  import flax.linen as nn
+  saved = nn.Conv, nn.relu
+  if name == "conv_by_layer":
+    nn.Conv = functools.partial(nn.Conv, conv_general_dilated=conv_by_layer)
+  elif name == "relu_mask":
+    nn.relu = relu_mask
+  elif name != "current":
+    raise ValueError(f"unknown rewrite {name!r}; use current, conv_by_layer or relu_mask")
+  try:
+    yield
+  finally:
+    nn.Conv, nn.relu = saved
+
+
+STEP_REWRITES = ("current", "conv_by_layer", "relu_mask")
+
+
+def in_step(config, rounds: int) -> dict[str, Any]:
+  """The config's train step on given views, compiled per `STEP_REWRITES` entry and timed in
+  turn; each rewrite's first loss and gradient norm against the current step's."""
+  import jax
+  import numpy as np
+
+  from ssljax.train.step import compile_train_step, make_per_device_step
+
+  setup = cpu_step.JaxSetup(config)
+  views = setup.views()
+  states, calls, first, compile_s, hlo = {}, {}, {}, {}, {}
+  for name in STEP_REWRITES:
+    states[name] = setup.init_state()
+    # A new step function per rewrite: jit would otherwise reuse the first one's trace.
+    step = compile_train_step(
+        make_per_device_step(setup.method, setup.tx,
+                             cpu_step.given_views_policy(setup.policy.num_views),
+                             setup.schedule), setup.mesh)
+    start = time.perf_counter()
+    with step_rewrite(name):
+      compiled = step.lower(states[name], views, setup.index, setup.label).compile()
+    compile_s[name] = time.perf_counter() - start
+    text = compiled.as_text()
+    hlo[name] = {**cpu_step.hlo_digest(compiled),
+                 "convolutions": len(re.findall(r"= \S+ convolution\(", text))}
+    states[name], metrics = compiled(states[name], views, setup.index, setup.label)
+    first[name] = {k: float(np.asarray(jax.device_get(metrics[k])).mean())
+                   for k in ("train/loss", "train/grad_norm")}
+
+    def call(name=name, compiled=compiled):
+      states[name], metrics = compiled(states[name], views, setup.index, setup.label)
+      return metrics
+
+    calls[name] = call
+  times = _interleaved(calls, rounds)
+  medians = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+  return {
+      "views": [int(d) for d in views.shape],
+      "median_ms": medians, "min_ms": {n: float(np.min(t)) * 1e3 for n, t in times.items()},
+      "over_current": {n: medians[n] / medians["current"] for n in STEP_REWRITES[1:]},
+      "compile_s": compile_s, "hlo": hlo, "first_step": first,
+      "first_loss_difference": {n: abs(first[n]["train/loss"] - first["current"]["train/loss"])
+                                for n in STEP_REWRITES[1:]}}
+
+
 # ------------------------------------------------------------------ timing
 
 
@@ -271,6 +394,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--batch", type=int, default=512, help="views per call (default job: 512)")
   parser.add_argument("--size", type=int, default=20, help="view side in px (default job: 20)")
   parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds")
+  parser.add_argument("--config", default=cpu_step.DEFAULT_CONFIG,
+                      help="config whose train step parts 3-4 rewrite (path[:dataset]; the "
+                           "default job's); '' skips them")
   parser.add_argument("--out", default=DEFAULT_OUT, help="JSON file to write")
   args = parser.parse_args(argv)
 
@@ -281,10 +407,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   load = os.getloadavg()
   started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   results = run(args.batch, args.size, args.rounds)
+  if args.config:
+    results["train_step"] = {"config": args.config,
+                             **in_step(cpu_step.load_config(args.config), args.rounds)}
   report = {
       "command": "python benchmarks/cpu_alternatives.py " + " ".join(
           f"--{k} {v}" for k, v in (("batch", args.batch), ("size", args.size),
-                                   ("rounds", args.rounds), ("out", args.out))),
+                                   ("rounds", args.rounds), ("config", repr(args.config)),
+                                   ("out", args.out))),
       "device": {"processor": platform.processor(), "cpu_count": os.cpu_count(),
                  "backend": jax.default_backend(), "jax": jax.__version__,
                  "python": platform.python_version(), "date": started,
@@ -300,6 +430,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{bn['median_ms']['custom_vjp']:>10.1f} {bn['custom_vjp_over_flax']:>6.3f}")
   print(f"{'im2col: 10 convolutions fwd + bwd, summed':<44} {conv['total_ms']['xla']:>10.1f} "
         f"{conv['total_ms']['im2col']:>10.1f} {conv['im2col_over_xla']:>6.3f}")
+  if "train_step" in results:
+    step = results["train_step"]
+    for name in STEP_REWRITES[1:]:
+      label = f"{name}: the train step"
+      print(f"{label:<44} {step['median_ms']['current']:>10.1f} "
+            f"{step['median_ms'][name]:>10.1f} {step['over_current'][name]:>6.3f}")
+    print(f"train step of {args.config}, first loss, current / " + " / ".join(STEP_REWRITES[1:]) + ": "
+          + " / ".join(f"{step['first_step'][n]['train/loss']:.6f}" for n in STEP_REWRITES))
   print(f"custom-vjp BN: largest relative gradient difference "
         f"{bn['max_relative_gradient_difference']:.2e}, running statistics "
         f"{bn['max_running_stat_difference']:.2e}")
