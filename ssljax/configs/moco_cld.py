@@ -28,7 +28,8 @@ fashion_mnist: configs/moco.py:fashion_mnist (resnet_tiny + 1x1 expansion to 512
 cifar10: the official script: ResNet-18 (CIFAR stem), batch 256, SGD momentum 0.9, lr 0.03 x
   256 / 128 = 0.06, weight decay 8e-4, 5 warm-up epochs from lr/100 then a per-step cosine to
   1e-6, 200 epochs; NormLinear instance head 512 -> 128 (method.moco.norm_linear,
-  proj_layers 1), nce_t 0.07, queue 12288, key EMA 0.999; CLD K = 200, cld_t 0.2, lambda 0.8,
+  proj_layers 1), nce_t 0.07, queue 12288 initialised as MemoryMoCo's (method.moco.queue_init
+  'uniform'), key EMA 0.999; CLD K = 200, cld_t 0.2, lambda 0.8,
   NormLinear group head; aug-plus views (RRC 0.2-1, jitter 0.4/0.4/0.4/0.1 p 0.8, grayscale
   0.2, blur p 0.5, flip), then the script's --erasing: RandomErasing with p = 1 after
   normalisation (area 2-33%, aspect 0.3-3.3, filled with 0, i.e. the mean; augment.erasing_prob
@@ -121,6 +122,7 @@ def _cifar(c, *, batch, weight_decay, queue):
   hp = c.method.moco
   hp.temperature = 0.07
   hp.queue_size = queue
+  hp.queue_init = "uniform"  # lib/NCEAverage.py MemoryMoCo
   hp.ema_momentum = 0.999
   hp.ema_momentum_final = 0.999
   hp.proj_dim = 128

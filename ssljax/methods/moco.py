@@ -8,8 +8,11 @@ are trained (``params``); the key encoder + projector are an EMA copy of their p
 (``method_state['batch_stats']['key_encoder']``: as in ``builder.py``, the key encoder's
 forward runs in train mode and so updates its own running statistics).
 ``method_state['queue']`` ``[queue_size, proj_dim]`` holds L2-normalised keys of earlier
-batches (initialised as normalised Gaussian vectors, as the official code does) and
-``method_state['queue_pointer']`` the row the next keys are written to. One step:
+batches and ``method_state['queue_pointer']`` the row the next keys are written to. Before the
+first ``queue_size`` keys have replaced them, its rows are ``method.moco.queue_init``:
+'normal', Gaussian vectors normalised to unit length (``builder.py``), or 'uniform', entries
+uniform in [-s, s] with s = 1/sqrt(proj_dim / 3), not normalised (the ``MemoryMoCo`` queue of
+CLD's CIFAR code, ``lib/NCEAverage.py``, shared with CMC). One step:
 
   1. each query view -> encoder -> projector -> q; each key view -> key encoder -> key
      projector -> k = sg(norm(.)). Every view is a forward pass of its own, so BN statistics
@@ -52,12 +55,13 @@ layout's query views); ``embed`` gives ``'query'`` (projector outputs, one per q
 terms put each query view's InfoNCE rows (divided by the number of pairs) at that view's index.
 Evaluation uses the query encoder.
 
-Config: ``method.moco.{temperature, queue_size, ema_momentum, ema_momentum_final, symmetric,
-proj_hidden_dim, proj_dim, proj_layers, norm_linear, num_views}``.
+Config: ``method.moco.{temperature, queue_size, queue_init, ema_momentum, ema_momentum_final,
+symmetric, proj_hidden_dim, proj_dim, proj_layers, norm_linear, num_views}``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -105,6 +109,24 @@ class MocoProjector(nn.Module):
     return x.astype(jnp.float32)
 
 
+_QUEUE_INITS = ("normal", "uniform")
+
+
+def initial_queue(key: jax.Array, rows: int, dim: int, init: str = "normal") -> jax.Array:
+  """The queue before any key is written: ``[rows, dim]`` float32 (see the module docstring).
+
+  'uniform' rows have unit expected squared norm (each entry's variance is s^2 / 3 = 1 / dim)
+  but are not normalised, so their scores with a unit query spread around 0 with standard
+  deviation ~1/sqrt(dim), as 'normal''s do.
+  """
+  if init == "normal":
+    return l2_normalize(jax.random.normal(key, (rows, dim), jnp.float32))
+  if init == "uniform":
+    bound = 1.0 / math.sqrt(dim / 3.0)
+    return jax.random.uniform(key, (rows, dim), jnp.float32, -bound, bound)
+  raise ValueError(f"queue init {init!r} is not one of {', '.join(map(repr, _QUEUE_INITS))}")
+
+
 def _view_layout(hp: ml_collections.ConfigDict):
   """(query_views, key_views, pairs) of the configured layout (see the module docstring)."""
   if hp.num_views == 2:
@@ -139,6 +161,11 @@ def build_moco(config: ml_collections.ConfigDict, axis_name: str | None,
         f"symmetric step enqueues the keys of both views of the global batch; use e.g. "
         f"--config.method.moco.queue_size={lower}")
   check_ema_momenta("moco", hp.ema_momentum, hp.ema_momentum_final)
+  if hp.queue_init not in _QUEUE_INITS:
+    raise ValueError(f"moco: method.moco.queue_init = {hp.queue_init!r} is not one of "
+                     f"{', '.join(map(repr, _QUEUE_INITS))}: 'normal' is MoCo's unit-length "
+                     f"Gaussian rows, 'uniform' the un-normalised uniform rows of CLD's CIFAR "
+                     f"code")
 
   encoder = build_encoder(config, axis_name=axis_name)
   dtype = compute_dtype(config.train.compute_dtype)
@@ -158,7 +185,7 @@ def build_moco(config: ml_collections.ConfigDict, axis_name: str | None,
     h = encoder.apply({"params": enc_params, "batch_stats": enc_stats}, views[0], train=False)
     proj_params, _ = init_module(projector, k_proj, h)
     params = {"encoder": enc_params, "projector": proj_params}
-    queue = l2_normalize(jax.random.normal(k_queue, (hp.queue_size, hp.proj_dim), jnp.float32))
+    queue = initial_queue(k_queue, hp.queue_size, hp.proj_dim, hp.queue_init)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     return params, {
         "batch_stats": {"encoder": enc_stats, "key_encoder": copy(enc_stats)},
@@ -228,6 +255,9 @@ def default_section() -> ml_collections.ConfigDict:
   # MoCo v2. Defaults: solo-learn's MoCo V2+ CIFAR recipe (mocov2plus.yaml), smaller queue.
   s.temperature = 0.2
   s.queue_size = 4096  # Keys kept; a multiple of the global batch.
+  # Rows before the first queue_size keys arrive: 'normal' (MoCo's unit-length Gaussian rows)
+  # or 'uniform' (CLD's CIFAR MemoryMoCo: uniform in +-1/sqrt(proj_dim / 3), unnormalised).
+  s.queue_init = "normal"
   # EMA momentum of the key encoder, cosine-increased from `ema_momentum` to
   # `ema_momentum_final` over the run (equal values: constant, as in MoCo v2's 0.999).
   s.ema_momentum = 0.99

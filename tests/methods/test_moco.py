@@ -291,10 +291,39 @@ def test_constant_momentum_when_base_equals_final(tmp_path):
     ({}, 4, "num_views must be 2 or 3, got 4"),
     ({"ema_momentum": 1.5}, 2,
      r"method.moco.ema_momentum \(1.5\) and ema_momentum_final \(.*\) must satisfy"),
+    ({"queue_init": "zeros"}, 2,
+     r"method.moco.queue_init = 'zeros' is not one of 'normal', 'uniform'"),
 ])
 def test_bad_configs(tmp_path, changes, num_views, message):
   with pytest.raises(ValueError, match=message):
     build_method(_config(tmp_path, num_views=num_views, **changes), run=_RUN)
+
+
+def test_uniform_queue_init_is_cld_memorymocos(tmp_path):
+  """'uniform' rows: entries in +-1/sqrt(d/3) (CLD's lib/NCEAverage.py MemoryMoCo), not
+  normalised, unit squared norm on average; the CLD CIFAR configs use it, ImageNet's MoCo
+  builder and plain MoCo keep normalised Gaussian rows."""
+  from ssljax.config import load_config
+  from ssljax.methods.moco import initial_queue
+  bound = 1.0 / math.sqrt(128 / 3)
+  queue = np.asarray(initial_queue(_KEY, 4096, 128, "uniform"))
+  assert queue.shape == (4096, 128) and queue.dtype == np.float32
+  assert np.abs(queue).max() <= bound and np.abs(queue).max() > 0.99 * bound
+  norms_sq = (queue ** 2).sum(1)
+  assert abs(norms_sq.mean() - 1.0) < 0.01 and norms_sq.std() > 0.05  # not normalised
+  assert abs(queue.mean()) < 0.01 * bound  # centred
+  # The same draw through the method's init, with the tiny config's queue.
+  method = build_method(_config(tmp_path, queue_init="uniform"), run=_RUN)
+  state = jax.eval_shape(method.init, _KEY, _views())[1]
+  assert state["queue"].shape == (_QUEUE, 8)
+  init_queue = jax.jit(lambda key, views: method.init(key, views)[1]["queue"])(_KEY, _views())
+  assert np.abs(np.asarray(init_queue)).max() <= 1.0 / math.sqrt(8 / 3)
+  assert np.linalg.norm(init_queue, axis=1).std() > 0.05
+  assert {name: load_config(f"moco_cld:{name}").method.moco.queue_init
+          for name in ("cifar10", "cifar100", "imagenet", "fashion_mnist")} == {
+              "cifar10": "uniform", "cifar100": "uniform", "imagenet": "normal",
+              "fashion_mnist": "normal"}
+  assert load_config("moco:cifar10").method.moco.queue_init == "normal"
 
 
 def test_three_view_layout_needs_three_augmented_views(tmp_path):
