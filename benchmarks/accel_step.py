@@ -965,7 +965,10 @@ def torch_peak_memory_mib() -> float | None:
 
 
 def torch_variants(choice: str) -> list[str]:
+  """The PyTorch variants ``--torch`` runs. 'dataloader' alone skips the compiled variants'
+  minutes of torch.compile, for a row that is missing from an earlier run."""
   return {"none": [], "gpu_aug": ["eager", "bf16+cl", "bf16+cl+compile"],
+          "dataloader": ["dataloader"],
           "all": ["eager", "bf16+cl", "bf16+cl+compile", "dataloader"]}[choice]
 
 
@@ -1107,6 +1110,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
   if torch_rows and "images_per_s" in jax_row:
     best = max(torch_rows, key=lambda k: torch_rows[k]["images_per_s"])
     result["best_torch"] = best
+    result["torch_choice"] = args.torch
     result["ssljax_over_best_torch"] = jax_row["images_per_s"] / torch_rows[best]["images_per_s"]
   del jax_case
   torch_cases.clear()
@@ -1172,7 +1176,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-  parser.add_argument("--torch", default="all", choices=("all", "gpu_aug", "none"))
+  parser.add_argument("--torch", default="all", choices=("all", "gpu_aug", "dataloader", "none"),
+                      help="PyTorch variants: all, the three with augmentation on the device "
+                           "(gpu_aug), the DataLoader alone, or none; 'best_torch' in the JSON "
+                           "is the fastest of those run (torch_choice says which)")
   parser.add_argument("--loader-workers", type=int, default=None,
                       help="DataLoader workers (default: one per core)")
   parser.add_argument("--torch-compile-mode", default="default",

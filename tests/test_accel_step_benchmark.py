@@ -37,6 +37,13 @@ def test_peak_table_matches_device_kinds(bench):
   assert bench.peak_tflops("cpu") is None
 
 
+def test_torch_choices_name_their_variants(bench):
+  assert bench.torch_variants("all") == bench.torch_variants("gpu_aug") + ["dataloader"]
+  assert bench.torch_variants("dataloader") == ["dataloader"]  # no torch.compile
+  assert bench.torch_variants("none") == []
+  assert bench.parse_args(["--torch", "dataloader"]).torch == "dataloader"
+
+
 def test_unknown_case_is_refused(bench, capsys):
   with pytest.raises(SystemExit):
     bench.parse_args(["--cases", "r18_32_b1024,r34"])
@@ -223,9 +230,12 @@ def test_dataloader_rounds_drop_prefetched_batches_and_cover_whole_worker_cycles
                                        prefetch_factor=2, multiprocessing_context="forkserver")
 
   monkeypatch.setattr(bench, "_dataloader", loader)
-  monkeypatch.setattr(bench, "torch_variants", lambda choice: ["dataloader"])
   report = bench.main(["--tiny", "--cases", "r18_32_b1024", "--steps", "3", "--rounds", "2",
-                       "--loader-workers", "2", "--json", str(tmp_path / "a.json")])
+                       "--torch", "dataloader", "--loader-workers", "2",
+                       "--json", str(tmp_path / "a.json")])
+  # --torch dataloader runs the DataLoader variant alone (no torch.compile).
+  assert set(report["cases"][0]["variants"]) == {"ssljax", "torch[dataloader]"}
+  assert report["cases"][0]["torch_choice"] == "dataloader"
   row = report["cases"][0]["variants"]["torch[dataloader]"]
   assert "error" not in row, row
   assert row["steps_per_round"] == 4 and row["rounds"] == 2  # 3 steps -> 2 cycles of 2
