@@ -1016,6 +1016,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
   torch_cases: dict[str, TorchCase] = {}
   later: dict[str, TorchCase] = {}
+  result["torch_choice"] = args.torch
   if args.torch != "none":
     if not torch_available():
       result["torch_skipped"] = ("torch not installed: pip install torch torchvision "
@@ -1110,7 +1111,6 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
   if torch_rows and "images_per_s" in jax_row:
     best = max(torch_rows, key=lambda k: torch_rows[k]["images_per_s"])
     result["best_torch"] = best
-    result["torch_choice"] = args.torch
     result["ssljax_over_best_torch"] = jax_row["images_per_s"] / torch_rows[best]["images_per_s"]
   del jax_case
   torch_cases.clear()

@@ -238,13 +238,14 @@ def conv_by_layer(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dila
   dilation, grouping or other layout) is passed to lax unchanged."""
   from jax import lax
 
-  kh, kw, cin, cout = rhs.shape
-  plain = (feature_group_count == 1 and not isinstance(padding, str)
-           and all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ()))
+  plain = (rhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
+           and all(d == 1 for d in (lhs_dilation or ()))
+           and all(d == 1 for d in (rhs_dilation or ()))
            and dimension_numbers is not None
            and tuple(dimension_numbers) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
-           and len(window_strides) == 2 and window_strides[0] == window_strides[1])
+           and window_strides[0] == window_strides[1])
   if plain:
+    kh, kw, cin, _ = rhs.shape
     stride, pad = window_strides[0], [tuple(p) for p in padding]
     if (kh, kw) == (1, 1) and pad == [(0, 0), (0, 0)]:
       return lax.dot_general(lhs[:, ::stride, ::stride, :], rhs[0, 0], (((3,), (0,)), ((), ())),
@@ -257,7 +258,8 @@ def conv_by_layer(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dila
 
 
 def relu_mask(x):
-  """ReLU as ``x * (x > 0)``: the same values and the same gradient (0 at 0) as ``max(x, 0)``."""
+  """ReLU as ``x * (x > 0)``: for finite inputs the same values and the same gradient (0 at 0)
+  as ``max(x, 0)``; at -inf it gives NaN (-inf * 0)."""
   return x * (x > 0).astype(x.dtype)
 
 
@@ -294,8 +296,9 @@ def in_step(config, rounds: int) -> dict[str, Any]:
   setup = cpu_step.JaxSetup(config)
   views = setup.views()
   states, calls, first, compile_s, hlo = {}, {}, {}, {}, {}
+  initial = setup.init_state()
   for name in STEP_REWRITES:
-    states[name] = setup.init_state()
+    states[name] = jax.tree.map(lambda leaf: leaf.copy(), initial)  # each step donates its own
     # A new step function per rewrite: jit would otherwise reuse the first one's trace.
     step = compile_train_step(
         make_per_device_step(setup.method, setup.tx,
@@ -307,7 +310,11 @@ def in_step(config, rounds: int) -> dict[str, Any]:
     compile_s[name] = time.perf_counter() - start
     text = compiled.as_text()
     hlo[name] = {**cpu_step.hlo_digest(compiled),
-                 "convolutions": len(re.findall(r"= \S+ convolution\(", text))}
+                 "convolutions": len(re.findall(r"= \S+ convolution\(", text)),
+                 # Constants XLA writes out as arrays of their own (the zero of max(x, 0)
+                 # where YNNPACK fuses the last ReLU into the pooling sum).
+                 "materialised_broadcasts": re.findall(
+                     r"%wrapped_broadcast[.\d]* = (\S+?)\{", text)}
     states[name], metrics = compiled(states[name], views, setup.index, setup.label)
     first[name] = {k: float(np.asarray(jax.device_get(metrics[k])).mean())
                    for k in ("train/loss", "train/grad_norm")}
@@ -405,6 +412,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   import jax
 
   load = os.getloadavg()
+  machine = cpu_step.device_description()  # CPU model, vector extensions, uptime
   started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   results = run(args.batch, args.size, args.rounds)
   if args.config:
@@ -418,6 +426,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "device": {"processor": platform.processor(), "cpu_count": os.cpu_count(),
                  "backend": jax.default_backend(), "jax": jax.__version__,
                  "python": platform.python_version(), "date": started,
+                 "cpu_model": machine["cpu_model"], "cpu_vector_isa": machine["cpu_vector_isa"],
+                 "uptime_at_start": machine["uptime_at_start"],
                  "load_average_at_start": list(load),
                  "load_average_at_end": list(os.getloadavg())},
       "xla_flags": os.environ["XLA_FLAGS"], "batch": args.batch, "size": args.size,
@@ -436,7 +446,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       label = f"{name}: the train step"
       print(f"{label:<44} {step['median_ms']['current']:>10.1f} "
             f"{step['median_ms'][name]:>10.1f} {step['over_current'][name]:>6.3f}")
-    print(f"train step of {args.config}, first loss, current / " + " / ".join(STEP_REWRITES[1:]) + ": "
+    print(f"train step of {args.config}, first loss, "
+          + " / ".join(STEP_REWRITES) + ": "
           + " / ".join(f"{step['first_step'][n]['train/loss']:.6f}" for n in STEP_REWRITES))
   print(f"custom-vjp BN: largest relative gradient difference "
         f"{bn['max_relative_gradient_difference']:.2e}, running statistics "

@@ -60,14 +60,16 @@ def test_custom_vjp_batchnorm_matches_flax_under_sync_axis():
 
 def test_conv_by_layer_is_flax_conv_with_its_gradients(bench):
   """Through flax.linen.Conv's own call (its dimension numbers and padding), each kind of
-  layer: 1x1 stride 2 (slice + product), the one-channel stem (im2col), a 3x3 of 16 channels
-  (left to lax), and a padded 1x1 (left to lax)."""
+  layer: 1x1 stride 2 (slice + product), the one-channel stem and a padded 1x1 of 3 channels
+  (im2col), and, left to lax, a 3x3 of 16 channels, a padded 1x1 of 8 and 'SAME' padding."""
   import flax.linen as nn
   rng = np.random.default_rng(2)
   for cin, cout, kernel, stride, pad in ((16, 8, (1, 1), 2, [(0, 0), (0, 0)]),
                                          (1, 8, (3, 3), 2, [(1, 1), (1, 1)]),
+                                         (3, 4, (1, 1), 1, [(1, 1), (1, 1)]),
                                          (16, 8, (3, 3), 1, [(1, 1), (1, 1)]),
-                                         (3, 4, (1, 1), 1, [(1, 1), (1, 1)])):
+                                         (8, 4, (1, 1), 1, [(1, 1), (1, 1)]),
+                                         (8, 4, (3, 3), 2, "SAME")):
     x = jnp.asarray(rng.normal(size=(3, 9, 9, cin)).astype(np.float32))
     convs = [nn.Conv(cout, kernel, stride, padding=pad, use_bias=False, **extra)
              for extra in ({}, {"conv_general_dilated": bench.conv_by_layer})]
@@ -77,6 +79,15 @@ def test_conv_by_layer_is_flax_conv_with_its_gradients(bench):
     np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
         a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max())), outs[1][1], outs[0][1])
+
+
+def test_conv_by_layer_passes_other_ranks_to_lax(bench):
+  import flax.linen as nn
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 7, 5)).astype(np.float32))
+  convs = [nn.Conv(3, (3,), padding=[(1, 1)], **extra)
+           for extra in ({}, {"conv_general_dilated": bench.conv_by_layer})]
+  params = convs[0].init(jax.random.key(0), x)
+  np.testing.assert_array_equal(convs[1].apply(params, x), convs[0].apply(params, x))
 
 
 def test_relu_mask_has_relus_values_and_gradient_including_at_zero(bench):
@@ -110,6 +121,7 @@ def test_rewrites_in_the_train_step_change_its_program_not_its_loss(bench, tmp_p
   # convolutions (forward, input and weight gradients); the masked ReLU is another program.
   assert hlo["conv_by_layer"]["convolutions"] < hlo["current"]["convolutions"]
   assert hlo["relu_mask"]["convolutions"] == hlo["current"]["convolutions"]
+  assert all(isinstance(shape, str) for h in hlo.values() for shape in h["materialised_broadcasts"])
   assert len({h["sha256"] for h in hlo.values()}) == 3
   for name in ("conv_by_layer", "relu_mask"):
     assert report["first_loss_difference"][name] < 1e-5

@@ -68,3 +68,12 @@ def test_every_sweep_flag_set_becomes_compiler_options(bench):
   assert bench.xla_flags_to_options(options)["xla_cpu_opt_preset"] == "CPU_OPT_PRESET_FAST_RUNTIME"
   with pytest.raises(ValueError, match="full fusion-type list"):
     bench.xla_flags_to_options("--xla_cpu_experimental_ynn_fusion_type=-individual_dot")
+
+
+def test_sweep_compares_with_the_first_rows_of_no_flags_and_of_the_cli_flags(bench):
+  cli = bench.cli_xla_flags()
+  timed = {name: {"xla_flags": flags} for name, flags in bench.sweep_flag_sets()}
+  assert sum(row["xla_flags"] == cli for row in timed.values()) >= 2  # a duplicate follows
+  assert bench.sweep_baselines(timed, cli) == ("none (XLA defaults)", "cli (CPU_XLA_FLAGS)")
+  del timed["none (XLA defaults)"]
+  assert bench.sweep_baselines(timed, cli)[0] is None
