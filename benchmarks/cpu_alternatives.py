@@ -46,7 +46,6 @@ import functools
 import json
 import os
 import platform
-import re
 import sys
 import time
 from typing import Any, Callable
@@ -308,13 +307,15 @@ def in_step(config, rounds: int) -> dict[str, Any]:
     with step_rewrite(name):
       compiled = step.lower(states[name], views, setup.index, setup.label).compile()
     compile_s[name] = time.perf_counter() - start
-    text = compiled.as_text()
+    computations, entry = cpu_step.parse_hlo(compiled.as_text())
     hlo[name] = {**cpu_step.hlo_digest(compiled),
-                 "convolutions": len(re.findall(r"= \S+ convolution\(", text)),
+                 "convolutions": sum(inst.opcode == "convolution"
+                                     for body in computations.values() for inst in body),
                  # Constants XLA writes out as arrays of their own (the zero of max(x, 0)
                  # where YNNPACK fuses the last ReLU into the pooling sum).
-                 "materialised_broadcasts": re.findall(
-                     r"%wrapped_broadcast[.\d]* = (\S+?)\{", text)}
+                 "materialised_broadcasts": [
+                     inst.shape.split("{")[0] for inst in computations.get(entry, [])
+                     if inst.name.startswith("wrapped_broadcast")]}
     states[name], metrics = compiled(states[name], views, setup.index, setup.label)
     first[name] = {k: float(np.asarray(jax.device_get(metrics[k])).mean())
                    for k in ("train/loss", "train/grad_norm")}

@@ -53,8 +53,7 @@ def test_encoder_convolutions_are_recorded_on_the_views_not_the_stored_images(be
   rows = config.train.batch_size * 2
   assert layers[0]["input"] == [rows, 12, 12, 1]  # the stem sees the 12 px views
   assert layers[0]["kernel"] == [3, 3] and layers[0]["strides"] == [2, 2]
-  assert len({tuple(map(tuple, (l["input"], l["kernel"]))) + (l["features"],) for l in layers}
-             ) == len(layers)
+  assert all(layer["input"][1] <= 12 for layer in layers)  # none at the stored 16 px
 
 
 def test_every_sweep_flag_set_becomes_compiler_options(bench):
@@ -64,8 +63,8 @@ def test_every_sweep_flag_set_becomes_compiler_options(bench):
     options = bench.xla_flags_to_options(flags)
     assert len(options) == len({t.split("=")[0] for t in flags.split()}), name
     assert all(key.startswith("xla_cpu_") for key in options), name
-  options = dict(sets)["cli + FAST_RUNTIME preset"]
-  assert bench.xla_flags_to_options(options)["xla_cpu_opt_preset"] == "CPU_OPT_PRESET_FAST_RUNTIME"
+  preset = bench.xla_flags_to_options(dict(sets)["cli + FAST_RUNTIME preset"])
+  assert preset["xla_cpu_opt_preset"] == "CPU_OPT_PRESET_FAST_RUNTIME"
   with pytest.raises(ValueError, match="full fusion-type list"):
     bench.xla_flags_to_options("--xla_cpu_experimental_ynn_fusion_type=-individual_dot")
 
